@@ -1,0 +1,1 @@
+//! borg-cells (in progress)

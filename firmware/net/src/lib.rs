@@ -1,0 +1,1 @@
+//! borg-net (in progress)

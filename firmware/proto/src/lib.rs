@@ -1,0 +1,20 @@
+//! # borg-proto: the sans-IO core of BorgIOS
+//!
+//! Everything here is pure logic: no sockets, no tokio, no clock reads. Time enters as an
+//! argument (`now_ms`), randomness through an explicit RNG, and state machines return the
+//! actions the I/O layer must carry out. That makes every rule testable in a deterministic
+//! simulation (see `tree::sim` tests).
+//!
+//! - [`identity`]: node and user keys (P-256), address encoding, key files.
+//! - [`mnemonic`]: BIP39 phrases and SLIP-0010 NIST P-256 derivation for user identities.
+//! - [`envelope`]: the one signed message format and its one verify function.
+//! - [`tree`]: the PeerTree state machine (positions, joins, repairs, merges, broadcast).
+//! - [`dna`]: the compiled-in cell table (names, ports, max children).
+#![forbid(unsafe_code)]
+
+pub mod dna;
+pub mod envelope;
+pub mod identity;
+pub mod jcs;
+pub mod mnemonic;
+pub mod tree;

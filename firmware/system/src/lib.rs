@@ -1,0 +1,1 @@
+//! borg-system (in progress)
