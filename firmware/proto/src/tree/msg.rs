@@ -1,0 +1,310 @@
+//! Typed tree messages. On the wire each is the `kind` and `body` of a signed envelope
+//! (`kind` = `tree.<name>`); the sender is the envelope's verified `from` key, so no body
+//! repeats it. Decoding is strict: unknown kinds and unknown fields are errors.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::geometry::Pos;
+use crate::identity::PublicKey;
+
+/// A node as others reach it: its key and advertised addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub key: PublicKey,
+    /// Tree (net) address, `ip:port`.
+    pub addr: String,
+    /// Monitor address, `ip:port` (empty where there is none, e.g. in simulation).
+    #[serde(default)]
+    pub mon: String,
+}
+
+/// A peer at a position (children, siblings, root children lists).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placed {
+    pub pos: Pos,
+    pub peer: Peer,
+}
+
+/// What a parent tells its children every heartbeat (and in a welcome).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownInfo {
+    /// The sender's position (the receiver's parent position).
+    pub pos: Pos,
+    pub root: Peer,
+    /// Tree size as the sender knows it.
+    pub size: u64,
+    /// The sender's own parent, i.e. the receiver's grandparent.
+    pub grandparent: Option<Peer>,
+    /// The sender's children, i.e. the receiver and its siblings.
+    pub siblings: Vec<Placed>,
+    /// The root's children ("the root peer group"), used when the root fails.
+    pub root_children: Vec<Placed>,
+}
+
+/// The messages of the PeerTree protocol.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "body", deny_unknown_fields)]
+pub enum TreeMsg {
+    /// Newcomer to any contact: "let me in".
+    #[serde(rename = "tree.join")]
+    Join { peer: Peer },
+    /// Contact to newcomer: not a member right now, try again or elsewhere.
+    #[serde(rename = "tree.retry")]
+    Retry { root: Option<Peer> },
+    /// A routed message: forwarded hop by hop along tree links to position `dest`.
+    #[serde(rename = "tree.route")]
+    Route { dest: Pos, order: Routed },
+    /// Parent to newcomer (after an attach): your position and surroundings.
+    #[serde(rename = "tree.welcome")]
+    Welcome {
+        your_pos: Pos,
+        parent: Peer,
+        info: DownInfo,
+    },
+    /// Child to parent: take me at `pos` (`ticket` proves a root-issued move).
+    #[serde(rename = "tree.hello")]
+    Hello {
+        pos: Pos,
+        ticket: Option<u64>,
+        peer: Peer,
+        children: Vec<Placed>,
+    },
+    /// Parent to child, every heartbeat.
+    #[serde(rename = "tree.down")]
+    Down { info: DownInfo },
+    /// Child to parent, every heartbeat.
+    #[serde(rename = "tree.up")]
+    Up {
+        pos: Pos,
+        children: Vec<Placed>,
+        /// Highest position in the sender's subtree (lets a new root learn the true size).
+        max_pos: Pos,
+    },
+    /// Parent of a failed position to its orphaned children: your new parent.
+    #[serde(rename = "tree.adopt")]
+    Adopt { parent_pos: Pos, parent: Peer },
+    /// Orphan to its grandparent: who holds my parent's position now?
+    #[serde(rename = "tree.orphan")]
+    Orphan { pos: Pos, peer: Peer },
+    /// Parent to a node that claims a position it does not hold: leave and join again.
+    #[serde(rename = "tree.evict")]
+    Evict { pos: Pos },
+    /// A mover that became root, to the root child that coordinated the repair.
+    #[serde(rename = "tree.in_place")]
+    InPlace { pos: Pos, peer: Peer },
+    /// Liveness and tree identity probe (used to find other trees to merge with).
+    #[serde(rename = "tree.probe")]
+    Probe { peer: Peer },
+    #[serde(rename = "tree.probe_ack")]
+    ProbeAck {
+        root: Option<Peer>,
+        size: u64,
+        peer: Peer,
+    },
+    /// Parent to children, passed down the whole tree: leave and join the tree at `contact`.
+    #[serde(rename = "tree.dissolve")]
+    Dissolve { contact: Peer },
+    /// Broadcast, flooded along tree links with de-duplication by `id`.
+    #[serde(rename = "tree.bcast")]
+    Bcast {
+        id: String,
+        origin: PublicKey,
+        payload: Value,
+    },
+}
+
+/// Orders and reports that travel along tree links to a position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Routed {
+    /// Up to the root: a newcomer asks for a position.
+    JoinReq { peer: Peer },
+    /// Root down to the parent of `pos`: welcome `peer` as your child at `pos`.
+    Attach { pos: Pos, peer: Peer },
+    /// Root (or, when the root failed, the coordinating root child) down to the node at
+    /// `from_pos`: move to `to_pos`. It first visits the parent of `to_pos`, which records
+    /// the ticket and names itself `new_parent`.
+    Move {
+        from_pos: Pos,
+        to_pos: Pos,
+        ticket: u64,
+        new_parent: Option<Peer>,
+        /// Who ordered the move (the root, or the coordinating root child) and their
+        /// signature over [`move_seal_bytes`]: the mover checks it, because the order's last
+        /// legs may travel up and down through nodes that are not entitled to give it.
+        signer: PublicKey,
+        seal: String,
+        /// Set for a move to the root position: the tree size and the root's children.
+        size: u64,
+        root_children: Vec<Placed>,
+        coordinator: Option<Peer>,
+    },
+    /// Up to the root: the position `pos` is vacant (its holder failed).
+    Failed { pos: Pos },
+    /// Up to the root: the attach for `pos` found it held; the size is at least `pos`.
+    Taken { pos: Pos },
+    /// Up to the root: our tree should merge into the tree reachable at `contact`.
+    Merge {
+        contact: Peer,
+        their_size: u64,
+        their_root: PublicKey,
+    },
+}
+
+/// The bytes a move order's seal signs: everything the mover acts on.
+pub fn move_seal_bytes(from_pos: Pos, to_pos: Pos, ticket: u64, size: u64) -> Vec<u8> {
+    format!("borg-tree-move-v1|{from_pos}|{to_pos}|{ticket}|{size}").into_bytes()
+}
+
+/// Errors decoding a tree message from an envelope's kind and body.
+#[derive(Debug, thiserror::Error)]
+pub enum TreeMsgError {
+    #[error("unknown tree message kind {0:?}")]
+    UnknownKind(String),
+    #[error("malformed {kind} body: {reason}")]
+    Malformed { kind: String, reason: String },
+}
+
+impl TreeMsg {
+    /// Split into the envelope's `kind` and `body`.
+    pub fn to_kind_body(&self) -> (String, Value) {
+        match serde_json::to_value(self) {
+            Ok(Value::Object(mut map)) => {
+                let kind = match map.remove("kind") {
+                    Some(Value::String(s)) => s,
+                    _ => String::new(),
+                };
+                let body = map.remove("body").unwrap_or(Value::Null);
+                (kind, body)
+            }
+            // Serializing these plain data types cannot fail or yield a non-object.
+            _ => (String::new(), Value::Null),
+        }
+    }
+
+    /// Decode from an envelope's `kind` and `body`.
+    pub fn from_kind_body(kind: &str, body: &Value) -> Result<Self, TreeMsgError> {
+        if !KINDS.contains(&kind) {
+            return Err(TreeMsgError::UnknownKind(kind.to_string()));
+        }
+        let mut map = serde_json::Map::new();
+        map.insert("kind".into(), Value::String(kind.to_string()));
+        map.insert("body".into(), body.clone());
+        serde_json::from_value(Value::Object(map)).map_err(|e| TreeMsgError::Malformed {
+            kind: kind.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The envelope kind of this message.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TreeMsg::Join { .. } => "tree.join",
+            TreeMsg::Retry { .. } => "tree.retry",
+            TreeMsg::Route { .. } => "tree.route",
+            TreeMsg::Welcome { .. } => "tree.welcome",
+            TreeMsg::Hello { .. } => "tree.hello",
+            TreeMsg::Down { .. } => "tree.down",
+            TreeMsg::Up { .. } => "tree.up",
+            TreeMsg::Adopt { .. } => "tree.adopt",
+            TreeMsg::Orphan { .. } => "tree.orphan",
+            TreeMsg::Evict { .. } => "tree.evict",
+            TreeMsg::InPlace { .. } => "tree.in_place",
+            TreeMsg::Probe { .. } => "tree.probe",
+            TreeMsg::ProbeAck { .. } => "tree.probe_ack",
+            TreeMsg::Dissolve { .. } => "tree.dissolve",
+            TreeMsg::Bcast { .. } => "tree.bcast",
+        }
+    }
+
+    /// Whether this message belongs to the cost of joins and repairs (not heartbeats,
+    /// probes or broadcast payload); the simulation counts these per join.
+    pub fn is_topology(&self) -> bool {
+        !matches!(
+            self,
+            TreeMsg::Down { .. }
+                | TreeMsg::Up { .. }
+                | TreeMsg::Probe { .. }
+                | TreeMsg::ProbeAck { .. }
+                | TreeMsg::Bcast { .. }
+        )
+    }
+}
+
+/// Every tree message kind, for decoding and for the receptor's unknown-kind check.
+pub const KINDS: &[&str] = &[
+    "tree.join",
+    "tree.retry",
+    "tree.route",
+    "tree.welcome",
+    "tree.hello",
+    "tree.down",
+    "tree.up",
+    "tree.adopt",
+    "tree.orphan",
+    "tree.evict",
+    "tree.in_place",
+    "tree.probe",
+    "tree.probe_ack",
+    "tree.dissolve",
+    "tree.bcast",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::SecretKey;
+
+    fn peer() -> Peer {
+        Peer {
+            key: SecretKey::generate().public(),
+            addr: "127.0.0.2:13300".into(),
+            mon: "127.0.0.2:13310".into(),
+        }
+    }
+
+    #[test]
+    fn kind_body_round_trip() {
+        let msgs = vec![
+            TreeMsg::Join { peer: peer() },
+            TreeMsg::Route {
+                dest: 7,
+                order: Routed::Move {
+                    from_pos: 40,
+                    to_pos: 7,
+                    ticket: 99,
+                    new_parent: Some(peer()),
+                    signer: peer().key,
+                    seal: "x".into(),
+                    size: 0,
+                    root_children: vec![],
+                    coordinator: None,
+                },
+            },
+            TreeMsg::Up {
+                pos: 3,
+                max_pos: 9,
+                children: vec![Placed { pos: 9, peer: peer() }],
+            },
+        ];
+        for m in msgs {
+            let (kind, body) = m.to_kind_body();
+            assert_eq!(kind, m.kind());
+            assert_eq!(TreeMsg::from_kind_body(&kind, &body).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn unknown_kind_and_fields_are_rejected() {
+        assert!(matches!(
+            TreeMsg::from_kind_body("tree.nope", &Value::Null),
+            Err(TreeMsgError::UnknownKind(_))
+        ));
+        let body = serde_json::json!({"pos": 3, "extra": 1});
+        assert!(TreeMsg::from_kind_body("tree.evict", &body).is_err());
+    }
+}
