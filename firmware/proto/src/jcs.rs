@@ -232,7 +232,7 @@ impl Parser<'_> {
     }
 
     fn literal(&mut self, word: &'static str, value: Value) -> Result<Value, JcsError> {
-        if self.text[self.pos..].starts_with(word) {
+        if self.text.as_bytes()[self.pos..].starts_with(word.as_bytes()) {
             self.pos += word.len();
             Ok(value)
         } else {
@@ -355,7 +355,7 @@ impl Parser<'_> {
                 let first = self.hex4()?;
                 let code = match first {
                     0xd800..=0xdbff => {
-                        if !self.text[self.pos..].starts_with("\\u") {
+                        if !self.text.as_bytes()[self.pos..].starts_with(b"\\u") {
                             return Err(self.syntax("lone UTF-16 surrogate"));
                         }
                         self.pos += 2;
