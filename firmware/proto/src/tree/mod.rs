@@ -165,7 +165,10 @@ pub struct TreeStats {
 
 #[derive(Debug, Clone)]
 enum Phase {
-    Joining { deadline: u64, attempts: u32 },
+    Joining {
+        deadline: u64,
+        attempts: u32,
+    },
     Moving {
         to_pos: Pos,
         ticket: u64,
@@ -504,7 +507,12 @@ impl TreeNode {
             deadline: now + self.cfg.join_timeout_ms() + jitter,
             attempts: attempts + 1,
         };
-        self.send(Target::Addr(contact), TreeMsg::Join { peer: self.me.clone() });
+        self.send(
+            Target::Addr(contact),
+            TreeMsg::Join {
+                peer: self.me.clone(),
+            },
+        );
     }
 
     fn reset_membership(&mut self) {
@@ -580,7 +588,14 @@ impl TreeNode {
         self.route(now, 1, Routed::JoinReq { peer });
     }
 
-    fn on_welcome(&mut self, now: u64, from: PublicKey, your_pos: Pos, parent: Peer, info: DownInfo) {
+    fn on_welcome(
+        &mut self,
+        now: u64,
+        from: PublicKey,
+        your_pos: Pos,
+        parent: Peer,
+        info: DownInfo,
+    ) {
         if parent.key != from || parent_of(your_pos, self.cfg.max_children) != Some(info.pos) {
             return self.reject_invalid("inconsistent welcome");
         }
@@ -695,7 +710,15 @@ impl TreeNode {
                 return self.send(Target::Peer(to), msg);
             }
         }
-        if dest == child && matches!(msg, TreeMsg::Route { order: Routed::Move { .. }, .. }) {
+        if dest == child
+            && matches!(
+                msg,
+                TreeMsg::Route {
+                    order: Routed::Move { .. },
+                    ..
+                }
+            )
+        {
             // The mover is the failed child itself: the root will try again.
             return;
         }
@@ -798,7 +821,17 @@ impl TreeNode {
                 if from_pos != self.pos {
                     return;
                 }
-                self.on_move(now, to_pos, ticket, new_parent, signer, seal, size, root_children, coordinator);
+                self.on_move(
+                    now,
+                    to_pos,
+                    ticket,
+                    new_parent,
+                    signer,
+                    seal,
+                    size,
+                    root_children,
+                    coordinator,
+                );
             }
             Routed::Failed { pos } => {
                 if !from_below {
@@ -823,7 +856,12 @@ impl TreeNode {
                     && contact.key == their_root
                     && self.should_merge_into(their_size, &their_root)
                 {
-                    self.send(Target::Peer(contact), TreeMsg::Probe { peer: self.me.clone() });
+                    self.send(
+                        Target::Peer(contact),
+                        TreeMsg::Probe {
+                            peer: self.me.clone(),
+                        },
+                    );
                 }
             }
         }
@@ -902,7 +940,8 @@ impl TreeNode {
 
     /// Put `peer` at child position `pos`, removing it from any other slot it held.
     fn place_child(&mut self, now: u64, pos: Pos, peer: Peer, grandchildren: Vec<Placed>) {
-        self.children.retain(|p, s| *p == pos || s.peer.key != peer.key);
+        self.children
+            .retain(|p, s| *p == pos || s.peer.key != peer.key);
         let grandchildren = if grandchildren.is_empty() {
             self.vacant
                 .remove(&pos)
@@ -952,9 +991,11 @@ impl TreeNode {
         };
         let sealed_size = if to_pos == 1 { size } else { 0 };
         if !entitled
-            || !self
-                .seal
-                .check(&signer, &move_seal_bytes(from_pos, to_pos, ticket, sealed_size), &seal)
+            || !self.seal.check(
+                &signer,
+                &move_seal_bytes(from_pos, to_pos, ticket, sealed_size),
+                &seal,
+            )
         {
             return self.reject_unauthorized("move order without the entitled seal");
         }
@@ -1118,7 +1159,11 @@ impl TreeNode {
         if !(from_grandparent || from_coordinator || from_self) {
             return self.reject_unauthorized("adopt not from grandparent");
         }
-        if self.parent.as_ref().is_some_and(|p| p.peer.key == parent.key && p.failed_at.is_none()) {
+        if self
+            .parent
+            .as_ref()
+            .is_some_and(|p| p.peer.key == parent.key && p.failed_at.is_none())
+        {
             return;
         }
         self.coordinating = None;
@@ -1158,13 +1203,7 @@ impl TreeNode {
         if let Some(slot) = self.children.get(&parent_pos) {
             if slot.down_since.is_none() && slot.peer.key != from {
                 let parent = slot.peer.clone();
-                return self.send(
-                    Target::Peer(peer),
-                    TreeMsg::Adopt {
-                        parent_pos,
-                        parent,
-                    },
-                );
+                return self.send(Target::Peer(peer), TreeMsg::Adopt { parent_pos, parent });
             }
         }
         // Still vacant (or never known): remember the orphan so the filler adopts it.
@@ -1295,7 +1334,8 @@ impl TreeNode {
             .iter()
             .filter(|(_, s)| {
                 now.saturating_sub(s.last_heard) > dead_after
-                    || s.down_since.is_some_and(|d| now.saturating_sub(d) >= grace && s.last_heard <= d)
+                    || s.down_since
+                        .is_some_and(|d| now.saturating_sub(d) >= grace && s.last_heard <= d)
             })
             .map(|(p, _)| *p)
             .collect();
@@ -1318,7 +1358,10 @@ impl TreeNode {
         let known_size = self.size;
         if now.saturating_sub(self.size_learned_at) > 2 * self.cfg.join_timeout_ms() {
             for c in first..=last.min(known_size) {
-                if !self.children.contains_key(&c) && !self.vacant.contains_key(&c) && !self.expect_move.contains_key(&c) {
+                if !self.children.contains_key(&c)
+                    && !self.vacant.contains_key(&c)
+                    && !self.expect_move.contains_key(&c)
+                {
                     self.vacant.insert(
                         c,
                         Vacancy {
@@ -1335,13 +1378,20 @@ impl TreeNode {
         // (Only with a size heard after the vacancy opened: an older one says nothing. The
         // root's own size is always current.)
         let size = self.size;
-        let heard = if self.pos == 1 { now } else { self.last_down_at };
+        let heard = if self.pos == 1 {
+            now
+        } else {
+            self.last_down_at
+        };
         self.vacant.retain(|p, v| *p <= size || heard <= v.since);
         let report_every = self.cfg.report_every_ms();
         let due: Vec<Pos> = self
             .vacant
             .iter()
-            .filter(|(_, v)| v.last_report.is_none_or(|t| now.saturating_sub(t) >= report_every))
+            .filter(|(_, v)| {
+                v.last_report
+                    .is_none_or(|t| now.saturating_sub(t) >= report_every)
+            })
             .map(|(p, _)| *p)
             .collect();
         for pos in due {
@@ -1395,7 +1445,13 @@ impl TreeNode {
                 p.last_orphan_ask = now;
             }
             if let Some(gp) = self.grandparent.clone() {
-                self.send(Target::Peer(gp), TreeMsg::Orphan { pos: self.pos, peer: self.me.clone() });
+                self.send(
+                    Target::Peer(gp),
+                    TreeMsg::Orphan {
+                        pos: self.pos,
+                        peer: self.me.clone(),
+                    },
+                );
             }
         }
     }
@@ -1444,7 +1500,11 @@ impl TreeNode {
         if mover <= 1 || mover == self.pos {
             // We are the last node ourselves: take the root position directly.
             let me = self.me.clone();
-            let others: Vec<Placed> = survivors.iter().filter(|s| s.peer.key != me.key).cloned().collect();
+            let others: Vec<Placed> = survivors
+                .iter()
+                .filter(|s| s.peer.key != me.key)
+                .cloned()
+                .collect();
             self.become_root_by_move(now, size.saturating_sub(1).max(1), others.clone(), None);
             for s in others {
                 self.send(
@@ -1586,12 +1646,21 @@ impl TreeNode {
         }
         self.lost.retain(|l| l.tries < MAX_PROBE_TRIES);
         for t in sends {
-            self.send(t, TreeMsg::Probe { peer: self.me.clone() });
+            self.send(
+                t,
+                TreeMsg::Probe {
+                    peer: self.me.clone(),
+                },
+            );
         }
     }
 
     fn on_probe(&mut self, peer: Peer) {
-        let root = if self.is_member() { self.root.clone() } else { None };
+        let root = if self.is_member() {
+            self.root.clone()
+        } else {
+            None
+        };
         self.send(
             Target::Peer(peer),
             TreeMsg::ProbeAck {
@@ -1619,7 +1688,12 @@ impl TreeNode {
             // Only a root speaks for its tree's size; ask it (a stale answer naming a dead
             // root simply goes unanswered).
             if their_root.key != self.me.key {
-                self.send(Target::Peer(their_root), TreeMsg::Probe { peer: self.me.clone() });
+                self.send(
+                    Target::Peer(their_root),
+                    TreeMsg::Probe {
+                        peer: self.me.clone(),
+                    },
+                );
             }
             return;
         }
@@ -1651,7 +1725,12 @@ impl TreeNode {
     // ----- broadcast ----------------------------------------------------------------------
 
     fn accept_broadcast(&mut self, from: Option<PublicKey>, msg: TreeMsg) {
-        let TreeMsg::Bcast { id, origin, payload } = &msg else {
+        let TreeMsg::Bcast {
+            id,
+            origin,
+            payload,
+        } = &msg
+        else {
             return;
         };
         // Accepted from anyone: the payload carries its origin's own signature (checked by
@@ -1745,12 +1824,13 @@ impl TreeNode {
     }
 
     fn is_from_below(&self, key: &PublicKey) -> bool {
-        self.children.values().any(|s| {
-            s.peer.key == *key || s.grandchildren.iter().any(|g| g.peer.key == *key)
-        }) || self
-            .vacant
+        self.children
             .values()
-            .any(|v| v.grandchildren.iter().any(|g| g.peer.key == *key))
+            .any(|s| s.peer.key == *key || s.grandchildren.iter().any(|g| g.peer.key == *key))
+            || self
+                .vacant
+                .values()
+                .any(|v| v.grandchildren.iter().any(|g| g.peer.key == *key))
     }
 
     fn is_tree_neighbor(&self, key: &PublicKey) -> bool {
@@ -1804,7 +1884,6 @@ impl TreeNode {
         z ^ (z >> 31)
     }
 }
-
 
 #[cfg(test)]
 mod tests;

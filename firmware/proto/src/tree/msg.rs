@@ -288,7 +288,10 @@ mod tests {
             TreeMsg::Up {
                 pos: 3,
                 max_pos: 9,
-                children: vec![Placed { pos: 9, peer: peer() }],
+                children: vec![Placed {
+                    pos: 9,
+                    peer: peer(),
+                }],
             },
         ];
         for m in msgs {
