@@ -1,1 +1,73 @@
-fn main() {}
+//! `borg`: the BorgIOS multi-call binary. It parses arguments, sets up logging and calls into
+//! the libraries; everything that matters lives in the crates under firmware/.
+
+mod bench;
+mod bench_tree;
+mod cli;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// BorgIOS: turn this machine into a node of a self-organizing peer-to-peer network.
+#[derive(Parser, Debug)]
+#[command(name = "borg", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a peerTreeNet node in the foreground (ports default to the peerTreeNet DNA).
+    Node(cli::NodeArgs),
+    /// Run one cell type by name, as the supervisor does (`borg cell peerTreeNet --data DIR`).
+    Cell(cli::CellArgs),
+    /// User identities: BIP39 phrases and the P-256 key derived from them.
+    #[command(subcommand)]
+    Id(cli::IdCommand),
+    /// Show a node's status (from its monitor port).
+    Status(cli::StatusArgs),
+    /// Draw the whole tree, starting from any node.
+    Tree(cli::TreeArgs),
+    /// Send a signed broadcast from a node to the whole tree.
+    Broadcast(cli::BroadcastArgs),
+    /// Benchmarks that print figures (see docs/BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let verbose_default = matches!(cli.command, Command::Node(_) | Command::Cell(_));
+    init_tracing(verbose_default);
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("borg: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(verbose: bool) {
+    let default = if verbose { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BORG_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Node(args) => cli::node(args),
+        Command::Cell(args) => cli::cell(args),
+        Command::Id(cmd) => cli::id(cmd),
+        Command::Status(args) => cli::status(args),
+        Command::Tree(args) => cli::tree(args),
+        Command::Broadcast(args) => cli::broadcast(args),
+        Command::Bench(cmd) => bench::run(cmd),
+    }
+}

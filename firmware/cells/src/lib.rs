@@ -1,1 +1,122 @@
-//! borg-cells (in progress)
+//! # borg-cells: the cell runtime
+//!
+//! A cell type is its DNA (name, ports, max children; see `borg_proto::dna`). Running a cell
+//! means: load the node key, start the tree node on the net port, the receptor on the recp
+//! port and the monitor on the mon port, then run until told to stop. `peerTreeNet` is the
+//! base cell; later cell types add their receptor kinds on top of the same runtime.
+#![forbid(unsafe_code)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use borg_net::node::{self, NodeConfig, NodeError};
+use borg_proto::dna::{self, CellDna};
+
+/// Errors starting a cell.
+#[derive(Debug, thiserror::Error)]
+pub enum CellError {
+    #[error("unknown cell type {0:?}; known: {1}")]
+    UnknownCell(String, String),
+    #[error("cell {0} is not implemented in this build yet")]
+    NotImplemented(String),
+    #[error(transparent)]
+    Node(#[from] NodeError),
+}
+
+/// Everything needed to run one cell.
+#[derive(Debug, Clone)]
+pub struct CellOptions {
+    pub dna: CellDna,
+    pub data_dir: PathBuf,
+    pub ip: IpAddr,
+    pub net_port: u16,
+    pub recp_port: u16,
+    pub mon_port: u16,
+    pub join: Vec<SocketAddr>,
+    pub max_children: u64,
+    pub heartbeat_ms: u64,
+}
+
+impl CellOptions {
+    /// Defaults from the DNA of `name`, listening on `ip`.
+    pub fn from_dna(name: &str, ip: IpAddr, data_dir: PathBuf) -> Result<Self, CellError> {
+        let dna = *dna::cell(name).ok_or_else(|| {
+            let known: Vec<&str> = dna::CELLS.iter().map(|c| c.name).collect();
+            CellError::UnknownCell(name.to_string(), known.join(", "))
+        })?;
+        if !dna.implemented {
+            return Err(CellError::NotImplemented(name.to_string()));
+        }
+        Ok(Self {
+            dna,
+            data_dir,
+            ip,
+            net_port: dna.net_port,
+            recp_port: dna.recp_port,
+            mon_port: dna.mon_port,
+            join: Vec::new(),
+            max_children: dna.max_children as u64,
+            heartbeat_ms: DEFAULT_HEARTBEAT_MS,
+        })
+    }
+}
+
+/// Heartbeat period of a real node.
+pub const DEFAULT_HEARTBEAT_MS: u64 = 1000;
+
+/// Start a cell and return its node handle; the servers run on the current runtime.
+pub async fn start(opts: &CellOptions) -> Result<Arc<node::NodeHandle>, CellError> {
+    let cfg = NodeConfig {
+        cell: opts.dna.name.to_string(),
+        data_dir: opts.data_dir.clone(),
+        listen: SocketAddr::new(opts.ip, opts.net_port),
+        recp: SocketAddr::new(opts.ip, opts.recp_port),
+        mon: SocketAddr::new(opts.ip, opts.mon_port),
+        join: opts.join.clone(),
+        max_children: opts.max_children,
+        heartbeat_ms: opts.heartbeat_ms,
+    };
+    let handle = Arc::new(node::start(cfg.clone()).await?);
+    borg_net::serve::serve_receptor(handle.clone(), cfg.recp, cfg.cell.clone()).await?;
+    borg_net::serve::serve_monitor(handle.clone(), cfg.mon).await?;
+    tracing::info!(
+        cell = %cfg.cell,
+        key = %handle.key.public(),
+        "listening: tree {} receptor https://{} monitor http://{}",
+        cfg.listen,
+        cfg.recp,
+        cfg.mon
+    );
+    Ok(handle)
+}
+
+/// Run a cell until SIGTERM or SIGINT.
+pub async fn run(opts: CellOptions) -> Result<(), CellError> {
+    let _handle = start(&opts).await?;
+    wait_for_stop().await;
+    tracing::info!(cell = %opts.dna.name, "stopping");
+    Ok(())
+}
+
+async fn wait_for_stop() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

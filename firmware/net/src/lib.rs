@@ -1,1 +1,29 @@
-//! borg-net (in progress)
+//! # borg-net: networking of a BorgIOS node
+//!
+//! Nodes talk over long-lived TLS 1.3 connections (rustls with the `ring` provider). There is no
+//! certificate authority: each node presents a self-signed certificate made from its own P-256
+//! node key, a client accepts a server only if that certificate carries the key it expected
+//! (pinning), and a server requires a client certificate and learns from it which node
+//! connected. Messages travel as length-prefixed frames of at most [`frame::MAX_FRAME`] bytes.
+//!
+//! - [`tls`]: certificates from node keys, pinning verifiers, the rustls configurations (node to
+//!   node with mutual authentication, the HTTPS receptor, command-line clients).
+//! - [`frame`]: the 4-byte big-endian length-prefixed framing over any async byte stream.
+//! - [`conn`]: [`conn::connect`] and [`conn::Listener`], giving [`conn::PeerConn`]s whose
+//!   halves send and receive frames.
+//! - [`node`]: the actor that owns the `borg_proto::tree` state machine, opens every frame as a
+//!   signed envelope and carries out the machine's actions (dial, send, deliver).
+//! - [`serve`]: the receptor (HTTPS `POST /`) and monitor (HTTP `GET /status`, `/metrics`).
+//! - [`client`]: small clients for the CLI and tests.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod conn;
+pub mod frame;
+pub mod node;
+pub mod serve;
+pub mod tls;
+
+pub use conn::{connect, Listener, PeerConn, PeerReader, PeerWriter, TransportError};
+pub use frame::{FrameError, MAX_FRAME};
+pub use tls::{TlsError, TlsIdentity};

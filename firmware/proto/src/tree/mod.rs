@@ -171,7 +171,6 @@ enum Phase {
     },
     Moving {
         to_pos: Pos,
-        ticket: u64,
         new_parent: Peer,
         deadline: u64,
     },
@@ -1010,7 +1009,6 @@ impl TreeNode {
         self.reset_membership_keep_root();
         self.phase = Phase::Moving {
             to_pos,
-            ticket,
             new_parent: new_parent.clone(),
             deadline: now + self.cfg.join_timeout_ms(),
         };

@@ -489,7 +489,6 @@ impl Sim {
                 by_pos.keys().next_back()
             ));
         }
-        let root_key = self.nodes[roots[0]].key;
         let root_view = self.nodes[roots[0]].node.view();
         if root_view.size != n {
             return Err(format!(

@@ -1,0 +1,15 @@
+//! `borg bench`: benchmarks that print figures.
+use anyhow::Result;
+use clap::Subcommand;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Tree figures: simulated nodes and real processes on loopback.
+    Tree(crate::bench_tree::TreeBenchArgs),
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Tree(args) => crate::bench_tree::run(args),
+    }
+}

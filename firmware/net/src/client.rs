@@ -1,0 +1,138 @@
+//! Small clients for the CLI and tests: the monitor over HTTP, the receptor over HTTPS.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::tls::cli_client_config;
+
+/// Errors talking to a node's monitor or receptor.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("{addr} timed out")]
+    Timeout { addr: SocketAddr },
+    #[error("HTTP exchange with {addr} failed: {reason}")]
+    Http { addr: SocketAddr, reason: String },
+    #[error("{addr} answered {status}: {body}")]
+    Status {
+        addr: SocketAddr,
+        status: u16,
+        body: String,
+    },
+    #[error("{addr} sent invalid JSON: {reason}")]
+    Json { addr: SocketAddr, reason: String },
+}
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn exchange<S>(
+    addr: SocketAddr,
+    io: S,
+    req: Request<Full<Bytes>>,
+) -> Result<(u16, Bytes), ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let http = |e: hyper::Error| ClientError::Http {
+        addr,
+        reason: e.to_string(),
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(http)?;
+    tokio::spawn(conn);
+    let res = sender.send_request(req).await.map_err(http)?;
+    let status = res.status().as_u16();
+    let body = res.into_body().collect().await.map_err(http)?.to_bytes();
+    Ok((status, body))
+}
+
+fn request(
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<Request<Full<Bytes>>, ClientError> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string())
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| ClientError::Http {
+            addr,
+            reason: e.to_string(),
+        })
+}
+
+/// `GET path` on a monitor; returns the body of a 200 answer.
+pub async fn monitor_get(addr: SocketAddr, path: &str) -> Result<String, ClientError> {
+    let fut = async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| ClientError::Connect {
+                addr,
+                reason: e.to_string(),
+            })?;
+        exchange(addr, tcp, request("GET", addr, path, Vec::new())?).await
+    };
+    let (status, body) = tokio::time::timeout(TIMEOUT, fut)
+        .await
+        .map_err(|_| ClientError::Timeout { addr })??;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    if status != 200 {
+        return Err(ClientError::Status { addr, status, body });
+    }
+    Ok(body)
+}
+
+/// `GET /status` as JSON.
+pub async fn status(addr: SocketAddr) -> Result<Value, ClientError> {
+    let body = monitor_get(addr, "/status").await?;
+    serde_json::from_str(&body).map_err(|e| ClientError::Json {
+        addr,
+        reason: e.to_string(),
+    })
+}
+
+/// `POST /` an envelope to a receptor over HTTPS; returns the status and body as they came.
+/// The node's certificate is not pinned here: callers authenticate the signed answer.
+pub async fn receptor_post(
+    addr: SocketAddr,
+    envelope: Vec<u8>,
+) -> Result<(u16, Vec<u8>), ClientError> {
+    let fut = async {
+        let config = cli_client_config(None).map_err(|e| ClientError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?;
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| ClientError::Connect {
+                addr,
+                reason: e.to_string(),
+            })?;
+        let tls = TlsConnector::from(config)
+            .connect(ServerName::from(addr.ip()), tcp)
+            .await
+            .map_err(|e| ClientError::Connect {
+                addr,
+                reason: format!("TLS: {e}"),
+            })?;
+        exchange(addr, tls, request("POST", addr, "/", envelope)?).await
+    };
+    let (status, body) = tokio::time::timeout(TIMEOUT, fut)
+        .await
+        .map_err(|_| ClientError::Timeout { addr })??;
+    Ok((status, body.to_vec()))
+}

@@ -1,0 +1,706 @@
+//! The node actor: one tokio task owns the [`TreeNode`] state machine and drives it.
+//!
+//! Connection tasks turn frames into [`Inbound`] events; the actor opens each frame as an
+//! envelope (signature, clock window, replay), checks that the envelope's signer is the key
+//! the TLS handshake authenticated, decodes the tree message and hands it to the state
+//! machine, then carries out the returned actions: sign and send, dial, deliver. No lock is
+//! held across an await; the status snapshot is published through a `watch` channel.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use borg_proto::envelope::{self, Envelope, EnvelopeError, ReplayCache};
+use borg_proto::identity::{PublicKey, SecretKey};
+use borg_proto::tree::{
+    geometry, Action, OrderSeal, Peer, Target, TreeConfig, TreeMsg, TreeNode, TreeStats,
+};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::conn::{self, Listener, PeerWriter, TransportError};
+use crate::tls::TlsIdentity;
+
+/// How a node is run.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Cell name (its DNA), e.g. `peerTreeNet`.
+    pub cell: String,
+    pub data_dir: PathBuf,
+    /// Tree (net) listen address.
+    pub listen: SocketAddr,
+    /// Receptor (HTTPS) listen address.
+    pub recp: SocketAddr,
+    /// Monitor (HTTP) listen address.
+    pub mon: SocketAddr,
+    /// Contacts to join through.
+    pub join: Vec<SocketAddr>,
+    pub max_children: u64,
+    pub heartbeat_ms: u64,
+}
+
+/// Errors that stop a node from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("node key: {0}")]
+    Identity(#[from] borg_proto::identity::IdentityError),
+    #[error("TLS setup: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("transport: {0}")]
+    Transport(#[from] TransportError),
+}
+
+/// Events into the actor.
+pub(crate) enum Inbound {
+    Connected {
+        key: PublicKey,
+        id: u64,
+        writer: mpsc::Sender<Vec<u8>>,
+        /// Set for a first-contact dial to an address.
+        dialed_addr: Option<String>,
+    },
+    Frame {
+        key: PublicKey,
+        bytes: Vec<u8>,
+    },
+    Closed {
+        key: PublicKey,
+        id: u64,
+    },
+    DialFailed {
+        key: Option<PublicKey>,
+        addr: String,
+    },
+    /// A frame-level error on an authenticated connection (oversized, truncated).
+    FrameError {
+        code: &'static str,
+    },
+    Receptor {
+        request: ReceptorRequest,
+        reply: oneshot::Sender<Result<Value, (u16, &'static str, String)>>,
+    },
+}
+
+/// What a receptor asks the actor to do (already verified).
+pub(crate) enum ReceptorRequest {
+    Broadcast { text: String, origin: Envelope },
+}
+
+/// Counters published on /metrics.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    pub rejected: BTreeMap<&'static str, u64>,
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub dials: u64,
+    pub dial_failures: u64,
+    pub dropped_outbound: u64,
+    pub broadcast_origin_invalid: u64,
+}
+
+/// The state the monitor shows.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub status: Value,
+    pub tree: TreeStats,
+    pub metrics: Metrics,
+}
+
+/// A running node's handles.
+pub struct NodeHandle {
+    pub(crate) tx: mpsc::Sender<Inbound>,
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub key: SecretKey,
+    pub identity: Arc<TlsIdentity>,
+}
+
+struct EcdsaSeal {
+    key: SecretKey,
+}
+
+impl OrderSeal for EcdsaSeal {
+    fn seal(&self, bytes: &[u8]) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.key.sign(bytes))
+    }
+    fn check(&self, signer: &PublicKey, bytes: &[u8], seal: &str) -> bool {
+        use base64::Engine;
+        match base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(seal) {
+            Ok(sig) => signer.verify(bytes, &sig).is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch (network time is the system clock until cronoTree).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+const OUTBOUND_QUEUE: usize = 1024;
+const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+
+struct Link {
+    id: u64,
+    writer: mpsc::Sender<Vec<u8>>,
+}
+
+struct Actor {
+    cfg: NodeConfig,
+    key: SecretKey,
+    identity: Arc<TlsIdentity>,
+    tree: TreeNode,
+    replay: ReplayCache,
+    links: HashMap<PublicKey, Link>,
+    /// Frames waiting for a connection to a key (bounded; delivered when it comes back).
+    pending: HashMap<PublicKey, VecDeque<Vec<u8>>>,
+    pending_addr: HashMap<String, VecDeque<Vec<u8>>>,
+    dialing: HashMap<String, Instant>,
+    peer_addrs: HashMap<PublicKey, String>,
+    tx: mpsc::Sender<Inbound>,
+    metrics: Metrics,
+    started: Instant,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    next_link_id: u64,
+    my_addr: String,
+    pending_broadcasts: HashMap<String, Envelope>,
+}
+
+/// Start the node: bind the tree listener, spawn the actor, return handles. The receptor and
+/// monitor servers are started by [`crate::serve`].
+pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
+    let key = SecretKey::load_or_create(&cfg.data_dir)?;
+    let identity = Arc::new(TlsIdentity::new(&key)?);
+    let listener = Listener::bind(cfg.listen, &identity).await?;
+    let (tx, rx) = mpsc::channel::<Inbound>(4096);
+    let me = Peer {
+        key: key.public(),
+        addr: cfg.listen.to_string(),
+        mon: cfg.mon.to_string(),
+    };
+    let contacts = cfg.join.iter().map(|a| a.to_string()).collect();
+    let seed = u64::from_le_bytes(key.sign(b"seed")[..8].try_into().unwrap_or([7; 8]))
+        ^ now_ms().rotate_left(17);
+    let tree = TreeNode::new(
+        TreeConfig::new(cfg.max_children, cfg.heartbeat_ms),
+        me,
+        contacts,
+        Box::new(EcdsaSeal { key: key.clone() }),
+        seed,
+    );
+    let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot {
+        status: json!({}),
+        tree: TreeStats::default(),
+        metrics: Metrics::default(),
+    }));
+    let mut actor = Actor {
+        my_addr: cfg.listen.to_string(),
+        cfg,
+        key: key.clone(),
+        identity: identity.clone(),
+        tree,
+        replay: ReplayCache::default(),
+        links: HashMap::new(),
+        pending: HashMap::new(),
+        pending_addr: HashMap::new(),
+        dialing: HashMap::new(),
+        peer_addrs: HashMap::new(),
+        tx: tx.clone(),
+        metrics: Metrics::default(),
+        started: Instant::now(),
+        snapshot: snap_tx,
+        next_link_id: 1,
+        pending_broadcasts: HashMap::new(),
+    };
+    tokio::spawn(accept_loop(listener, tx.clone()));
+    actor.tree.start(now_ms());
+    actor.carry_out();
+    actor.publish();
+    tokio::spawn(actor.run(rx));
+    Ok(NodeHandle {
+        tx,
+        snapshot: snap_rx,
+        key,
+        identity,
+    })
+}
+
+async fn accept_loop(mut listener: Listener, tx: mpsc::Sender<Inbound>) {
+    loop {
+        match listener.accept().await {
+            Ok((conn, key, _remote)) => {
+                spawn_link(conn, key, None, tx.clone());
+            }
+            Err(e) => {
+                tracing::debug!("inbound connection refused: {e}");
+                if matches!(
+                    e,
+                    TransportError::Handshake { .. } | TransportError::PeerKey { .. }
+                ) {
+                    let _ = tx.send(Inbound::FrameError { code: "handshake" }).await;
+                }
+            }
+        }
+    }
+}
+
+static LINK_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn spawn_link(
+    conn: conn::PeerConn,
+    key: PublicKey,
+    dialed_addr: Option<String>,
+    tx: mpsc::Sender<Inbound>,
+) {
+    let id = LINK_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (mut reader, writer) = conn.into_split();
+    let (wtx, wrx) = mpsc::channel::<Vec<u8>>(OUTBOUND_QUEUE);
+    tokio::spawn(write_loop(writer, wrx));
+    let tx2 = tx.clone();
+    tokio::spawn(async move {
+        if tx2
+            .send(Inbound::Connected {
+                key,
+                id,
+                writer: wtx,
+                dialed_addr,
+            })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        loop {
+            match reader.recv().await {
+                Ok(Some(bytes)) => {
+                    if tx2.send(Inbound::Frame { key, bytes }).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let code = match e {
+                        crate::frame::FrameError::TooLarge { .. } => "too_large",
+                        _ => "malformed",
+                    };
+                    let _ = tx2.send(Inbound::FrameError { code }).await;
+                    break;
+                }
+            }
+        }
+        let _ = tx2.send(Inbound::Closed { key, id }).await;
+    });
+}
+
+async fn write_loop(mut writer: PeerWriter, mut rx: mpsc::Receiver<Vec<u8>>) {
+    while let Some(frame) = rx.recv().await {
+        if writer.send(&frame).await.is_err() {
+            break;
+        }
+    }
+    let _ = writer.shutdown().await;
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Inbound>) {
+        let tick_ms = (self.cfg.heartbeat_ms / 10).clamp(10, 200);
+        let mut ticker = tokio::time::interval(Duration::from_millis(tick_ms));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                ev = rx.recv() => {
+                    let Some(ev) = ev else { return };
+                    self.on_inbound(ev);
+                    // Drain what is already queued before publishing.
+                    while let Ok(ev) = rx.try_recv() {
+                        self.on_inbound(ev);
+                    }
+                }
+                _ = ticker.tick() => {
+                    self.tree.tick(now_ms());
+                }
+            }
+            self.carry_out();
+            self.publish();
+        }
+    }
+
+    fn reject(&mut self, code: &'static str) {
+        *self.metrics.rejected.entry(code).or_insert(0) += 1;
+    }
+
+    fn on_inbound(&mut self, ev: Inbound) {
+        match ev {
+            Inbound::Connected {
+                key,
+                id,
+                writer,
+                dialed_addr,
+            } => {
+                self.next_link_id = self.next_link_id.max(id);
+                self.links.insert(key, Link { id, writer });
+                if let Some(addr) = dialed_addr {
+                    self.dialing.remove(&addr);
+                    if let Some(q) = self.pending_addr.remove(&addr) {
+                        for f in q {
+                            self.write(&key, f);
+                        }
+                    }
+                }
+                if let Some(q) = self.pending.remove(&key) {
+                    for f in q {
+                        self.write(&key, f);
+                    }
+                }
+            }
+            Inbound::Frame { key, bytes } => self.on_frame(key, bytes),
+            Inbound::Closed { key, id } => {
+                if self.links.get(&key).is_some_and(|l| l.id == id) {
+                    self.links.remove(&key);
+                    self.tree.link_down(now_ms(), &key);
+                }
+            }
+            Inbound::DialFailed { key, addr } => {
+                self.metrics.dial_failures += 1;
+                self.dialing.remove(&addr);
+                self.pending_addr.remove(&addr);
+                if let Some(key) = key {
+                    self.tree.link_down(now_ms(), &key);
+                }
+            }
+            Inbound::FrameError { code } => self.reject(code),
+            Inbound::Receptor { request, reply } => {
+                let _ = reply.send(self.on_receptor(request));
+            }
+        }
+    }
+
+    fn on_frame(&mut self, link_key: PublicKey, bytes: Vec<u8>) {
+        self.metrics.frames_in += 1;
+        let now = now_ms();
+        let env = match envelope::open(&bytes, now, &mut self.replay) {
+            Ok(env) => env.into_inner(),
+            Err(e) => {
+                tracing::debug!("rejected frame from {}: {e}", link_key.short());
+                return self.reject(e.code());
+            }
+        };
+        if env.from != link_key {
+            // Tree messages are re-signed by every hop: the signer must be the TLS peer.
+            tracing::debug!(
+                "frame signed by {} on {}'s link",
+                env.from.short(),
+                link_key.short()
+            );
+            return self.reject("forbidden");
+        }
+        if let Some(addr) = env.addr.clone() {
+            self.peer_addrs.insert(env.from, addr);
+        }
+        let msg = match TreeMsg::from_kind_body(&env.kind, &env.body) {
+            Ok(m) => m,
+            Err(borg_proto::tree::msg::TreeMsgError::UnknownKind(_)) => {
+                return self.reject("unknown_kind")
+            }
+            Err(e) => {
+                tracing::debug!("malformed tree message: {e}");
+                return self.reject("malformed");
+            }
+        };
+        let before = self.tree.stats.rejected_unauthorized + self.tree.stats.rejected_invalid;
+        self.tree.handle(now, env.from, msg);
+        if self.tree.stats.rejected_unauthorized + self.tree.stats.rejected_invalid > before {
+            self.reject("forbidden");
+        }
+    }
+
+    fn on_receptor(&mut self, req: ReceptorRequest) -> Result<Value, (u16, &'static str, String)> {
+        match req {
+            ReceptorRequest::Broadcast { text, origin } => {
+                let payload = json!({
+                    "text": text,
+                    "origin_env": String::from_utf8_lossy(&origin.to_bytes()),
+                });
+                let id = self.tree.broadcast(payload);
+                Ok(json!({ "id": id }))
+            }
+        }
+    }
+
+    /// Carry out what the state machine asked for.
+    fn carry_out(&mut self) {
+        for action in self.tree.drain() {
+            match action {
+                Action::Send { to, msg } => self.send(to, msg),
+                Action::Deliver {
+                    id,
+                    origin,
+                    payload,
+                } => self.deliver(id, origin, payload),
+                Action::Event(e) => tracing::info!(cell = %self.cfg.cell, "tree: {e:?}"),
+            }
+        }
+    }
+
+    fn deliver(&mut self, id: String, origin: PublicKey, payload: Value) {
+        // The broadcast's text is vouched for by its originator's own envelope.
+        let ok = payload
+            .get("origin_env")
+            .and_then(|v| v.as_str())
+            .and_then(|s| envelope::verify_signature_only(s.as_bytes()).ok())
+            .map(|env| env.from != origin || env.kind != "broadcast")
+            .map(|bad| !bad)
+            .unwrap_or(payload.get("origin_env").is_none());
+        if !ok {
+            self.metrics.broadcast_origin_invalid += 1;
+        }
+        let text = payload.get("text").and_then(|t| t.as_str()).unwrap_or("");
+        tracing::info!(cell = %self.cfg.cell, "broadcast {id} from {}: {text}", origin.short());
+        if self.pending_broadcasts.len() > 64 {
+            self.pending_broadcasts.clear();
+        }
+    }
+
+    fn seal(&self, msg: &TreeMsg) -> Vec<u8> {
+        let (kind, body) = msg.to_kind_body();
+        envelope::seal(&self.key, &kind, Some(&self.my_addr), now_ms(), body).to_bytes()
+    }
+
+    fn send(&mut self, to: Target, msg: TreeMsg) {
+        let frame = self.seal(&msg);
+        match to {
+            Target::Key(key) => {
+                if self.links.contains_key(&key) {
+                    self.write(&key, frame);
+                }
+            }
+            Target::Peer(peer) => {
+                if self.links.contains_key(&peer.key) {
+                    self.write(&peer.key, frame);
+                    return;
+                }
+                let q = self.pending.entry(peer.key).or_default();
+                if q.len() >= OUTBOUND_QUEUE {
+                    q.pop_front();
+                    self.metrics.dropped_outbound += 1;
+                }
+                q.push_back(frame);
+                self.dial(Some(peer.key), peer.addr);
+            }
+            Target::Addr(addr) => {
+                let q = self.pending_addr.entry(addr.clone()).or_default();
+                if q.len() < OUTBOUND_QUEUE {
+                    q.push_back(frame);
+                }
+                self.dial(None, addr);
+            }
+        }
+    }
+
+    fn write(&mut self, key: &PublicKey, frame: Vec<u8>) {
+        let Some(link) = self.links.get(key) else {
+            return;
+        };
+        match link.writer.try_send(frame) {
+            Ok(()) => self.metrics.frames_out += 1,
+            Err(mpsc::error::TrySendError::Full(_)) => self.metrics.dropped_outbound += 1,
+            Err(mpsc::error::TrySendError::Closed(frame)) => {
+                self.links.remove(key);
+                self.pending.entry(*key).or_default().push_back(frame);
+            }
+        }
+    }
+
+    fn dial(&mut self, key: Option<PublicKey>, addr: String) {
+        let now = Instant::now();
+        if let Some(started) = self.dialing.get(&addr) {
+            if now.duration_since(*started) < DIAL_TIMEOUT + Duration::from_millis(100) {
+                return;
+            }
+        }
+        let Ok(sock) = addr.parse::<SocketAddr>() else {
+            return;
+        };
+        self.dialing.insert(addr.clone(), now);
+        self.metrics.dials += 1;
+        let identity = self.identity.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let result = match key {
+                Some(k) => conn::connect(sock, k, &identity, DIAL_TIMEOUT).await,
+                None => conn::connect_unpinned(sock, &identity, DIAL_TIMEOUT).await,
+            };
+            match result {
+                Ok(c) => {
+                    let k = c.peer_key();
+                    spawn_link(c, k, Some(addr), tx);
+                }
+                Err(e) => {
+                    tracing::debug!("dial {addr} failed: {e}");
+                    let _ = tx.send(Inbound::DialFailed { key, addr }).await;
+                }
+            }
+        });
+    }
+
+    fn publish(&mut self) {
+        let view = self.tree.view();
+        let k = self.cfg.max_children;
+        let placed = |p: &borg_proto::tree::Placed| json!({"pos": p.pos, "key": p.peer.key.to_b64(), "addr": p.peer.addr, "mon": p.peer.mon});
+        let status = json!({
+            "cell": self.cfg.cell,
+            "state": view.state.as_str(),
+            "public_key": self.key.public().to_b64(),
+            "addr": self.my_addr,
+            "mon": self.cfg.mon.to_string(),
+            "recp": self.cfg.recp.to_string(),
+            "position": view.position,
+            "parent": view.parent.as_ref().map(placed),
+            "children": view.children.iter().map(placed).collect::<Vec<_>>(),
+            "root": view.root.as_ref().map(|r| json!({"key": r.key.to_b64(), "addr": r.addr, "mon": r.mon})),
+            "size": view.size,
+            "depth": view.position.map(|p| geometry::depth_of(p, k)),
+            "tree_depth": geometry::tree_depth(view.size, k),
+            "max_children": k,
+            "heartbeat_ms": self.cfg.heartbeat_ms,
+            "uptime_s": self.started.elapsed().as_secs(),
+            "delivered_broadcasts": self.tree.stats.delivered_broadcasts,
+            "vacant": view.vacant,
+            "connections": self.links.len(),
+        });
+        let snap = Snapshot {
+            status,
+            tree: self.tree.stats.clone(),
+            metrics: self.metrics.clone(),
+        };
+        self.snapshot.send_replace(Arc::new(snap));
+    }
+}
+
+impl NodeHandle {
+    /// Ask the node to originate a broadcast of `text`, vouched for by `origin` (the
+    /// verified request envelope).
+    pub(crate) async fn request(
+        &self,
+        request: ReceptorRequest,
+    ) -> Result<Value, (u16, &'static str, String)> {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(Inbound::Receptor { request, reply })
+            .await
+            .is_err()
+        {
+            return Err((503, "unavailable", "node is shutting down".into()));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err((503, "unavailable", "node is shutting down".into())))
+    }
+
+    /// The current status JSON.
+    pub fn status(&self) -> Value {
+        self.snapshot.borrow().status.clone()
+    }
+}
+
+/// Render Prometheus text for a snapshot.
+pub fn render_metrics(s: &Snapshot) -> String {
+    let mut out = String::new();
+    let t = &s.tree;
+    let m = &s.metrics;
+    out.push_str("# HELP borg_rejected_total Messages rejected, by reason.\n# TYPE borg_rejected_total counter\n");
+    for code in [
+        "malformed",
+        "bad_signature",
+        "stale",
+        "replay",
+        "too_large",
+        "unknown_kind",
+        "forbidden",
+        "handshake",
+    ] {
+        let v = m.rejected.get(code).copied().unwrap_or(0);
+        out.push_str(&format!("borg_rejected_total{{reason=\"{code}\"}} {v}\n"));
+    }
+    let counters: [(&str, &str, u64); 14] = [
+        ("borg_frames_in_total", "Frames received.", m.frames_in),
+        ("borg_frames_out_total", "Frames sent.", m.frames_out),
+        ("borg_dials_total", "Outbound connection attempts.", m.dials),
+        (
+            "borg_dial_failures_total",
+            "Failed outbound connections.",
+            m.dial_failures,
+        ),
+        (
+            "borg_outbound_dropped_total",
+            "Frames dropped from full queues.",
+            m.dropped_outbound,
+        ),
+        (
+            "borg_tree_topology_sent_total",
+            "Join/repair messages sent.",
+            t.sent_topology,
+        ),
+        (
+            "borg_tree_heartbeats_sent_total",
+            "Heartbeats sent.",
+            t.sent_heartbeat,
+        ),
+        (
+            "borg_tree_broadcast_sent_total",
+            "Broadcast transmissions sent.",
+            t.sent_broadcast,
+        ),
+        (
+            "borg_broadcasts_delivered_total",
+            "Broadcasts delivered here.",
+            t.delivered_broadcasts,
+        ),
+        (
+            "borg_broadcast_duplicates_total",
+            "Duplicate broadcasts dropped.",
+            t.duplicate_broadcasts,
+        ),
+        (
+            "borg_tree_unauthorized_total",
+            "Topology orders refused: sender not entitled.",
+            t.rejected_unauthorized,
+        ),
+        (
+            "borg_tree_joins_assigned_total",
+            "Positions assigned (root).",
+            t.joins_assigned,
+        ),
+        (
+            "borg_tree_repairs_ordered_total",
+            "Moves ordered (root).",
+            t.repairs_ordered,
+        ),
+        (
+            "borg_broadcast_origin_invalid_total",
+            "Broadcasts whose origin envelope did not verify.",
+            m.broadcast_origin_invalid,
+        ),
+    ];
+    for (name, help, v) in counters {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+        ));
+    }
+    let size = s.status.get("size").and_then(|v| v.as_u64()).unwrap_or(0);
+    out.push_str(&format!("# HELP borg_tree_size Tree size as this node knows it.\n# TYPE borg_tree_size gauge\nborg_tree_size {size}\n"));
+    out
+}
+
+#[allow(dead_code)]
+fn _unused(_: EnvelopeError) {}
