@@ -1,1 +1,21 @@
-//! borg-net (in progress)
+//! # borg-net: the node-to-node transport of BorgIOS
+//!
+//! Nodes talk over long-lived TLS 1.3 connections (rustls with the `ring` provider). There is no
+//! certificate authority: each node presents a self-signed certificate made from its own P-256
+//! node key, a client accepts a server only if that certificate carries the key it expected
+//! (pinning), and a server requires a client certificate and learns from it which node
+//! connected. Messages travel as length-prefixed frames of at most [`frame::MAX_FRAME`] bytes.
+//!
+//! - [`tls`]: certificates from node keys, pinning verifiers, the rustls configurations (node to
+//!   node with mutual authentication, the HTTPS receptor, command-line clients).
+//! - [`frame`]: the 4-byte big-endian length-prefixed framing over any async byte stream.
+//!
+//! This crate only moves authenticated bytes. What the frames mean (signed envelopes, tree
+//! messages, shard streams) is decided in `borg-proto` and by the node actor.
+#![forbid(unsafe_code)]
+
+pub mod frame;
+pub mod tls;
+
+pub use frame::{FrameError, MAX_FRAME};
+pub use tls::{TlsError, TlsIdentity};

@@ -89,10 +89,8 @@ pub fn self_signed_cert(
         .to_pkcs8_der()
         .map_err(|e| TlsError::KeyEncoding(e.to_string()))?;
     let pkcs8 = PrivatePkcs8KeyDer::from(pkcs8.as_bytes().to_vec());
-    let key_pair = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(
-        &pkcs8,
-        &rcgen::PKCS_ECDSA_P256_SHA256,
-    )?;
+    let key_pair =
+        rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, &rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = rcgen::CertificateParams::new(vec![CERT_COMMON_NAME.to_string()])?;
     params.distinguished_name = rcgen::DistinguishedName::new();
     params
@@ -480,7 +478,10 @@ mod tests {
         assert_eq!(id.server_config().alpn_protocols, vec![ALPN_PEER.to_vec()]);
         assert!(id.receptor_server_config().alpn_protocols.is_empty());
         let other = SecretKey::generate().public();
-        assert_eq!(id.client_config(other).alpn_protocols, vec![ALPN_PEER.to_vec()]);
+        assert_eq!(
+            id.client_config(other).alpn_protocols,
+            vec![ALPN_PEER.to_vec()]
+        );
         cli_client_config(None).unwrap();
         cli_client_config(Some(other)).unwrap();
     }
