@@ -9,13 +9,17 @@
 //! - [`tls`]: certificates from node keys, pinning verifiers, the rustls configurations (node to
 //!   node with mutual authentication, the HTTPS receptor, command-line clients).
 //! - [`frame`]: the 4-byte big-endian length-prefixed framing over any async byte stream.
+//! - [`conn`]: [`conn::connect`] and [`conn::Listener`], giving [`conn::PeerConn`]s whose
+//!   halves send and receive frames.
 //!
 //! This crate only moves authenticated bytes. What the frames mean (signed envelopes, tree
 //! messages, shard streams) is decided in `borg-proto` and by the node actor.
 #![forbid(unsafe_code)]
 
+pub mod conn;
 pub mod frame;
 pub mod tls;
 
+pub use conn::{connect, Listener, PeerConn, PeerReader, PeerWriter, TransportError};
 pub use frame::{FrameError, MAX_FRAME};
 pub use tls::{TlsError, TlsIdentity};

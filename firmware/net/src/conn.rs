@@ -1,0 +1,759 @@
+//! Authenticated node-to-node connections: TCP + TLS 1.3 ([`crate::tls`]) + frames
+//! ([`crate::frame`]).
+//!
+//! [`connect`] dials a peer whose key we expect and fails unless the server proves it holds that
+//! key. [`Listener::accept`] yields connections from any node together with the key the client
+//! proved it holds. TLS handshakes on the listener run in their own tasks, bounded in number and
+//! time, so a slow or hostile client delays nobody else; a failed handshake is returned as an
+//! error for that connection only and the listener keeps working.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use borg_proto::identity::PublicKey;
+use rustls::pki_types::ServerName;
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
+
+use crate::frame::{write_frame, FrameError, FrameReader};
+use crate::tls::{peer_key, TlsError, TlsIdentity, ALPN_PEER};
+
+/// How long an incoming connection may take to finish its TLS handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Incoming handshakes in progress at once; further TCP connections wait in the kernel backlog.
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
+
+type PeerStream = TlsStream<TcpStream>;
+
+/// Errors from establishing connections.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("bind {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("accept: {0}")]
+    Accept(io::Error),
+    #[error("connect to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Handshake { addr: SocketAddr, source: io::Error },
+    #[error("{addr}: no authenticated connection within {after:?}")]
+    Timeout { addr: SocketAddr, after: Duration },
+    #[error("{addr}: peer did not negotiate the BorgIOS peer protocol (ALPN)")]
+    Alpn { addr: SocketAddr },
+    #[error("{addr}: {source}")]
+    PeerKey { addr: SocketAddr, source: TlsError },
+    #[error("handshake task ended abnormally: {0}")]
+    Task(String),
+}
+
+impl TransportError {
+    /// The TLS-level reason of a failed handshake, if there is one (e.g.
+    /// `InvalidCertificate(..)` for a pin mismatch seen during the handshake).
+    pub fn tls_error(&self) -> Option<&rustls::Error> {
+        match self {
+            Self::Handshake { source, .. } => source.get_ref()?.downcast_ref::<rustls::Error>(),
+            _ => None,
+        }
+    }
+}
+
+/// An authenticated connection to a peer node, carrying frames.
+#[derive(Debug)]
+pub struct PeerConn {
+    reader: PeerReader,
+    writer: PeerWriter,
+}
+
+/// Receiving half of a [`PeerConn`].
+#[derive(Debug)]
+pub struct PeerReader {
+    frames: FrameReader<ReadHalf<PeerStream>>,
+    peer: PublicKey,
+    remote: SocketAddr,
+}
+
+/// Sending half of a [`PeerConn`].
+#[derive(Debug)]
+pub struct PeerWriter {
+    stream: WriteHalf<PeerStream>,
+    peer: PublicKey,
+    remote: SocketAddr,
+}
+
+impl PeerConn {
+    fn new(stream: PeerStream, peer: PublicKey, remote: SocketAddr) -> Self {
+        let (r, w) = tokio::io::split(stream);
+        Self {
+            reader: PeerReader {
+                frames: FrameReader::new(r),
+                peer,
+                remote,
+            },
+            writer: PeerWriter {
+                stream: w,
+                peer,
+                remote,
+            },
+        }
+    }
+
+    /// The peer's authenticated key.
+    pub fn peer_key(&self) -> PublicKey {
+        self.reader.peer
+    }
+
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.reader.remote
+    }
+
+    /// Separate halves, e.g. for a reader task and a writer task.
+    pub fn into_split(self) -> (PeerReader, PeerWriter) {
+        (self.reader, self.writer)
+    }
+
+    /// See [`PeerWriter::send`].
+    pub async fn send(&mut self, frame: &[u8]) -> Result<(), FrameError> {
+        self.writer.send(frame).await
+    }
+
+    /// See [`PeerReader::recv`].
+    pub async fn recv(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
+        self.reader.recv().await
+    }
+}
+
+impl PeerReader {
+    /// The next frame; `Ok(None)` when the peer closed the connection cleanly. Cancel-safe.
+    /// After any error the connection is finished: drop both halves.
+    pub async fn recv(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
+        self.frames.read_frame().await
+    }
+
+    pub fn peer_key(&self) -> PublicKey {
+        self.peer
+    }
+
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.remote
+    }
+}
+
+impl PeerWriter {
+    /// Send one frame and flush it. Not cancel-safe (a cancelled send leaves half a frame on the
+    /// wire). A frame over [`crate::frame::MAX_FRAME`] is refused without sending anything.
+    pub async fn send(&mut self, frame: &[u8]) -> Result<(), FrameError> {
+        write_frame(&mut self.stream, frame).await
+    }
+
+    /// Close the sending direction (TLS close_notify, then TCP FIN); the peer's reader sees a
+    /// clean end of stream.
+    pub async fn shutdown(&mut self) -> Result<(), FrameError> {
+        tokio::io::AsyncWriteExt::shutdown(&mut self.stream).await?;
+        Ok(())
+    }
+
+    pub fn peer_key(&self) -> PublicKey {
+        self.peer
+    }
+
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.remote
+    }
+}
+
+/// Dial `addr` and authenticate it as `expected`; `timeout` bounds TCP connect and handshake
+/// together.
+pub async fn connect(
+    addr: SocketAddr,
+    expected: PublicKey,
+    identity: &TlsIdentity,
+    timeout: Duration,
+) -> Result<PeerConn, TransportError> {
+    let connector = TlsConnector::from(identity.client_config(expected));
+    tokio::time::timeout(timeout, connect_inner(addr, expected, connector))
+        .await
+        .map_err(|_| TransportError::Timeout {
+            addr,
+            after: timeout,
+        })?
+}
+
+async fn connect_inner(
+    addr: SocketAddr,
+    expected: PublicKey,
+    connector: TlsConnector,
+) -> Result<PeerConn, TransportError> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|source| TransportError::Connect { addr, source })?;
+    tcp.set_nodelay(true)
+        .map_err(|source| TransportError::Connect { addr, source })?;
+    // The name is not checked (the key is pinned); an IP name also means no SNI is sent.
+    let tls = connector
+        .connect(ServerName::from(addr.ip()), tcp)
+        .await
+        .map_err(|source| TransportError::Handshake { addr, source })?;
+    let (_, session) = tls.get_ref();
+    if session.alpn_protocol() != Some(ALPN_PEER) {
+        return Err(TransportError::Alpn { addr });
+    }
+    // The verifier already pinned the key; checking the outcome again costs one parse.
+    let found = peer_key(session).map_err(|source| TransportError::PeerKey { addr, source })?;
+    if found != expected {
+        return Err(TransportError::PeerKey {
+            addr,
+            source: TlsError::PinMismatch { expected, found },
+        });
+    }
+    Ok(PeerConn::new(TlsStream::Client(tls), found, addr))
+}
+
+/// Accepts authenticated connections from any node.
+pub struct Listener {
+    tcp: TcpListener,
+    acceptor: TlsAcceptor,
+    handshake_timeout: Duration,
+    handshakes: JoinSet<Result<(PeerConn, PublicKey, SocketAddr), TransportError>>,
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener")
+            .field("local_addr", &self.tcp.local_addr().ok())
+            .field("pending_handshakes", &self.handshakes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Listener {
+    pub async fn bind(addr: SocketAddr, identity: &TlsIdentity) -> Result<Self, TransportError> {
+        let tcp = TcpListener::bind(addr)
+            .await
+            .map_err(|source| TransportError::Bind { addr, source })?;
+        Ok(Self {
+            tcp,
+            acceptor: TlsAcceptor::from(identity.server_config()),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            handshakes: JoinSet::new(),
+        })
+    }
+
+    /// Change the time an incoming handshake may take (default [`DEFAULT_HANDSHAKE_TIMEOUT`]).
+    pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// The next authenticated connection, with the client's key and address. An `Err` concerns
+    /// one connection (or one failed `accept` call); keep calling. Cancel-safe. Dropping the
+    /// listener abandons the handshakes in progress.
+    pub async fn accept(&mut self) -> Result<(PeerConn, PublicKey, SocketAddr), TransportError> {
+        loop {
+            let room = self.handshakes.len() < MAX_PENDING_HANDSHAKES;
+            // Never are both branches disabled (select! would panic): the first is disabled
+            // only when no handshake is pending, and then there is room for the second.
+            tokio::select! {
+                biased;
+                Some(done) = self.handshakes.join_next() => {
+                    return done.unwrap_or_else(|e| Err(TransportError::Task(e.to_string())));
+                }
+                accepted = self.tcp.accept(), if room => {
+                    let (tcp, addr) = accepted.map_err(TransportError::Accept)?;
+                    let acceptor = self.acceptor.clone();
+                    let timeout = self.handshake_timeout;
+                    self.handshakes.spawn(server_handshake(acceptor, tcp, addr, timeout));
+                }
+            }
+        }
+    }
+}
+
+async fn server_handshake(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<(PeerConn, PublicKey, SocketAddr), TransportError> {
+    tcp.set_nodelay(true)
+        .map_err(|source| TransportError::Handshake { addr, source })?;
+    let tls = tokio::time::timeout(timeout, acceptor.accept(tcp))
+        .await
+        .map_err(|_| TransportError::Timeout {
+            addr,
+            after: timeout,
+        })?
+        .map_err(|source| TransportError::Handshake { addr, source })?;
+    let (_, session) = tls.get_ref();
+    if session.alpn_protocol() != Some(ALPN_PEER) {
+        return Err(TransportError::Alpn { addr });
+    }
+    let key = peer_key(session).map_err(|source| TransportError::PeerKey { addr, source })?;
+    Ok((PeerConn::new(TlsStream::Server(tls), key, addr), key, addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::sync::Arc;
+
+    use borg_proto::identity::SecretKey;
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, UnixTime};
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+    use crate::frame::MAX_FRAME;
+    use crate::tls::self_signed_cert;
+
+    /// Upper bound for anything a test waits for; reaching it is a failure, not a pass.
+    const LIMIT: Duration = Duration::from_secs(20);
+
+    async fn within<F: Future>(f: F) -> F::Output {
+        tokio::time::timeout(LIMIT, f)
+            .await
+            .expect("test step timed out")
+    }
+
+    struct Node {
+        key: SecretKey,
+        tls: TlsIdentity,
+    }
+
+    fn node() -> Node {
+        let key = SecretKey::generate();
+        let tls = TlsIdentity::new(&key).unwrap();
+        Node { key, tls }
+    }
+
+    async fn listen(node: &Node) -> (Listener, SocketAddr) {
+        let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), &node.tls)
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        (listener, addr)
+    }
+
+    /// Connect `client` to `server`'s listener and accept on the other side.
+    async fn pair(
+        client: &Node,
+        server: &Node,
+        listener: &mut Listener,
+        addr: SocketAddr,
+    ) -> (PeerConn, (PeerConn, PublicKey, SocketAddr)) {
+        let (c, s) = within(async {
+            tokio::join!(
+                connect(addr, server.key.public(), &client.tls, LIMIT),
+                listener.accept()
+            )
+        })
+        .await;
+        (c.unwrap(), s.unwrap())
+    }
+
+    /// Accepts any server certificate; only for clients that must get far enough to be refused.
+    #[derive(Debug)]
+    struct AcceptAnything;
+
+    impl ServerCertVerifier for AcceptAnything {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            vec![SignatureScheme::ECDSA_NISTP256_SHA256]
+        }
+    }
+
+    #[tokio::test]
+    async fn mutual_auth_and_frames_both_ways() {
+        let (a, b) = (node(), node());
+        let (mut listener, addr) = listen(&a).await;
+        let (mut client, (mut server, client_key, client_addr)) =
+            pair(&b, &a, &mut listener, addr).await;
+
+        assert_eq!(client.peer_key(), a.key.public());
+        assert_eq!(
+            client_key,
+            b.key.public(),
+            "server must see the client's key"
+        );
+        assert_eq!(server.peer_key(), b.key.public());
+        assert_eq!(client_addr.ip(), addr.ip());
+
+        within(client.send(b"ping from b")).await.unwrap();
+        assert_eq!(
+            within(server.recv()).await.unwrap().unwrap(),
+            b"ping from b"
+        );
+        within(server.send(b"pong from a")).await.unwrap();
+        assert_eq!(
+            within(client.recv()).await.unwrap().unwrap(),
+            b"pong from a"
+        );
+
+        // A clean close is a clean end of stream on the other side.
+        let (_, mut writer) = client.into_split();
+        within(writer.shutdown()).await.unwrap();
+        assert!(within(server.recv()).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn client_refuses_server_with_another_key() {
+        let (a, b, c) = (node(), node(), node());
+        let (mut listener, addr) = listen(&a).await;
+        // b expects c at a's address.
+        let (client, server) = within(async {
+            tokio::join!(
+                connect(addr, c.key.public(), &b.tls, LIMIT),
+                listener.accept()
+            )
+        })
+        .await;
+        let err = client.unwrap_err();
+        let Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) =
+            err.tls_error()
+        else {
+            panic!("expected a certificate rejection, got {err}");
+        };
+        let reason = other.0.downcast_ref::<TlsError>();
+        assert!(
+            matches!(reason, Some(TlsError::PinMismatch { expected, found })
+                if *expected == c.key.public() && *found == a.key.public()),
+            "{err}"
+        );
+        assert!(server.is_err(), "server must not yield a connection");
+    }
+
+    /// A certificate copied from `owner` paired with `holder`'s private key: what an attacker
+    /// who saw `owner`'s certificate (it is public) but lacks its key can present.
+    fn stolen_cert(owner: &Node, holder: &Node) -> Arc<rustls::sign::SingleCertAndKey> {
+        let (cert, _) = self_signed_cert(&owner.key).unwrap();
+        let (_, key) = self_signed_cert(&holder.key).unwrap();
+        let signer = rustls::crypto::ring::default_provider()
+            .key_provider
+            .load_private_key(key)
+            .unwrap();
+        Arc::new(rustls::sign::CertifiedKey::new(vec![cert], signer).into())
+    }
+
+    fn ring() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    #[tokio::test]
+    async fn server_with_a_copied_certificate_is_refused() {
+        let (a, b, mallory) = (node(), node(), node());
+        let mut config = rustls::ServerConfig::builder_with_provider(ring())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(stolen_cert(&a, &mallory));
+        config.alpn_protocols = vec![ALPN_PEER.to_vec()];
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+
+        let (client, _server) = within(async {
+            tokio::join!(connect(addr, a.key.public(), &b.tls, LIMIT), async {
+                let (s, _) = tcp.accept().await.unwrap();
+                acceptor.accept(s).await
+            })
+        })
+        .await;
+        let err = client.unwrap_err();
+        assert!(
+            matches!(
+                err.tls_error(),
+                Some(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::BadSignature
+                ))
+            ),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn client_with_a_copied_certificate_is_refused() {
+        let (a, victim, mallory) = (node(), node(), node());
+        let (mut listener, addr) = listen(&a).await;
+        let mut config = rustls::ClientConfig::builder_with_provider(ring())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnything))
+            .with_client_cert_resolver(stolen_cert(&victim, &mallory));
+        config.alpn_protocols = vec![ALPN_PEER.to_vec()];
+        let connector = TlsConnector::from(Arc::new(config));
+
+        let (_client, server) = within(async {
+            tokio::join!(
+                async {
+                    let tcp = TcpStream::connect(addr).await.unwrap();
+                    connector.connect(ServerName::from(addr.ip()), tcp).await
+                },
+                listener.accept()
+            )
+        })
+        .await;
+        let err = server.unwrap_err();
+        assert!(
+            matches!(
+                err.tls_error(),
+                Some(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::BadSignature
+                ))
+            ),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn tls12_only_client_is_refused() {
+        let (a, b) = (node(), node());
+        let (mut listener, addr) = listen(&a).await;
+        let (cert, key) = self_signed_cert(&b.key).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(ring())
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnything))
+            .with_client_auth_cert(vec![cert], key)
+            .unwrap();
+        config.alpn_protocols = vec![ALPN_PEER.to_vec()];
+        let connector = TlsConnector::from(Arc::new(config));
+
+        let (client, server) = within(async {
+            tokio::join!(
+                async {
+                    let tcp = TcpStream::connect(addr).await.unwrap();
+                    connector.connect(ServerName::from(addr.ip()), tcp).await
+                },
+                listener.accept()
+            )
+        })
+        .await;
+        assert!(client.is_err(), "TLS 1.2 handshake must fail");
+        let err = server.unwrap_err();
+        assert!(
+            matches!(
+                err.tls_error(),
+                Some(rustls::Error::PeerIncompatible(
+                    rustls::PeerIncompatible::Tls12NotOfferedOrEnabled
+                ))
+            ),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn client_without_certificate_is_refused() {
+        let a = node();
+        let (mut listener, addr) = listen(&a).await;
+        let mut config = (*crate::tls::cli_client_config(Some(a.key.public())).unwrap()).clone();
+        config.alpn_protocols = vec![ALPN_PEER.to_vec()];
+        let connector = TlsConnector::from(Arc::new(config));
+        let (_client, server) = within(async {
+            tokio::join!(
+                async {
+                    let tcp = TcpStream::connect(addr).await.unwrap();
+                    // In TLS 1.3 the client may believe it is connected before the server
+                    // has judged its (missing) certificate; only the server's view matters.
+                    connector.connect(ServerName::from(addr.ip()), tcp).await
+                },
+                listener.accept()
+            )
+        })
+        .await;
+        let err = server.unwrap_err();
+        assert!(
+            matches!(
+                err.tls_error(),
+                Some(rustls::Error::NoCertificatesPresented)
+            ),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn garbage_and_silent_clients_do_not_stop_the_listener() {
+        let (a, b) = (node(), node());
+        let (mut listener, addr) = listen(&a).await;
+
+        let mut garbage = within(TcpStream::connect(addr)).await.unwrap();
+        within(garbage.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+            .await
+            .unwrap();
+        let err = within(listener.accept()).await.unwrap_err();
+        assert!(matches!(err, TransportError::Handshake { .. }), "{err}");
+
+        // A client that connects and says nothing holds a handshake slot but blocks no one.
+        let _silent = within(TcpStream::connect(addr)).await.unwrap();
+
+        let (mut client, (mut server, key, _)) = pair(&b, &a, &mut listener, addr).await;
+        assert_eq!(key, b.key.public());
+        within(client.send(b"still works")).await.unwrap();
+        assert_eq!(
+            within(server.recv()).await.unwrap().unwrap(),
+            b"still works"
+        );
+    }
+
+    #[tokio::test]
+    async fn handshake_timeout_frees_the_slot() {
+        let a = node();
+        let (listener, addr) = listen(&a).await;
+        let mut listener = listener.with_handshake_timeout(Duration::from_millis(200));
+        let _silent = within(TcpStream::connect(addr)).await.unwrap();
+        let err = within(listener.accept()).await.unwrap_err();
+        assert!(matches!(err, TransportError::Timeout { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn connect_times_out_against_a_silent_server() {
+        let a = node();
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        let (res, _held) = within(async {
+            tokio::join!(
+                connect(addr, a.key.public(), &a.tls, Duration::from_millis(200)),
+                silent.accept()
+            )
+        })
+        .await;
+        assert!(
+            matches!(res, Err(TransportError::Timeout { .. })),
+            "{res:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn peer_connection_to_a_receptor_port_is_refused() {
+        let (a, b) = (node(), node());
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let acceptor = TlsAcceptor::from(a.tls.receptor_server_config());
+        let (client, _server) = within(async {
+            tokio::join!(connect(addr, a.key.public(), &b.tls, LIMIT), async {
+                let (s, _) = tcp.accept().await.unwrap();
+                acceptor.accept(s).await
+            })
+        })
+        .await;
+        assert!(
+            matches!(client, Err(TransportError::Alpn { .. })),
+            "{client:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn oversized_frames_are_refused_by_sender_and_receiver() {
+        let (a, b) = (node(), node());
+        let (mut listener, addr) = listen(&a).await;
+
+        // Sender side: refused before anything is written; the connection stays usable.
+        let (mut client, (mut server, _, _)) = pair(&b, &a, &mut listener, addr).await;
+        let err = within(client.send(&vec![0u8; MAX_FRAME + 1]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { .. }), "{err}");
+        within(client.send(b"next")).await.unwrap();
+        assert_eq!(within(server.recv()).await.unwrap().unwrap(), b"next");
+
+        // Receiver side: a peer announcing an oversized frame over an authenticated connection.
+        let connector = TlsConnector::from(b.tls.client_config(a.key.public()));
+        let (raw, accepted) = within(async {
+            tokio::join!(
+                async {
+                    let tcp = TcpStream::connect(addr).await.unwrap();
+                    connector.connect(ServerName::from(addr.ip()), tcp).await
+                },
+                listener.accept()
+            )
+        })
+        .await;
+        let mut raw = raw.unwrap();
+        let (mut server, _, _) = accepted.unwrap();
+        let len = u32::try_from(MAX_FRAME + 1).unwrap().to_be_bytes();
+        within(async {
+            raw.write_all(&len).await.unwrap();
+            raw.write_all(&[0u8; 1024]).await.unwrap();
+            raw.flush().await.unwrap();
+        })
+        .await;
+        let err = within(server.recv()).await.unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { .. }), "{err}");
+        assert!(matches!(
+            within(server.recv()).await,
+            Err(FrameError::Failed)
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_frames_in_order_both_ways_at_once() {
+        const N: u32 = 2000;
+        let (a, b) = (node(), node());
+        let (mut listener, addr) = listen(&a).await;
+        let (client, (server, _, _)) = pair(&b, &a, &mut listener, addr).await;
+
+        async fn pump(conn: PeerConn, tag: u8) -> Vec<Vec<u8>> {
+            let (mut reader, mut writer) = conn.into_split();
+            let send = tokio::spawn(async move {
+                for i in 0..N {
+                    // Sizes vary so frames straddle TLS records and reads.
+                    let mut frame = vec![tag; (i as usize * 37) % 3000];
+                    frame.splice(0..0, i.to_be_bytes());
+                    writer.send(&frame).await.unwrap();
+                }
+                writer.shutdown().await.unwrap();
+            });
+            let mut got = Vec::new();
+            while let Some(frame) = reader.recv().await.unwrap() {
+                got.push(frame);
+            }
+            send.await.unwrap();
+            got
+        }
+
+        let (from_a, from_b) =
+            within(async { tokio::join!(pump(client, b'b'), pump(server, b'a')) }).await;
+        for (got, tag) in [(from_a, b'a'), (from_b, b'b')] {
+            assert_eq!(got.len(), N as usize);
+            for (i, frame) in got.iter().enumerate() {
+                assert_eq!(frame[..4], (i as u32).to_be_bytes());
+                assert_eq!(frame.len(), 4 + (i * 37) % 3000);
+                assert!(frame[4..].iter().all(|&x| x == tag));
+            }
+        }
+    }
+}
