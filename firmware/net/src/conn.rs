@@ -253,8 +253,9 @@ impl Listener {
     }
 
     /// The next authenticated connection, with the client's key and address. An `Err` concerns
-    /// one connection (or one failed `accept` call); keep calling. Cancel-safe. Dropping the
-    /// listener abandons the handshakes in progress.
+    /// one connection or one failed TCP `accept` (e.g. out of file descriptors: back off briefly
+    /// before calling again); keep calling. Cancel-safe. Dropping the listener abandons the
+    /// handshakes in progress.
     pub async fn accept(&mut self) -> Result<(PeerConn, PublicKey, SocketAddr), TransportError> {
         loop {
             let room = self.handshakes.len() < MAX_PENDING_HANDSHAKES;
@@ -630,7 +631,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn handshake_timeout_frees_the_slot() {
+    async fn silent_client_times_out_without_blocking_accept() {
         let a = node();
         let (listener, addr) = listen(&a).await;
         let mut listener = listener.with_handshake_timeout(Duration::from_millis(200));
