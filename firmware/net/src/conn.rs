@@ -174,7 +174,7 @@ pub async fn connect(
     timeout: Duration,
 ) -> Result<PeerConn, TransportError> {
     let connector = TlsConnector::from(identity.client_config(expected));
-    tokio::time::timeout(timeout, connect_inner(addr, expected, connector))
+    tokio::time::timeout(timeout, connect_inner(addr, Some(expected), connector))
         .await
         .map_err(|_| TransportError::Timeout {
             addr,
@@ -192,7 +192,7 @@ pub async fn connect_unpinned(
     timeout: Duration,
 ) -> Result<PeerConn, TransportError> {
     let connector = TlsConnector::from(identity.client_config_unpinned());
-    tokio::time::timeout(timeout, connect_inner_any(addr, connector))
+    tokio::time::timeout(timeout, connect_inner(addr, None, connector))
         .await
         .map_err(|_| TransportError::Timeout {
             addr,
@@ -200,30 +200,9 @@ pub async fn connect_unpinned(
         })?
 }
 
-async fn connect_inner_any(
-    addr: SocketAddr,
-    connector: TlsConnector,
-) -> Result<PeerConn, TransportError> {
-    let tcp = TcpStream::connect(addr)
-        .await
-        .map_err(|source| TransportError::Connect { addr, source })?;
-    tcp.set_nodelay(true)
-        .map_err(|source| TransportError::Connect { addr, source })?;
-    let tls = connector
-        .connect(ServerName::from(addr.ip()), tcp)
-        .await
-        .map_err(|source| TransportError::Handshake { addr, source })?;
-    let (_, session) = tls.get_ref();
-    if session.alpn_protocol() != Some(ALPN_PEER) {
-        return Err(TransportError::Alpn { addr });
-    }
-    let found = peer_key(session).map_err(|source| TransportError::PeerKey { addr, source })?;
-    Ok(PeerConn::new(TlsStream::Client(tls), found, addr))
-}
-
 async fn connect_inner(
     addr: SocketAddr,
-    expected: PublicKey,
+    expected: Option<PublicKey>,
     connector: TlsConnector,
 ) -> Result<PeerConn, TransportError> {
     let tcp = TcpStream::connect(addr)
@@ -242,11 +221,13 @@ async fn connect_inner(
     }
     // The verifier already pinned the key; checking the outcome again costs one parse.
     let found = peer_key(session).map_err(|source| TransportError::PeerKey { addr, source })?;
-    if found != expected {
-        return Err(TransportError::PeerKey {
-            addr,
-            source: TlsError::PinMismatch { expected, found },
-        });
+    if let Some(expected) = expected {
+        if found != expected {
+            return Err(TransportError::PeerKey {
+                addr,
+                source: TlsError::PinMismatch { expected, found },
+            });
+        }
     }
     Ok(PeerConn::new(TlsStream::Client(tls), found, addr))
 }
@@ -292,11 +273,14 @@ impl Listener {
     }
 
     /// The next authenticated connection, with the client's key and address. An `Err` concerns
-    /// one connection (or one failed `accept` call); keep calling. Cancel-safe. Dropping the
-    /// listener abandons the handshakes in progress.
+    /// one connection or one failed TCP `accept` (e.g. out of file descriptors: back off briefly
+    /// before calling again); keep calling. Cancel-safe. Dropping the listener abandons the
+    /// handshakes in progress.
     pub async fn accept(&mut self) -> Result<(PeerConn, PublicKey, SocketAddr), TransportError> {
         loop {
             let room = self.handshakes.len() < MAX_PENDING_HANDSHAKES;
+            // Never are both branches disabled (select! would panic): the first is disabled
+            // only when no handshake is pending, and then there is room for the second.
             tokio::select! {
                 biased;
                 Some(done) = self.handshakes.join_next() => {
@@ -492,20 +476,101 @@ mod tests {
         assert!(server.is_err(), "server must not yield a connection");
     }
 
+    /// A certificate copied from `owner` paired with `holder`'s private key: what an attacker
+    /// who saw `owner`'s certificate (it is public) but lacks its key can present.
+    fn stolen_cert(owner: &Node, holder: &Node) -> Arc<rustls::sign::SingleCertAndKey> {
+        let (cert, _) = self_signed_cert(&owner.key).unwrap();
+        let (_, key) = self_signed_cert(&holder.key).unwrap();
+        let signer = rustls::crypto::ring::default_provider()
+            .key_provider
+            .load_private_key(key)
+            .unwrap();
+        Arc::new(rustls::sign::CertifiedKey::new(vec![cert], signer).into())
+    }
+
+    fn ring() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    #[tokio::test]
+    async fn server_with_a_copied_certificate_is_refused() {
+        let (a, b, mallory) = (node(), node(), node());
+        let mut config = rustls::ServerConfig::builder_with_provider(ring())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(stolen_cert(&a, &mallory));
+        config.alpn_protocols = vec![ALPN_PEER.to_vec()];
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+
+        let (client, _server) = within(async {
+            tokio::join!(connect(addr, a.key.public(), &b.tls, LIMIT), async {
+                let (s, _) = tcp.accept().await.unwrap();
+                acceptor.accept(s).await
+            })
+        })
+        .await;
+        let err = client.unwrap_err();
+        assert!(
+            matches!(
+                err.tls_error(),
+                Some(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::BadSignature
+                ))
+            ),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn client_with_a_copied_certificate_is_refused() {
+        let (a, victim, mallory) = (node(), node(), node());
+        let (mut listener, addr) = listen(&a).await;
+        let mut config = rustls::ClientConfig::builder_with_provider(ring())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnything))
+            .with_client_cert_resolver(stolen_cert(&victim, &mallory));
+        config.alpn_protocols = vec![ALPN_PEER.to_vec()];
+        let connector = TlsConnector::from(Arc::new(config));
+
+        let (_client, server) = within(async {
+            tokio::join!(
+                async {
+                    let tcp = TcpStream::connect(addr).await.unwrap();
+                    connector.connect(ServerName::from(addr.ip()), tcp).await
+                },
+                listener.accept()
+            )
+        })
+        .await;
+        let err = server.unwrap_err();
+        assert!(
+            matches!(
+                err.tls_error(),
+                Some(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::BadSignature
+                ))
+            ),
+            "{err}"
+        );
+    }
+
     #[tokio::test]
     async fn tls12_only_client_is_refused() {
         let (a, b) = (node(), node());
         let (mut listener, addr) = listen(&a).await;
         let (cert, key) = self_signed_cert(&b.key).unwrap();
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS12])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnything))
-        .with_client_auth_cert(vec![cert], key)
-        .unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(ring())
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnything))
+            .with_client_auth_cert(vec![cert], key)
+            .unwrap();
         config.alpn_protocols = vec![ALPN_PEER.to_vec()];
         let connector = TlsConnector::from(Arc::new(config));
 
@@ -520,9 +585,15 @@ mod tests {
         })
         .await;
         assert!(client.is_err(), "TLS 1.2 handshake must fail");
+        let err = server.unwrap_err();
         assert!(
-            matches!(server, Err(TransportError::Handshake { .. })),
-            "{server:?}"
+            matches!(
+                err.tls_error(),
+                Some(rustls::Error::PeerIncompatible(
+                    rustls::PeerIncompatible::Tls12NotOfferedOrEnabled
+                ))
+            ),
+            "{err}"
         );
     }
 
@@ -580,7 +651,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn handshake_timeout_frees_the_slot() {
+    async fn silent_client_times_out_without_blocking_accept() {
         let a = node();
         let (listener, addr) = listen(&a).await;
         let mut listener = listener.with_handshake_timeout(Duration::from_millis(200));

@@ -183,22 +183,30 @@ mod tests {
             .unwrap()
     }
 
+    /// Bound for every wait in these tests; reaching it is a failure.
+    async fn within<F: std::future::Future>(f: F) -> F::Output {
+        tokio::time::timeout(std::time::Duration::from_secs(20), f)
+            .await
+            .expect("test step timed out")
+    }
+
     #[tokio::test]
     async fn round_trip_and_clean_eof() {
-        let (mut a, b) = duplex(1 << 16);
-        write_frame(&mut a, b"hello").await.unwrap();
-        write_frame(&mut a, b"").await.unwrap();
-        write_frame(&mut a, &[7u8; 100_000]).await.unwrap();
-        drop(a);
-        let mut r = FrameReader::new(b);
-        let reader = tokio::spawn(async move {
+        let (mut a, b) = duplex(1 << 12);
+        let writer = async move {
+            write_frame(&mut a, b"hello").await.unwrap();
+            write_frame(&mut a, b"").await.unwrap();
+            write_frame(&mut a, &[7u8; 100_000]).await.unwrap();
+        };
+        let reader = async move {
+            let mut r = FrameReader::new(b);
             let mut got = Vec::new();
             while let Some(f) = r.read_frame().await.unwrap() {
                 got.push(f);
             }
             got
-        });
-        let got = reader.await.unwrap();
+        };
+        let ((), got) = within(async { tokio::join!(writer, reader) }).await;
         assert_eq!(got, vec![b"hello".to_vec(), vec![], vec![7u8; 100_000]]);
     }
 
@@ -207,7 +215,8 @@ mod tests {
         let (mut a, b) = duplex(1 << 16);
         let mut r = FrameReader::new(b);
         let payload = vec![1u8; MAX_FRAME];
-        let (w, got) = tokio::join!(write_frame(&mut a, &payload), r.read_frame());
+        let (w, got) =
+            within(async { tokio::join!(write_frame(&mut a, &payload), r.read_frame()) }).await;
         w.unwrap();
         assert_eq!(got.unwrap().unwrap().len(), MAX_FRAME);
     }
@@ -220,7 +229,7 @@ mod tests {
         // A well-formed frame after it must not be delivered: the reader does not resync.
         write_frame(&mut a, b"after").await.unwrap();
         let mut r = FrameReader::new(b);
-        let err = r.read_frame().await.unwrap_err();
+        let err = within(r.read_frame()).await.unwrap_err();
         assert!(
             matches!(err, FrameError::TooLarge { len, max } if len == MAX_FRAME + 1 && max == MAX_FRAME),
             "{err}"
@@ -238,8 +247,8 @@ mod tests {
         write_frame(&mut a, b"ok").await.unwrap();
         drop(a);
         let mut r = FrameReader::new(b);
-        assert_eq!(r.read_frame().await.unwrap().unwrap(), b"ok");
-        assert!(r.read_frame().await.unwrap().is_none());
+        assert_eq!(within(r.read_frame()).await.unwrap().unwrap(), b"ok");
+        assert!(within(r.read_frame()).await.unwrap().is_none());
     }
 
     #[tokio::test]
@@ -250,7 +259,7 @@ mod tests {
             drop(a);
             let mut r = FrameReader::new(b);
             assert!(matches!(
-                r.read_frame().await,
+                within(r.read_frame()).await,
                 Err(FrameError::UnexpectedEof)
             ));
         }
@@ -269,7 +278,7 @@ mod tests {
             () = std::future::ready(()) => {}
         }
         a.write_all(b"cde").await.unwrap();
-        assert_eq!(r.read_frame().await.unwrap().unwrap(), b"abcde");
+        assert_eq!(within(r.read_frame()).await.unwrap().unwrap(), b"abcde");
     }
 
     proptest! {

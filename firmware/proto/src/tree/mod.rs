@@ -93,6 +93,8 @@ pub enum Target {
 }
 
 /// What the I/O layer must do.
+// Actions live briefly in one Vec per input; boxing the message would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Send `msg` (signed by this node) to `to`, dialing if needed.

@@ -70,6 +70,7 @@ impl OrderSeal for SimSeal {
     }
 }
 
+#[allow(clippy::large_enum_variant)] // queued events are mostly deliveries anyway
 #[derive(Debug)]
 enum Event {
     Deliver {
