@@ -248,6 +248,13 @@ pub struct TreeNode {
     expect_move: BTreeMap<Pos, (u64, u64)>,
     /// Messages for child positions whose holder is not (yet) there.
     queues: BTreeMap<Pos, VecDeque<TreeMsg>>,
+    /// Hellos that reached us while moving, replayed once we hold the new position.
+    held_hellos: Vec<(PublicKey, Pos, Option<u64>, Peer, Vec<Placed>)>,
+    /// Root only: positions it vacated (moved or shrank away), until when stale reports of
+    /// them are ignored.
+    vacated: BTreeMap<Pos, u64>,
+    /// Child positions within the size that we have not heard of, since when.
+    unknown_since: BTreeMap<Pos, u64>,
     /// Root only: holes just ordered filled, until when to ignore repeated reports.
     filling: BTreeMap<Pos, u64>,
     /// Root child only: coordinating a root replacement.
@@ -321,6 +328,9 @@ impl TreeNode {
             expect_move: BTreeMap::new(),
             queues: BTreeMap::new(),
             filling: BTreeMap::new(),
+            unknown_since: BTreeMap::new(),
+            vacated: BTreeMap::new(),
+            held_hellos: Vec::new(),
             coordinating: None,
             seen: HashSet::new(),
             seen_order: VecDeque::new(),
@@ -415,7 +425,7 @@ impl TreeNode {
                 peer,
                 children,
             } => self.on_hello(now, from, pos, ticket, peer, children),
-            TreeMsg::Down { info } => self.on_down(now, from, info),
+            TreeMsg::Down { info } | TreeMsg::Announce { info } => self.on_down(now, from, info),
             TreeMsg::Up {
                 pos,
                 children,
@@ -529,6 +539,7 @@ impl TreeNode {
         self.expect_move.clear();
         self.queues.clear();
         self.filling.clear();
+        self.unknown_since.clear();
         self.coordinating = None;
     }
 
@@ -633,6 +644,9 @@ impl TreeNode {
             self.event(TreeEvent::Joined { pos: your_pos });
         }
         self.send_up(now);
+        for (from, pos, ticket, peer, children) in std::mem::take(&mut self.held_hellos) {
+            self.on_hello(now, from, pos, ticket, peer, children);
+        }
     }
 
     // ----- routing ------------------------------------------------------------------------
@@ -652,8 +666,14 @@ impl TreeNode {
                 && matches!(&msg, TreeMsg::Route { order: Routed::Move { from_pos, .. }, .. } if *from_pos == child);
             self.send_to_child_pos(child, dest, msg);
             if mover_leaves {
-                // Our child is moving to fill a vacancy: its position is no longer held.
+                // Our child is moving to fill a vacancy: its position is no longer held, and
+                // as the mover is always the last node, the tree now ends before it.
                 self.children.remove(&child);
+                self.vacant.remove(&child);
+                if self.size >= child {
+                    self.size = child - 1;
+                    self.size_learned_at = self.now;
+                }
             }
             return;
         }
@@ -878,8 +898,31 @@ impl TreeNode {
         let pos = self.size + 1;
         self.size = pos;
         self.stats.joins_assigned += 1;
+        self.root_announce(false);
         let parent = parent_of(pos, k).unwrap_or(1);
         self.route(now, parent, Routed::Attach { pos, peer });
+    }
+
+    /// Root only: after a size or root-children change, tell the children at once (the
+    /// lowest one always, all of them when the root-children list changed), so that whoever
+    /// coordinates a root repair knows the true last position and its siblings.
+    fn root_announce(&mut self, all: bool) {
+        if self.pos != 1 {
+            return;
+        }
+        let info = self.down_info();
+        let targets: Vec<Peer> = if all {
+            self.children.values().map(|s| s.peer.clone()).collect()
+        } else {
+            self.children
+                .values()
+                .take(1)
+                .map(|s| s.peer.clone())
+                .collect()
+        };
+        for peer in targets {
+            self.send(Target::Peer(peer), TreeMsg::Announce { info: info.clone() });
+        }
     }
 
     fn root_fill(&mut self, now: u64, hole: Pos) {
@@ -887,15 +930,21 @@ impl TreeNode {
         if hole <= 1 || hole > self.size || self.filling.contains_key(&hole) {
             return;
         }
+        let hold = now
+            + (geometry::tree_depth(self.size, self.cfg.max_children) as u64 + 3)
+                * self.cfg.heartbeat_ms;
         if hole == self.size {
+            self.vacated.insert(hole, hold);
             self.size -= 1;
-            return;
+            return self.root_announce(hole <= self.cfg.max_children + 1);
         }
         let mover = self.size;
+        self.vacated.insert(mover, hold);
         self.size -= 1;
         let ticket = self.next_rand();
         self.filling.insert(hole, now + self.cfg.fill_hold_ms());
         self.stats.repairs_ordered += 1;
+        self.root_announce(false);
         let seal = self.seal.seal(&move_seal_bytes(mover, hole, ticket, 0));
         let k = self.cfg.max_children;
         let parent = parent_of(hole, k).unwrap_or(1);
@@ -918,7 +967,9 @@ impl TreeNode {
 
     fn on_attach(&mut self, now: u64, pos: Pos, peer: Peer) {
         let k = self.cfg.max_children;
-        if parent_of(pos, k) != Some(self.pos) {
+        // (A stale second join request of ours can come back as our own child: the slot
+        // stays empty and is reported and filled like any vacancy.)
+        if parent_of(pos, k) != Some(self.pos) || peer.key == self.me.key {
             return;
         }
         if let Some(slot) = self.children.get(&pos) {
@@ -991,13 +1042,18 @@ impl TreeNode {
             self.root.as_ref().is_some_and(|r| r.key == signer)
         };
         let sealed_size = if to_pos == 1 { size } else { 0 };
-        if !entitled
-            || !self.seal.check(
-                &signer,
-                &move_seal_bytes(from_pos, to_pos, ticket, sealed_size),
-                &seal,
-            )
-        {
+        let sealed = self.seal.check(
+            &signer,
+            &move_seal_bytes(from_pos, to_pos, ticket, sealed_size),
+            &seal,
+        );
+        if !entitled || !sealed {
+            if sealed && to_pos != 1 {
+                // Properly sealed by a root we do not know yet (our root knowledge lags after
+                // a root change): stay, and tell the root we still hold our position so it
+                // does not count us gone.
+                self.route(now, 1, Routed::Taken { pos: from_pos });
+            }
             return self.reject_unauthorized("move order without the entitled seal");
         }
         if to_pos == 1 {
@@ -1045,6 +1101,10 @@ impl TreeNode {
         self.phase = Phase::Member;
         self.pos = 1;
         self.size = size.max(1);
+        // Our old position is vacated: caches up the tree may still report it for a while.
+        let hold = now
+            + (geometry::tree_depth(old, self.cfg.max_children) as u64 + 3) * self.cfg.heartbeat_ms;
+        self.vacated.insert(old, hold);
         self.root = Some(self.me.clone());
         self.size_learned_at = now;
         // The surviving root children keep their positions; they will say hello once the
@@ -1084,7 +1144,18 @@ impl TreeNode {
         if peer.key != from {
             return self.reject_invalid("hello for another key");
         }
-        if !self.is_member() || parent_of(pos, k) != Some(self.pos) {
+        if let Phase::Moving { to_pos, .. } = self.phase {
+            // An orphan adopted on our behalf can say hello before our own welcome arrives:
+            // hold it until we are in place.
+            if parent_of(pos, k) == Some(to_pos) && self.held_hellos.len() < 64 {
+                self.held_hellos.push((from, pos, ticket, peer, children));
+            }
+            return;
+        }
+        if !self.is_member() {
+            return;
+        }
+        if parent_of(pos, k) != Some(self.pos) {
             return self.send(Target::Peer(peer), TreeMsg::Evict { pos });
         }
         let existing = self.children.get(&pos).map(|s| (s.peer.key, s.down_since));
@@ -1109,6 +1180,7 @@ impl TreeNode {
             return self.send(Target::Peer(peer), TreeMsg::Evict { pos });
         }
         let is_new_holder = existing.map(|(key, _)| key != from).unwrap_or(true);
+        let root_child_changed = is_new_holder && self.pos == 1;
         let adoptees = self
             .vacant
             .get(&pos)
@@ -1142,6 +1214,9 @@ impl TreeNode {
         let info = self.down_info();
         self.send(Target::Peer(peer), TreeMsg::Down { info });
         self.flush_queue(pos);
+        if root_child_changed {
+            self.root_announce(true);
+        }
     }
 
     fn on_adopt(&mut self, now: u64, from: PublicKey, parent_pos: Pos, parent: Peer) {
@@ -1151,10 +1226,8 @@ impl TreeNode {
         }
         let from_grandparent = self.grandparent.as_ref().is_some_and(|g| g.key == from);
         let from_coordinator = parent_pos == 1
-            && self
-                .root_children
-                .iter()
-                .any(|s| s.peer.key == from && s.pos < self.pos);
+            && self.parent.as_ref().is_some_and(|p| p.failed_at.is_some())
+            && self.root_children.iter().any(|s| s.peer.key == from);
         let from_self = from == self.me.key;
         if !(from_grandparent || from_coordinator || from_self) {
             return self.reject_unauthorized("adopt not from grandparent");
@@ -1197,6 +1270,20 @@ impl TreeNode {
         let Some(parent_pos) = parent_of(pos, k) else {
             return;
         };
+        if parent_pos == 1 && parent_of(self.pos, k) == Some(1) {
+            // A fellow root child after a root failure: point it at the new root if we have
+            // one (our parent link is live again).
+            if let Some(p) = self.parent.clone() {
+                if p.failed_at.is_none() && p.peer.key != from {
+                    let msg = TreeMsg::Adopt {
+                        parent_pos: 1,
+                        parent: p.peer,
+                    };
+                    self.send(Target::Peer(peer), msg);
+                }
+            }
+            return;
+        }
         if parent_of(parent_pos, k) != Some(self.pos) {
             return;
         }
@@ -1313,6 +1400,16 @@ impl TreeNode {
                 slot.down_since = None;
                 slot.grandchildren = children;
                 slot.max_pos = max_pos;
+                // The root's size can fall behind the tree (a root that took over from a
+                // failed one, a move whose mover refused): a subtree reporting a position
+                // beyond it means that position is held. Positions this root vacated itself
+                // recently are ignored, since caches up the path may still name them.
+                if self.pos == 1 && max_pos > self.size {
+                    self.vacated.retain(|_, until| *until > now);
+                    if !self.vacated.contains_key(&max_pos) {
+                        self.size = max_pos;
+                    }
+                }
             }
             _ => {
                 let k = self.cfg.max_children;
@@ -1355,24 +1452,34 @@ impl TreeNode {
         }
         // Child positions the tree size says must be held but that we never heard of.
         let (first, last) = child_range(self.pos, k);
+        // (Noticed per position; a position unknown for a whole join timeout is vacant: its
+        // attach would have arrived by then.)
         let known_size = self.size;
-        if now.saturating_sub(self.size_learned_at) > 2 * self.cfg.join_timeout_ms() {
-            for c in first..=last.min(known_size) {
-                if !self.children.contains_key(&c)
-                    && !self.vacant.contains_key(&c)
-                    && !self.expect_move.contains_key(&c)
-                {
-                    self.vacant.insert(
-                        c,
-                        Vacancy {
-                            since: now,
-                            last_report: None,
-                            grandchildren: Vec::new(),
-                        },
-                    );
-                }
+        let wait = self.cfg.join_timeout_ms();
+        let mut unknown = BTreeMap::new();
+        for c in first..=last.min(known_size) {
+            if self.children.contains_key(&c)
+                || self.vacant.contains_key(&c)
+                || self.expect_move.contains_key(&c)
+            {
+                continue;
+            }
+            let since = self.unknown_since.get(&c).copied().unwrap_or(now);
+            if now.saturating_sub(since) >= wait {
+                self.vacant.insert(
+                    c,
+                    Vacancy {
+                        since: now,
+                        last_report: None,
+                        grandchildren: Vec::new(),
+                    },
+                );
+            } else {
+                unknown.insert(c, since);
             }
         }
+        self.unknown_since = unknown;
+        {}
         self.expect_move.retain(|_, (_, until)| *until > now);
         // Vacancies beyond the size are gone (the last node failed and the tree shrank).
         // (Only with a size heard after the vacancy opened: an older one says nothing. The
@@ -1474,6 +1581,27 @@ impl TreeNode {
             .count() as u64;
         let wait = rank * 2 * self.cfg.heartbeat_ms;
         if now.saturating_sub(failed_at) < wait {
+            // Meanwhile ask the lower root children whether a new root is in place: the
+            // coordinator's list of root children may be older than our position.
+            let last_ask = self.parent.as_ref().map(|p| p.last_orphan_ask).unwrap_or(0);
+            if now.saturating_sub(last_ask) >= self.cfg.heartbeat_ms / 2 {
+                if let Some(p) = self.parent.as_mut() {
+                    p.last_orphan_ask = now;
+                }
+                let lower: Vec<Peer> = self
+                    .root_children
+                    .iter()
+                    .filter(|s| s.pos < self.pos && s.peer.key != self.me.key)
+                    .map(|s| s.peer.clone())
+                    .collect();
+                for sib in lower {
+                    let msg = TreeMsg::Orphan {
+                        pos: self.pos,
+                        peer: self.me.clone(),
+                    };
+                    self.send(Target::Peer(sib), msg);
+                }
+            }
             return;
         }
         let size = match &self.coordinating {

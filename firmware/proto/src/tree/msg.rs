@@ -76,6 +76,10 @@ pub enum TreeMsg {
     /// Parent to child, every heartbeat.
     #[serde(rename = "tree.down")]
     Down { info: DownInfo },
+    /// Root to its children out of turn, after the size or its children changed (the same
+    /// content as a heartbeat; counted as join/repair cost, not as a heartbeat).
+    #[serde(rename = "tree.announce")]
+    Announce { info: DownInfo },
     /// Child to parent, every heartbeat.
     #[serde(rename = "tree.up")]
     Up {
@@ -210,6 +214,7 @@ impl TreeMsg {
             TreeMsg::Hello { .. } => "tree.hello",
             TreeMsg::Down { .. } => "tree.down",
             TreeMsg::Up { .. } => "tree.up",
+            TreeMsg::Announce { .. } => "tree.announce",
             TreeMsg::Adopt { .. } => "tree.adopt",
             TreeMsg::Orphan { .. } => "tree.orphan",
             TreeMsg::Evict { .. } => "tree.evict",
@@ -244,6 +249,7 @@ pub const KINDS: &[&str] = &[
     "tree.hello",
     "tree.down",
     "tree.up",
+    "tree.announce",
     "tree.adopt",
     "tree.orphan",
     "tree.evict",

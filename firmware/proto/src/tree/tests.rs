@@ -219,3 +219,28 @@ fn ten_percent_of_2000_crashing_at_once_is_repaired() {
     converge(&mut sim, 120 * HB);
     assert_eq!(sim.check_tree().unwrap().size, 1800);
 }
+
+#[test]
+fn repairs_hold_across_seeds() {
+    for seed in 2..10u64 {
+        let cfg = SimConfig {
+            seed,
+            ..SimConfig::default()
+        };
+        let mut sim = storm(40, 3, cfg);
+        settle(&mut sim, 30 * HB);
+        for pos in [30u64, 2, 1] {
+            let victim = sim.holder_of(pos).unwrap();
+            sim.crash(victim);
+            let took = settle(&mut sim, 30 * HB);
+            assert!(
+                took <= 2 * HB,
+                "seed {seed}: repair of {pos} took {took} ms"
+            );
+        }
+        for v in [5usize, 11, 17, 23] {
+            sim.crash(v);
+        }
+        converge(&mut sim, 60 * HB);
+    }
+}
