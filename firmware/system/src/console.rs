@@ -91,6 +91,13 @@ fn uptime(s: &Snapshot) -> String {
     format!("{}h{:02}m{:02}s", t / 3600, t / 60 % 60, t % 60)
 }
 
+/// This process's resident set size in KiB (VmRSS), for `status` and the benchmarks.
+pub fn rss_kib() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 fn node_line(v: &serde_json::Value) -> String {
     let g = |k: &str| match v.get(k) {
         Some(serde_json::Value::String(s)) => s.clone(),
@@ -194,9 +201,10 @@ pub fn execute(cmd: &Command, shared: &Shared, monitor: SocketAddr) -> (String, 
                 Err(e) => format!("unavailable ({e})"),
             };
             let text = format!(
-                "borg {} pid {} uptime {} host {}\nnet:   {} via {} (link {}, dhcp {})\ndata:  {} {}\nleds:  {} ({})\nnode:  {}{}",
+                "borg {} pid {} rss {} KiB uptime {} host {}\nnet:   {} via {} (link {}, dhcp {})\ndata:  {} {}\nleds:  {} ({})\nnode:  {}{}",
                 env!("CARGO_PKG_VERSION"),
                 crate::sys::getpid(),
+                rss_kib().map_or("?".into(), |k| k.to_string()),
                 uptime(&s),
                 s.hostname,
                 s.net.addr.as_deref().unwrap_or("no address"),

@@ -215,7 +215,11 @@ pub fn run(mut cfg: InitConfig) -> Result<(), InitError> {
     let mut faults = vec![];
     let mut data_note = String::from("(directory)");
     if cfg.system {
-        for e in mounts::mount_system() {
+        let mount_errors = mounts::mount_system();
+        if let Err(e) = sys::ensure_stdio(Path::new("/dev/console")) {
+            tracing::warn!(error = %e, "no console for stdio");
+        }
+        for e in mount_errors {
             tracing::warn!(error = %e, "early mount");
         }
         if let Err(e) = sys::reboot(RebootCmd::DisableCad) {

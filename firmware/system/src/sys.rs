@@ -228,8 +228,8 @@ impl SignalSet {
     /// Wait up to `timeout` for one of these (blocked) signals: `sigtimedwait(2)`.
     pub fn wait(&self, timeout: Duration) -> Option<i32> {
         let ts = libc::timespec {
-            tv_sec: timeout.as_secs() as libc::time_t,
-            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+            tv_sec: timeout.as_secs().min(i32::MAX as u64) as _,
+            tv_nsec: timeout.subsec_nanos() as _,
         };
         // SAFETY: self.0 is a valid sigset, info may be NULL, ts is a valid timespec.
         let r = unsafe { libc::sigtimedwait(&self.0, std::ptr::null_mut(), &ts) };
@@ -445,6 +445,32 @@ pub fn mknod_char(path: &Path, mode: u32, major: u32, minor: u32) -> io::Result<
     let dev = libc::makedev(major, minor);
     // SAFETY: p is a valid path string; mode/dev are plain integers.
     check(unsafe { libc::mknod(p.as_ptr(), libc::S_IFCHR | mode as libc::mode_t, dev) }).map(|_| ())
+}
+
+/// Make sure fds 0, 1 and 2 are open, pointing them at `console` when they are not (the kernel
+/// gives PID 1 no stdio when the initramfs has no /dev/console node).
+pub fn ensure_stdio(console: &Path) -> io::Result<()> {
+    let missing: Vec<i32> = (0..3)
+        // SAFETY: F_GETFD only queries the descriptor flags; it touches no memory.
+        .filter(|fd| unsafe { libc::fcntl(*fd, libc::F_GETFD) } == -1)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let c = path_cstr(console)?;
+    // SAFETY: c is a valid path string; the returned fd is owned below.
+    let fd = check(unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_NOCTTY) })?;
+    for target in missing {
+        if fd != target {
+            // SAFETY: both descriptors are valid; dup2 atomically replaces the (closed) target.
+            check(unsafe { libc::dup2(fd, target) })?;
+        }
+    }
+    if fd > 2 {
+        // SAFETY: fd was opened above and is not used after this.
+        unsafe { libc::close(fd) };
+    }
+    Ok(())
 }
 
 /// Open flags for a terminal that must not become our controlling tty.
