@@ -353,3 +353,74 @@ fn up_supervises_without_root() {
     let st = read_state(&s.state).expect("state");
     assert_eq!(cell(&st, "orphans").expect("cell")["phase"], "stopped");
 }
+
+const MONITOR_SCRIPT: &str = r#"#!/usr/bin/env python3
+# Stand-in base cell: serves the monitor contract (GET /status JSON) on $BORG_TEST_MON_PORT.
+import http.server, json, os
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"state": "root", "position": 1, "parent": None, "children": [],
+                           "root": "k", "size": 1, "depth": 0, "public_key": "k",
+                           "uptime_s": 1, "delivered_broadcasts": 0}).encode()
+        self.send_response(200 if self.path == "/status" else 404)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(os.environ["BORG_TEST_MON_PORT"])), H).serve_forever()
+"#;
+
+#[test]
+fn up_shows_node_state_on_leds_and_console() {
+    let test = "up_shows_node_state_on_leds_and_console";
+    let Some(borg) = prerequisites(test, false) else {
+        return;
+    };
+    if which("python3").is_none() {
+        skip(test, "needs python3 for the stand-in monitor");
+        return;
+    }
+    let s = setup();
+    let script = s.root.join("mon.py");
+    std::fs::write(&script, MONITOR_SCRIPT).expect("script");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    // A free port for the stand-in monitor.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut args = base_args(&s, "peerTreeNet");
+    let i = args
+        .iter()
+        .position(|a| a == "--cell-program")
+        .expect("flag")
+        + 1;
+    args[i] = script.to_string_lossy().into_owned();
+    let mut cmd = Command::new(&borg);
+    cmd.args(["up", "--console", "--cell-user", "root", "--monitor"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(args)
+        .env("BORG_TEST_MON_PORT", port.to_string());
+    let mut c = borg_tests::appliance::Console::spawn(cmd).expect("borg up");
+    let r = c.expect("node state: root", Duration::from_secs(20));
+    let leds = wait_for(Duration::from_secs(10), || {
+        std::fs::read_to_string(&s.leds)
+            .ok()
+            .filter(|t| t.starts_with("state=root"))
+    });
+    c.send("status").expect("type");
+    let st = c
+        .expect("node:  state=root", Duration::from_secs(10))
+        .and_then(|_| c.expect("\n", Duration::from_secs(10)));
+    c.send("bogus").expect("type");
+    let bad = c.expect("Type 'help'", Duration::from_secs(10));
+    c.send("poweroff").expect("type");
+    let exit = wait_exit(&mut c.child, Duration::from_secs(20));
+    r.expect("node state logged");
+    assert!(leds.is_some(), "LED simulator never showed root");
+    let st = st.expect("status");
+    assert!(st.contains("position=1 size=1 depth=0"), "{st}");
+    bad.expect("helpful message for bad input");
+    assert!(exit.expect("borg up exits after poweroff").success());
+}
