@@ -218,6 +218,17 @@ impl Console {
         }
     }
 
+    /// Type raw bytes (e.g. Ctrl-A c to reach the QEMU monitor on a -nographic console).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match &mut self.stdin {
+            Some(s) => {
+                s.write_all(bytes)?;
+                s.flush()
+            }
+            None => Err(std::io::Error::other("stdin closed")),
+        }
+    }
+
     /// Kill the process (cleanup after a failure).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

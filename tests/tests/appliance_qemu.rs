@@ -266,3 +266,40 @@ fn qemu_guest_joins_a_host_node() {
     power_off(&mut c);
     host.kill();
 }
+
+/// Pull the virtual cable (QEMU monitor `set_link`) and plug it back: the LEDs show "no link",
+/// the address is kept, and DHCP re-confirms the lease (INIT-REBOOT) when the link returns.
+#[test]
+fn qemu_link_loss_and_return() {
+    let test = "qemu_link_loss_and_return";
+    let Some(img) = enabled(test) else { return };
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut c = boot(&img, "", &data);
+    step(&mut c, "DHCP lease configured addr=10.0.2.15/24", BOOT);
+    step(&mut c, "DHCP state bound", STEP);
+    // Ctrl-A c switches the -nographic console to the QEMU monitor and back.
+    c.send_raw(b"\x01c").expect("monitor");
+    step(&mut c, "(qemu)", STEP);
+    c.send("set_link n0 off").expect("unplug");
+    c.send_raw(b"\x01c").expect("back to serial");
+    step(&mut c, "link down iface=eth0", STEP);
+    step(&mut c, "LED state state=\"no_link\"", STEP);
+    c.send("net").expect("type net");
+    let s = step(&mut c, "leases", STEP);
+    assert!(s.contains("link down"), "{s}");
+    assert!(
+        s.contains("10.0.2.15/24"),
+        "address kept while unplugged: {s}"
+    );
+    c.send_raw(b"\x01c").expect("monitor");
+    step(&mut c, "(qemu)", STEP);
+    c.send("set_link n0 on").expect("plug");
+    c.send_raw(b"\x01c").expect("back to serial");
+    step(&mut c, "link up iface=eth0", STEP);
+    step(&mut c, "DHCP state rebooting", STEP);
+    step(&mut c, "DHCP state bound", STEP);
+    c.send("net").expect("type net");
+    let s = step(&mut c, "leases", STEP);
+    assert!(s.contains("link up") && s.contains("dhcp bound"), "{s}");
+    power_off(&mut c);
+}

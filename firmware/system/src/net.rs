@@ -151,6 +151,7 @@ pub fn run(shared: Shared, hostname: String) {
     let mut sock: Option<UdpSocket> = None;
     let mut link = false;
     let mut last_granted = None;
+    let mut last_state = None;
     let mut buf = vec![0u8; 1500];
     loop {
         let now = Instant::now();
@@ -181,6 +182,13 @@ pub fn run(shared: Shared, hostname: String) {
             shared.lock().net.leases += 1;
         }
         last_granted = granted;
+        if last_state != Some(client.state()) {
+            last_state = Some(client.state());
+            tracing::info!(
+                "DHCP state {}",
+                format!("{:?}", client.state()).to_lowercase()
+            );
+        }
         publish(&shared, &client, link, now);
         // Wait for a packet until the next deadline (at most 250 ms, to watch the carrier).
         let wait = client
