@@ -114,7 +114,7 @@ impl InitConfig {
             cell_user: None,
             network: true,
             data_device: None,
-            mkfs: vec!["/bin/busybox".into(), "mke2fs".into()],
+            mkfs: default_mkfs(),
             monitor: monitor::base_monitor(),
         }
     }
@@ -141,6 +141,17 @@ impl InitConfig {
             self.network = false;
         }
     }
+}
+
+/// The mkfs command for a blank data partition: e2fsprogs' mkfs.ext4 if the image has it
+/// (buildroot images), else busybox's mke2fs (the offline QEMU image).
+pub fn default_mkfs() -> Vec<String> {
+    for p in ["/sbin/mkfs.ext4", "/usr/sbin/mkfs.ext4"] {
+        if Path::new(p).exists() {
+            return vec![p.to_string(), "-q".to_string()];
+        }
+    }
+    vec!["/bin/busybox".to_string(), "mke2fs".to_string()]
 }
 
 /// The command line of one cell: `cell NAME --data DIR/cells/NAME [--listen IP] [--join X]...`
