@@ -12,7 +12,7 @@ cargo build -p borg                       # host binary used by tests/tests/appl
 cargo test -p borg-system -p borg         # unit tests: DHCP, supervisor policy, LEDs, console
 cargo test -p borg-tests --test appliance_pid1
 if [ -z "${BORG_SKIP_QEMU:-}" ]; then
-  BORG_IMAGE_NO_SETUP=1 "$ROOT/image/build"
+  BORG_IMAGE_NO_SETUP=1 BORG_PI_IMAGE=1 "$ROOT/image/build"   # QEMU image + Pi 4 SD image
   BORG_QEMU_TESTS=1 cargo test -p borg-tests --test appliance_qemu -- --test-threads=2
 fi
 echo "appliance tests: ok"

@@ -472,7 +472,13 @@ fn publish(shared: &Shared, sup: &Supervisor, cfg: &InitConfig, last: &mut Strin
 fn prepare_data(cfg: &mut InitConfig) -> (String, Option<String>) {
     let target = PathBuf::from("/data");
     let candidates: Vec<PathBuf> = match &cfg.data_device {
-        Some(d) => vec![d.clone()],
+        // `borg.data=/dev/a,/dev/b`: the first that appears.
+        Some(d) => d
+            .to_string_lossy()
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+            .collect(),
         None => mounts::DATA_CANDIDATES.iter().map(PathBuf::from).collect(),
     };
     let fallback = |cfg: &mut InitConfig, why: String| {
