@@ -148,8 +148,15 @@ fn parse_user(spec: Option<&str>) -> anyhow::Result<Option<(u32, u32)>> {
 fn config(data: PathBuf, flags: &CellFlags) -> anyhow::Result<InitConfig> {
     let program = match &flags.cell_program {
         Some(p) => p.clone(),
-        // Before /proc is mounted (PID 1) current_exe fails; the image installs us as /init.
-        None => std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/init")),
+        // Before /proc is mounted (PID 1) current_exe fails: use argv[0] when it is an
+        // absolute path (init=/usr/bin/borg on buildroot images), else /init (initramfs).
+        None => std::env::current_exe().unwrap_or_else(|_| {
+            std::env::args()
+                .next()
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute() && p.exists())
+                .unwrap_or_else(|| PathBuf::from("/init"))
+        }),
     };
     let mut cfg = InitConfig::new(data, program);
     cfg.join = flags.join.clone();

@@ -291,7 +291,16 @@ pub fn serve(
             Err(_) => return,
         }
         let cmd = parse(&line);
-        let (text, req) = execute(&cmd, shared, monitor);
+        // A bug in one command must not take the console down with it.
+        let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            execute(&cmd, shared, monitor)
+        }));
+        let (text, req) = answer.unwrap_or_else(|_| {
+            (
+                "internal error (logged); the console is still here".to_string(),
+                Request::None,
+            )
+        });
         if !text.is_empty() {
             let _ = output.write_all(text.as_bytes());
             let _ = output.write_all(b"\n");

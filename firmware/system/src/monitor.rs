@@ -39,12 +39,15 @@ pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String, Mo
     parse_response(&raw)
 }
 
-/// Split an HTTP response into status and body (handles chunked bodies).
+/// Split an HTTP response into status and body (handles chunked bodies). Works on bytes, so
+/// no input can make it slice inside a UTF-8 character.
 pub fn parse_response(raw: &[u8]) -> Result<String, MonitorError> {
-    let text = String::from_utf8_lossy(raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
         .ok_or_else(|| MonitorError::Status("no HTTP header".into()))?;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let body = &raw[split + 4..];
     let status_line = head.lines().next().unwrap_or_default();
     let code = status_line.split_whitespace().nth(1).unwrap_or_default();
     if code != "200" {
@@ -55,20 +58,22 @@ pub fn parse_response(raw: &[u8]) -> Result<String, MonitorError> {
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
     if !chunked {
-        return Ok(body.to_string());
+        return Ok(String::from_utf8_lossy(body).into_owned());
     }
-    let mut out = String::new();
+    let mut out: Vec<u8> = Vec::new();
     let mut rest = body;
-    while let Some((size, after)) = rest.split_once("\r\n") {
+    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size = String::from_utf8_lossy(&rest[..eol]);
         let n = usize::from_str_radix(size.trim(), 16)
             .map_err(|_| MonitorError::Status("bad chunk size".into()))?;
-        if n == 0 || after.len() < n {
+        let data = &rest[eol + 2..];
+        if n == 0 || data.len() < n {
             break;
         }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
+        out.extend_from_slice(&data[..n]);
+        rest = data[n..].strip_prefix(b"\r\n").unwrap_or(&data[n..]);
     }
-    Ok(out)
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// `GET /status` as JSON.
@@ -89,6 +94,21 @@ mod tests {
         assert_eq!(parse_response(r).unwrap(), "{\"a\":1}");
         assert!(parse_response(b"HTTP/1.1 404 Not Found\r\n\r\n").is_err());
         assert!(parse_response(b"garbage").is_err());
+        // Multi-byte characters across a chunk boundary must not panic.
+        let r = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\n\u{e9}\r\n0\r\n\r\n";
+        assert!(parse_response(r.as_bytes()).is_err());
+        let r = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n\u{e9}\r\n0\r\n\r\n";
+        assert_eq!(parse_response(r.as_bytes()).unwrap(), "\u{e9}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let mut raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            raw.extend_from_slice(&bytes);
+            let _ = parse_response(&raw);
+            let _ = parse_response(&bytes);
+        }
     }
 
     #[test]
