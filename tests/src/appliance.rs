@@ -7,10 +7,10 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Print why a test is skipped (visible with `cargo test -- --nocapture`, and in CI logs).
+/// Print why a test is skipped. Written to the stderr handle directly (not `eprintln!`) so the
+/// line shows in `cargo test` output and CI logs even though libtest captures test output.
 pub fn skip(test: &str, why: &str) {
-    eprintln!("SKIP {test}: {why}");
-    println!("SKIP {test}: {why}");
+    let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
 }
 
 /// True when running as root (uid 0), read from /proc/self/status.
