@@ -3,6 +3,8 @@
 //! conditions with deadlines (never sleep-and-hope), and check a live tree's structure.
 #![allow(clippy::unwrap_used)]
 
+pub mod appliance;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};

@@ -1,6 +1,7 @@
 //! `borg`: the BorgIOS multi-call binary. It parses arguments, sets up logging and calls into
 //! the libraries; everything that matters lives in the crates under firmware/.
 
+mod appliance;
 mod bench;
 mod bench_tree;
 mod cli;
@@ -18,6 +19,10 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// PID 1 of the appliance (also what runs when the binary is started as /init).
+    Init(appliance::InitArgs),
+    /// Run the cell supervisor on this machine, without the PID-1 duties (development).
+    Up(appliance::UpArgs),
     /// Run a peerTreeNet node in the foreground (ports default to the peerTreeNet DNA).
     Node(cli::NodeArgs),
     /// Run one cell type by name, as the supervisor does (`borg cell peerTreeNet --data DIR`).
@@ -37,10 +42,24 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // Started as /init or as PID 1: be the appliance's init, whatever the arguments.
+    if let Some(args) = appliance::argv0_dispatch() {
+        return exit_code(appliance::run_init(args));
+    }
     let cli = Cli::parse();
+    // init and up install their own logging (it also feeds the console's `log` command).
+    match cli.command {
+        Command::Init(args) => return exit_code(appliance::run_init(args)),
+        Command::Up(args) => return exit_code(appliance::run_up(args)),
+        _ => {}
+    }
     let verbose_default = matches!(cli.command, Command::Node(_) | Command::Cell(_));
     init_tracing(verbose_default);
-    match run(cli) {
+    exit_code(run(cli))
+}
+
+fn exit_code(result: Result<()>) -> std::process::ExitCode {
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("borg: {e:#}");
@@ -69,5 +88,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Tree(args) => cli::tree(args),
         Command::Broadcast(args) => cli::broadcast(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Init(args) => appliance::run_init(args),
+        Command::Up(args) => appliance::run_up(args),
     }
 }

@@ -74,6 +74,7 @@ pub async fn start(opts: &CellOptions) -> Result<Arc<node::NodeHandle>, CellErro
         recp: SocketAddr::new(opts.ip, opts.recp_port),
         mon: SocketAddr::new(opts.ip, opts.mon_port),
         join: opts.join.clone(),
+        advertise: opts.ip.is_unspecified().then(primary_ip).flatten(),
         max_children: opts.max_children,
         heartbeat_ms: opts.heartbeat_ms,
     };
@@ -89,6 +90,27 @@ pub async fn start(opts: &CellOptions) -> Result<Arc<node::NodeHandle>, CellErro
         cfg.mon
     );
     Ok(handle)
+}
+
+/// The address of the interface that holds the default route, found by "connecting" a UDP
+/// socket to the default gateway (no packet is sent). Used as the advertised address when a
+/// cell listens on 0.0.0.0, as on the appliance.
+pub fn primary_ip() -> Option<IpAddr> {
+    let routes = std::fs::read_to_string("/proc/net/route").ok()?;
+    let gateway = routes.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // Destination 00000000 = default route; the gateway is little-endian hex.
+        if f.len() > 2 && f[1] == "00000000" {
+            let g = u32::from_str_radix(f[2], 16).ok()?;
+            Some(std::net::Ipv4Addr::from(g.swap_bytes()))
+        } else {
+            None
+        }
+    })?;
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    sock.connect(SocketAddr::new(IpAddr::V4(gateway), 9)).ok()?;
+    let ip = sock.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
 }
 
 /// Run a cell until SIGTERM or SIGINT.

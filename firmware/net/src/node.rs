@@ -37,6 +37,8 @@ pub struct NodeConfig {
     pub mon: SocketAddr,
     /// Contacts to join through.
     pub join: Vec<SocketAddr>,
+    /// The IP other nodes reach us at, when `listen` is a wildcard address.
+    pub advertise: Option<std::net::IpAddr>,
     pub max_children: u64,
     pub heartbeat_ms: u64,
 }
@@ -183,10 +185,15 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
     let identity = Arc::new(TlsIdentity::new(&key)?);
     let listener = Listener::bind(cfg.listen, &identity).await?;
     let (tx, rx) = mpsc::channel::<Inbound>(4096);
+    let public_ip = match cfg.advertise {
+        Some(ip) if cfg.listen.ip().is_unspecified() => ip,
+        _ => cfg.listen.ip(),
+    };
+    let my_addr = SocketAddr::new(public_ip, cfg.listen.port()).to_string();
     let me = Peer {
         key: key.public(),
-        addr: cfg.listen.to_string(),
-        mon: cfg.mon.to_string(),
+        addr: my_addr.clone(),
+        mon: SocketAddr::new(public_ip, cfg.mon.port()).to_string(),
     };
     let contacts = cfg.join.iter().map(|a| a.to_string()).collect();
     let seed = u64::from_le_bytes(key.sign(b"seed")[..8].try_into().unwrap_or([7; 8]))
@@ -204,7 +211,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
         metrics: Metrics::default(),
     }));
     let mut actor = Actor {
-        my_addr: cfg.listen.to_string(),
+        my_addr,
         cfg,
         key: key.clone(),
         identity: identity.clone(),

@@ -1,1 +1,29 @@
-//! borg-system (in progress)
+//! # borg-system: the platform layer of a BorgIOS node
+//!
+//! Everything that touches the machine lives here, and this is the only crate of the workspace
+//! allowed `unsafe` (all of it in [`sys`], each block with a `// SAFETY:` comment).
+//!
+//! - [`init`]: PID 1 (`borg init`) and `borg up`: mounts, signals, the single reaper, orderly
+//!   shutdown and `reboot(2)`; ties the pieces below together.
+//! - [`supervisor`]: one process per cell, capped exponential backoff (pure policy function),
+//!   exit statuses dispatched by pid from the one reaper.
+//! - [`mounts`]: /proc, /sys, /dev, ..., kernel modules, the persistent data partition.
+//! - [`net`] + [`dhcp`]: loopback, first Ethernet link, a sans-IO DHCPv4 client and its I/O.
+//! - [`leds`]: status LED patterns (pure mapping) and the sysfs / GPIO / simulator backends.
+//! - [`console`]: the `borg> ` diagnostics prompt on the serial console.
+//! - [`monitor`]: a tiny HTTP client for the local cell monitor (`/status`).
+//! - [`cmdline`], [`logring`], [`state`]: kernel command line, log ring, shared state.
+#![allow(unsafe_code)]
+
+pub mod cmdline;
+pub mod console;
+pub mod dhcp;
+pub mod init;
+pub mod leds;
+pub mod logring;
+pub mod monitor;
+pub mod mounts;
+pub mod net;
+pub mod state;
+pub mod supervisor;
+pub mod sys;

@@ -226,6 +226,9 @@ const MAX_LOST: usize = 16;
 const MAX_PROBE_TRIES: u32 = 40;
 const SEEN_CAPACITY: usize = 100_000;
 
+/// A hello kept while moving: sender, position, ticket, peer, its children.
+type HeldHello = (PublicKey, Pos, Option<u64>, Peer, Vec<Placed>);
+
 /// One node's view of one cell's tree.
 pub struct TreeNode {
     cfg: TreeConfig,
@@ -249,7 +252,7 @@ pub struct TreeNode {
     /// Messages for child positions whose holder is not (yet) there.
     queues: BTreeMap<Pos, VecDeque<TreeMsg>>,
     /// Hellos that reached us while moving, replayed once we hold the new position.
-    held_hellos: Vec<(PublicKey, Pos, Option<u64>, Peer, Vec<Placed>)>,
+    held_hellos: Vec<HeldHello>,
     /// Root only: positions it vacated (moved or shrank away), until when stale reports of
     /// them are ignored.
     vacated: BTreeMap<Pos, u64>,

@@ -1,0 +1,702 @@
+//! PID 1 (and `borg up`): the init loop that ties mounts, networking, the supervisor, LEDs
+//! and the console together.
+//!
+//! Boot order under PID 1 (`system = true`):
+//! 1. block the signals we handle (every thread inherits the mask), ignore SIGPIPE,
+//!    `reboot(RB_DISABLE_CAD)` so Ctrl-Alt-Del becomes SIGINT;
+//! 2. mount /proc /sys /dev /dev/pts /dev/shm /run /tmp; load the kernel modules listed in
+//!    `/lib/modules/borg/load-order`; read `borg.*` settings from `/proc/cmdline`;
+//! 3. mount the data partition (formatting it only if blank; a damaged one is reported and the
+//!    node runs on a RAM disk with the fault LED);
+//! 4. node key -> host name; start the network, LED, console and node-watch threads;
+//! 5. start the cells and loop: wait for signals, reap every child with `waitpid(-1)`, hand
+//!    statuses to the supervisor, restart cells when their backoff passes.
+//!
+//! SIGTERM/SIGPWR power off, SIGINT (Ctrl-Alt-Del) reboots: TERM cells in reverse order,
+//! grace, KILL, TERM/KILL everything else, sync, unmount (or remount read-only), `reboot(2)`.
+//! PID 1 never returns from [`run`]; outside PID 1 (`system = false`) it returns after the
+//! cells have stopped.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::leds::{self, LedDriver, NodeState};
+use crate::state::Shared;
+use crate::supervisor::{self, CellReport, CellSpec, RestartPolicy, Supervisor};
+use crate::sys::{self, signals, ExitStatus, RebootCmd, SignalSet};
+use crate::{cmdline, console, monitor, mounts, net};
+
+/// Errors that stop `borg up` (PID 1 never gives up; it logs and carries on).
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// The data directory is unusable.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Signal setup failed.
+    #[error("signal setup: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Where console I/O goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleIo {
+    /// No console prompt.
+    Off,
+    /// stdin/stdout.
+    Stdio,
+    /// A terminal device such as `/dev/console`.
+    Device(PathBuf),
+}
+
+/// Everything `run` needs. Built by the binary from its flags (and the kernel command line).
+#[derive(Debug, Clone)]
+pub struct InitConfig {
+    /// Perform PID-1 system duties: mounts, modules, networking, data partition, reboot(2).
+    pub system: bool,
+    /// Data directory (on the appliance: the data partition's mount point).
+    pub data_dir: PathBuf,
+    /// Program run for each cell (normally our own executable).
+    pub cell_program: PathBuf,
+    /// Cells to run, in start order (default: the implemented cells of the DNA table).
+    pub cells: Vec<String>,
+    /// Contacts the base cell joins.
+    pub join: Vec<String>,
+    /// Listen address for the base cell.
+    pub listen: Option<String>,
+    /// LED backend spec (`auto`, `sysfs`, `gpio`, `sim:PATH`, `none`).
+    pub leds: String,
+    /// GPIO pins for the `gpio` backend.
+    pub led_gpio: (u8, u8),
+    /// Console prompt.
+    pub console: ConsoleIo,
+    /// Per-cell shutdown grace.
+    pub grace: Duration,
+    /// Restart policy.
+    pub policy: RestartPolicy,
+    /// Write cell reports here (JSON) whenever they change.
+    pub state_file: Option<PathBuf>,
+    /// Run cells as this uid/gid when we are root (None: as ourselves).
+    pub cell_user: Option<(u32, u32)>,
+    /// Run DHCP (system mode only).
+    pub network: bool,
+    /// Data partition device (system mode; None = probe [`mounts::DATA_CANDIDATES`]).
+    pub data_device: Option<PathBuf>,
+    /// mkfs command for a blank data partition.
+    pub mkfs: Vec<String>,
+    /// Monitor address of the base cell.
+    pub monitor: SocketAddr,
+}
+
+impl InitConfig {
+    /// Defaults for a data directory.
+    pub fn new(data_dir: PathBuf, cell_program: PathBuf) -> Self {
+        InitConfig {
+            system: false,
+            data_dir,
+            cell_program,
+            cells: borg_proto::dna::CELLS
+                .iter()
+                .filter(|c| c.implemented)
+                .map(|c| c.name.to_string())
+                .collect(),
+            join: vec![],
+            listen: None,
+            leds: "auto".into(),
+            led_gpio: leds::DEFAULT_GPIO_PINS,
+            console: ConsoleIo::Off,
+            grace: Duration::from_secs(5),
+            policy: RestartPolicy::default(),
+            state_file: None,
+            cell_user: None,
+            network: true,
+            data_device: None,
+            mkfs: default_mkfs(),
+            monitor: monitor::base_monitor(),
+        }
+    }
+
+    /// Apply `borg.*` kernel command-line settings on top of the flags.
+    pub fn apply_cmdline(&mut self, c: &cmdline::Cmdline) {
+        self.join.extend(c.join.iter().cloned());
+        if let Some(l) = &c.listen {
+            self.listen = Some(l.clone());
+        }
+        if let Some(l) = &c.leds {
+            self.leds = l.clone();
+        }
+        if let Some(p) = c.led_gpio.as_deref().and_then(leds::parse_gpio_pins) {
+            self.led_gpio = p;
+        }
+        if let Some(ms) = c.grace_ms {
+            self.grace = Duration::from_millis(ms);
+        }
+        if let Some(d) = &c.data {
+            self.data_device = Some(PathBuf::from(d));
+        }
+        if c.net.as_deref() == Some("off") {
+            self.network = false;
+        }
+    }
+}
+
+/// The mkfs command for a blank data partition: e2fsprogs' mkfs.ext4 if the image has it
+/// (buildroot images), else busybox's mke2fs (the offline QEMU image).
+pub fn default_mkfs() -> Vec<String> {
+    for p in ["/sbin/mkfs.ext4", "/usr/sbin/mkfs.ext4"] {
+        if Path::new(p).exists() {
+            return vec![p.to_string(), "-q".to_string()];
+        }
+    }
+    vec!["/bin/busybox".to_string(), "mke2fs".to_string()]
+}
+
+/// The command line of one cell: `cell NAME --data DIR/cells/NAME [--listen IP] [--join X]...`
+/// (`--listen`/`--join` only for the base cell, whose contacts they are).
+pub fn cell_args(cfg: &InitConfig, name: &str) -> Vec<String> {
+    let dir = cfg.data_dir.join("cells").join(name);
+    let mut a = vec![
+        "cell".to_string(),
+        name.to_string(),
+        "--data".to_string(),
+        dir.to_string_lossy().into_owned(),
+    ];
+    if name == borg_proto::dna::PEER_TREE_NET.name {
+        if let Some(l) = &cfg.listen {
+            a.push("--listen".into());
+            a.push(l.clone());
+        }
+        for j in &cfg.join {
+            a.push("--join".into());
+            a.push(j.clone());
+        }
+    }
+    a
+}
+
+/// Host name from the node's public key: `borg-` + 8 hex digits of the key.
+pub fn hostname_for(key: &borg_proto::identity::PublicKey) -> String {
+    let b = key.as_bytes();
+    let hex: String = b
+        .iter()
+        .skip(1)
+        .take(4)
+        .map(|x| format!("{x:02x}"))
+        .collect();
+    format!("borg-{hex}")
+}
+
+/// Log panics instead of dying silently; PID 1 code paths also avoid unwrap entirely.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info.to_string();
+        tracing::error!(panic = %msg, "BUG: panic (PID 1 carries on)");
+        eprintln!("borg: panic: {msg}");
+    }));
+}
+
+fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) {
+    let n = name.to_string();
+    if let Err(e) = std::thread::Builder::new().name(n.clone()).spawn(move || {
+        // A panicking helper thread must never take PID 1 down.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+            tracing::error!(thread = %n, "thread panicked and stopped");
+        }
+    }) {
+        tracing::error!(thread = %name, error = %e, "cannot start thread");
+    }
+}
+
+/// Run init. With `system = true` this is PID 1 and never returns.
+pub fn run(mut cfg: InitConfig) -> Result<(), InitError> {
+    let pid1 = sys::getpid() == 1;
+    let signals = SignalSet::init_set();
+    signals.block().map_err(InitError::Signals)?;
+    sys::ignore_sigpipe();
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        pid = sys::getpid(),
+        system = cfg.system,
+        "borg init starting"
+    );
+
+    let mut faults = vec![];
+    let mut data_note = String::from("(directory)");
+    if cfg.system {
+        let mount_errors = mounts::mount_system();
+        if let Err(e) = sys::ensure_stdio(Path::new("/dev/console")) {
+            tracing::warn!(error = %e, "no console for stdio");
+        }
+        for e in mount_errors {
+            tracing::warn!(error = %e, "early mount");
+        }
+        if let Err(e) = sys::reboot(RebootCmd::DisableCad) {
+            tracing::warn!(error = %e, "cannot disable Ctrl-Alt-Del");
+        }
+        let (n, errs) = mounts::load_modules(Path::new("/lib/modules/borg/load-order"));
+        if n > 0 {
+            tracing::info!(modules = n, "kernel modules loaded");
+        }
+        for e in errs {
+            tracing::warn!(error = %e, "kernel module");
+        }
+        let c = cmdline::read();
+        cfg.apply_cmdline(&c);
+        let (note, fault) = prepare_data(&mut cfg);
+        data_note = note;
+        if let Some(f) = fault {
+            faults.push(f);
+        }
+    } else if let Err(e) = sys::set_child_subreaper() {
+        tracing::warn!(error = %e, "cannot become child subreaper; orphans go to the real init");
+    }
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| InitError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    })?;
+
+    // Node identity lives with the base cell (its data dir), so the cell and the host name agree.
+    let base_dir = cfg
+        .data_dir
+        .join("cells")
+        .join(borg_proto::dna::PEER_TREE_NET.name);
+    let hostname = match std::fs::create_dir_all(&base_dir)
+        .map_err(|e| e.to_string())
+        .and_then(|_| {
+            borg_proto::identity::SecretKey::load_or_create(&base_dir).map_err(|e| e.to_string())
+        }) {
+        Ok(k) => {
+            if let Some((uid, gid)) = cell_user(&cfg) {
+                let _ = std::os::unix::fs::chown(&base_dir, Some(uid), Some(gid));
+                let _ = std::os::unix::fs::chown(base_dir.join("node.key"), Some(uid), Some(gid));
+            }
+            hostname_for(&k.public())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "node key");
+            faults.push(format!("node key: {e}"));
+            "borg-unknown".to_string()
+        }
+    };
+    if cfg.system {
+        match sys::sethostname(&hostname) {
+            Ok(()) => tracing::info!(%hostname, "host name set"),
+            Err(e) => tracing::warn!(error = %e, "sethostname"),
+        }
+    }
+
+    let shared = Shared::new(
+        hostname.clone(),
+        cfg.data_dir.to_string_lossy().into_owned(),
+    );
+    {
+        let mut s = shared.lock();
+        s.data_note = data_note;
+        s.faults = faults;
+    }
+    let net_enabled = cfg.system && cfg.network;
+    if net_enabled {
+        let sh = shared.clone();
+        let hn = hostname.clone();
+        spawn_thread("net", move || net::run(sh, hn));
+    } else {
+        let mut s = shared.lock();
+        s.net.note = Some("networking managed by the host".into());
+    }
+    start_leds(&cfg, &shared, net_enabled);
+    start_node_watch(&shared, cfg.monitor);
+    start_console(&cfg, &shared);
+
+    let specs: Vec<CellSpec> = cfg
+        .cells
+        .iter()
+        .map(|name| CellSpec {
+            name: name.clone(),
+            program: cfg.cell_program.clone(),
+            args: cell_args(&cfg, name),
+            data_dir: cfg.data_dir.join("cells").join(name),
+            user: cell_user(&cfg),
+        })
+        .collect();
+    let mut sup = Supervisor::new(specs, cfg.policy);
+    let mut last_reports = String::new();
+    shared.lock().booted = true;
+    tracing::info!(cells = ?cfg.cells, "starting cells");
+
+    let request = loop {
+        let now = Instant::now();
+        let next = sup.tick(now);
+        publish(&shared, &sup, &cfg, &mut last_reports);
+        let wait = next
+            .map_or(Duration::from_millis(500), |t| {
+                t.saturating_duration_since(Instant::now())
+            })
+            .clamp(Duration::from_millis(1), Duration::from_millis(500));
+        let sig = signals.wait(wait);
+        reap_all(&mut sup);
+        match sig {
+            Some(s) if s == signals::SIGTERM || s == signals::SIGPWR => break RebootCmd::PowerOff,
+            Some(s) if s == signals::SIGINT => break RebootCmd::Restart,
+            Some(s) if s == signals::SIGCHLD || s == signals::SIGHUP => {}
+            Some(s) => tracing::debug!(signal = s, "ignored signal"),
+            None => {}
+        }
+    };
+
+    // Orderly shutdown.
+    tracing::info!(action = ?request, "shutting down");
+    shared.lock().stopping = true;
+    let mut wait_exits = |timeout: Duration| -> Vec<(i32, ExitStatus)> {
+        let mut out = drain();
+        if out.is_empty() {
+            let _ = signals.wait(timeout);
+            out = drain();
+        }
+        out
+    };
+    sup.shutdown(cfg.grace, &mut wait_exits);
+    publish(&shared, &sup, &cfg, &mut last_reports);
+    tracing::info!("all cells stopped");
+    if pid1 {
+        // Everything else (orphans, helpers) gets TERM, a short grace, then KILL.
+        let _ = sys::kill(-1, signals::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            let _ = wait_exits(Duration::from_millis(100));
+            if !has_children() {
+                break;
+            }
+        }
+        let _ = sys::kill(-1, signals::SIGKILL);
+        let _ = wait_exits(Duration::from_millis(100));
+    }
+    if cfg.system {
+        sys::sync();
+        match mounts::release_data(Path::new("/data")) {
+            Ok(()) => tracing::info!("data partition released"),
+            Err(e) => tracing::warn!(error = %e, "data partition still mounted read-write"),
+        }
+        sys::sync();
+        tracing::info!(action = ?request, "reboot(2)");
+        let _ = sys::reboot(request);
+        // reboot(2) failed: PID 1 must not exit. Stay alive and keep reaping.
+        tracing::error!("reboot(2) failed; halting in place");
+        loop {
+            let _ = signals.wait(Duration::from_secs(60));
+            let _ = drain();
+        }
+    }
+    if pid1 {
+        // PID 1 of a namespace without system duties (tests): exiting ends the namespace.
+        tracing::info!("init (no-system) exiting");
+    }
+    Ok(())
+}
+
+fn cell_user(cfg: &InitConfig) -> Option<(u32, u32)> {
+    if sys::getuid() == 0 {
+        cfg.cell_user
+    } else {
+        None
+    }
+}
+
+fn has_children() -> bool {
+    // With no children, waitpid reports ECHILD, which reap_one maps to None; we look at /proc
+    // instead to tell "none exited yet" from "none left".
+    let me = sys::getpid().to_string();
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()).any(|e| {
+                std::fs::read_to_string(e.path().join("stat"))
+                    .ok()
+                    .and_then(|s| {
+                        s.rsplit_once(") ")
+                            .map(|(_, r)| r.split(' ').nth(1) == Some(me.as_str()))
+                    })
+                    .unwrap_or(false)
+            })
+        })
+        .unwrap_or(false)
+}
+
+fn drain() -> Vec<(i32, ExitStatus)> {
+    let mut out = vec![];
+    loop {
+        match sys::reap_one() {
+            Ok(Some(x)) => out.push(x),
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "waitpid");
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Reap every exited child; supervised cells get their status, orphans are just collected.
+fn reap_all(sup: &mut Supervisor) {
+    for (pid, status) in drain() {
+        if sup.on_exit(pid, status, Instant::now()).is_none() {
+            tracing::debug!(pid, %status, "reaped orphan");
+        }
+    }
+}
+
+fn publish(shared: &Shared, sup: &Supervisor, cfg: &InitConfig, last: &mut String) {
+    let reports: Vec<CellReport> = sup.report(Instant::now());
+    // Compare without the countdown, which changes every tick.
+    let key = serde_json::to_string(
+        &reports
+            .iter()
+            .map(|r| (&r.name, r.phase, r.pid, r.starts, r.last_exit))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap_or_default();
+    shared.lock().cells = reports.clone();
+    if key != *last {
+        *last = key;
+        if let Some(p) = &cfg.state_file {
+            if let Err(e) = supervisor::write_state_file(p, &reports) {
+                tracing::warn!(error = %e, "state file");
+            }
+        }
+    }
+}
+
+/// Find and mount the data partition at /data. Returns (note, fault).
+fn prepare_data(cfg: &mut InitConfig) -> (String, Option<String>) {
+    let target = PathBuf::from("/data");
+    let candidates: Vec<PathBuf> = match &cfg.data_device {
+        // `borg.data=/dev/a,/dev/b`: the first that appears.
+        Some(d) => d
+            .to_string_lossy()
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+            .collect(),
+        None => mounts::DATA_CANDIDATES.iter().map(PathBuf::from).collect(),
+    };
+    let fallback = |cfg: &mut InitConfig, why: String| {
+        let ram = PathBuf::from("/run/borg-data");
+        let _ = std::fs::create_dir_all(&ram);
+        cfg.data_dir = ram;
+        (format!("RAM only: {why}"), Some(why))
+    };
+    let Some(dev) = mounts::wait_for_device(&candidates, Duration::from_secs(5)) else {
+        let why = format!(
+            "no data device ({})",
+            candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        tracing::error!("{why}; data kept in RAM");
+        return fallback(cfg, why);
+    };
+    match mounts::mount_data(&dev, &target, &cfg.mkfs) {
+        Ok(outcome) => {
+            cfg.data_dir = target;
+            let note = match outcome {
+                mounts::DataOutcome::Mounted(d) => format!("mounted {}", d.display()),
+                mounts::DataOutcome::Formatted(d) => {
+                    format!("formatted blank {} and mounted", d.display())
+                }
+            };
+            tracing::info!(device = %dev.display(), "data partition: {note}");
+            (note, None)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "data partition; data kept in RAM until fixed");
+            fallback(cfg, e.to_string())
+        }
+    }
+}
+
+fn start_leds(cfg: &InitConfig, shared: &Shared, net_enabled: bool) {
+    let backend = match leds::open_backend(&cfg.leds, cfg.led_gpio) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "LEDs unavailable");
+            Box::new(leds::NoLeds)
+        }
+    };
+    let mut driver = LedDriver::new(backend);
+    shared.lock().led_backend = driver.backend_name();
+    let sh = shared.clone();
+    let base = borg_proto::dna::PEER_TREE_NET.name;
+    spawn_thread("leds", move || {
+        let start = Instant::now();
+        let mut logged_err = false;
+        let mut last_state = None;
+        loop {
+            let (inputs, stopping) = {
+                let s = sh.lock();
+                let crash_loop = s.cells.iter().any(|c| c.name == base && c.failures >= 5);
+                (
+                    leds::Inputs {
+                        booted: s.booted,
+                        link: !net_enabled || s.net.link,
+                        address: !net_enabled || s.net.addr.is_some(),
+                        node: s.node,
+                        updating: s.updating,
+                        fault: !s.faults.is_empty() || crash_loop,
+                    },
+                    s.stopping,
+                )
+            };
+            let state = if stopping {
+                leds::LedState::Booting
+            } else {
+                leds::state_for(&inputs)
+            };
+            if last_state != Some(state) {
+                tracing::info!(state = state.name(), "LED state");
+                last_state = Some(state);
+            }
+            sh.lock().led = state;
+            if let Err(e) = driver.render(state, start.elapsed().as_millis() as u64) {
+                if !logged_err {
+                    tracing::warn!(error = %e, "LED write failed");
+                    logged_err = true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+}
+
+/// Poll the base cell's monitor and log node-state transitions (the console shows when the
+/// node becomes root or joins).
+fn start_node_watch(shared: &Shared, addr: SocketAddr) {
+    let sh = shared.clone();
+    spawn_thread("node-watch", move || {
+        let mut last: Option<NodeState> = None;
+        loop {
+            let st = monitor::status(addr, Duration::from_millis(800)).ok();
+            let node = st
+                .as_ref()
+                .and_then(|v| v.get("state"))
+                .and_then(|s| s.as_str())
+                .and_then(NodeState::parse);
+            if node != last {
+                if let (Some(n), Some(v)) = (node, &st) {
+                    tracing::info!(
+                        position = %v.get("position").map_or("-".into(), |x| x.to_string()),
+                        size = %v.get("size").map_or("-".into(), |x| x.to_string()),
+                        "node state: {}",
+                        format!("{n:?}").to_lowercase()
+                    );
+                } else {
+                    tracing::info!("node state: unknown (monitor not answering)");
+                }
+                last = node;
+            }
+            sh.lock().node = node;
+            std::thread::sleep(Duration::from_millis(1000));
+        }
+    });
+}
+
+fn request_shutdown(r: console::Request) {
+    let sig = match r {
+        console::Request::Reboot => signals::SIGINT,
+        console::Request::Poweroff => signals::SIGTERM,
+        console::Request::None => return,
+    };
+    if let Err(e) = sys::kill(sys::getpid(), sig) {
+        tracing::error!(error = %e, "cannot signal init");
+    }
+}
+
+fn start_console(cfg: &InitConfig, shared: &Shared) {
+    let sh = shared.clone();
+    let mon = cfg.monitor;
+    match cfg.console.clone() {
+        ConsoleIo::Off => {}
+        ConsoleIo::Stdio => spawn_thread("console", move || {
+            console::serve(
+                std::io::stdin(),
+                std::io::stdout(),
+                &sh,
+                mon,
+                &request_shutdown,
+            );
+        }),
+        ConsoleIo::Device(path) => spawn_thread("console", move || loop {
+            use std::os::unix::fs::OpenOptionsExt;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(sys::O_NOCTTY)
+                .open(&path);
+            match f.and_then(|r| r.try_clone().map(|w| (r, w))) {
+                Ok((r, w)) => console::serve(r, w, &sh, mon, &request_shutdown),
+                Err(e) => {
+                    tracing::warn!(error = %e, console = %path.display(), "console unavailable")
+                }
+            }
+            // The console closed (or could not open): try again shortly.
+            std::thread::sleep(Duration::from_secs(2));
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cell_args_follow_the_contract() {
+        let mut cfg = InitConfig::new("/data".into(), "/init".into());
+        cfg.join = vec!["10.0.2.2:13300".into()];
+        cfg.listen = Some("0.0.0.0".into());
+        assert_eq!(
+            cell_args(&cfg, "peerTreeNet"),
+            vec![
+                "cell",
+                "peerTreeNet",
+                "--data",
+                "/data/cells/peerTreeNet",
+                "--listen",
+                "0.0.0.0",
+                "--join",
+                "10.0.2.2:13300"
+            ]
+        );
+        assert_eq!(
+            cell_args(&cfg, "shardTree"),
+            vec!["cell", "shardTree", "--data", "/data/cells/shardTree"]
+        );
+        assert_eq!(cfg.cells, vec!["peerTreeNet"]);
+    }
+
+    #[test]
+    fn cmdline_overrides() {
+        let mut cfg = InitConfig::new("/data".into(), "/init".into());
+        cfg.apply_cmdline(&cmdline::parse(
+            "borg.join=1.2.3.4:5 borg.leds=none borg.led_gpio=5,6 borg.net=off borg.grace_ms=10",
+        ));
+        assert_eq!(cfg.join, vec!["1.2.3.4:5"]);
+        assert_eq!(cfg.leds, "none");
+        assert_eq!(cfg.led_gpio, (5, 6));
+        assert!(!cfg.network);
+        assert_eq!(cfg.grace, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn hostname_is_stable_and_valid() {
+        let k = borg_proto::identity::SecretKey::generate().public();
+        let h = hostname_for(&k);
+        assert_eq!(h, hostname_for(&k));
+        assert_eq!(h.len(), 13);
+        assert!(h
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+    }
+}
