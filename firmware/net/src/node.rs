@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use borg_proto::envelope::{self, Envelope, EnvelopeError, ReplayCache};
+use borg_proto::envelope::{self, Envelope, ReplayCache};
 use borg_proto::identity::{PublicKey, SecretKey};
 use borg_proto::tree::{
     geometry, Action, OrderSeal, Peer, Target, TreeConfig, TreeMsg, TreeNode, TreeStats,
@@ -173,9 +173,9 @@ struct Actor {
     metrics: Metrics,
     started: Instant,
     snapshot: watch::Sender<Arc<Snapshot>>,
-    next_link_id: u64,
     my_addr: String,
-    pending_broadcasts: HashMap<String, Envelope>,
+    /// Id and wall-clock time of the last broadcast delivered (for the benchmark).
+    last_broadcast: Option<(String, u64)>,
 }
 
 /// Start the node: bind the tree listener, spawn the actor, return handles. The receptor and
@@ -226,8 +226,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
         metrics: Metrics::default(),
         started: Instant::now(),
         snapshot: snap_tx,
-        next_link_id: 1,
-        pending_broadcasts: HashMap::new(),
+        last_broadcast: None,
     };
     tokio::spawn(accept_loop(listener, tx.clone()));
     actor.tree.start(now_ms());
@@ -354,7 +353,6 @@ impl Actor {
                 writer,
                 dialed_addr,
             } => {
-                self.next_link_id = self.next_link_id.max(id);
                 self.links.insert(key, Link { id, writer });
                 if let Some(addr) = dialed_addr {
                     self.dialing.remove(&addr);
@@ -460,6 +458,7 @@ impl Actor {
     }
 
     fn deliver(&mut self, id: String, origin: PublicKey, payload: Value) {
+        self.last_broadcast = Some((id.clone(), now_ms()));
         // The broadcast's text is vouched for by its originator's own envelope.
         let ok = payload
             .get("origin_env")
@@ -473,9 +472,6 @@ impl Actor {
         }
         let text = payload.get("text").and_then(|t| t.as_str()).unwrap_or("");
         tracing::info!(cell = %self.cfg.cell, "broadcast {id} from {}: {text}", origin.short());
-        if self.pending_broadcasts.len() > 64 {
-            self.pending_broadcasts.clear();
-        }
     }
 
     fn seal(&self, msg: &TreeMsg) -> Vec<u8> {
@@ -582,6 +578,7 @@ impl Actor {
             "heartbeat_ms": self.cfg.heartbeat_ms,
             "uptime_s": self.started.elapsed().as_secs(),
             "delivered_broadcasts": self.tree.stats.delivered_broadcasts,
+            "last_broadcast": self.last_broadcast.as_ref().map(|(id, at)| json!({"id": id, "at_ms": at})),
             "vacant": view.vacant,
             "connections": self.links.len(),
         });
@@ -708,6 +705,3 @@ pub fn render_metrics(s: &Snapshot) -> String {
     out.push_str(&format!("# HELP borg_tree_size Tree size as this node knows it.\n# TYPE borg_tree_size gauge\nborg_tree_size {size}\n"));
     out
 }
-
-#[allow(dead_code)]
-fn _unused(_: EnvelopeError) {}

@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use borg_proto::envelope::{self, Envelope, ReplayCache};
+use borg_proto::envelope::{self, ReplayCache};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -222,6 +222,3 @@ fn monitor(node: &NodeHandle, req: &Request<Incoming>) -> Resp {
         _ => error_response(404, "malformed", "try GET /status or GET /metrics"),
     }
 }
-
-#[allow(dead_code)]
-fn _envelope_type(_: Envelope) {}
