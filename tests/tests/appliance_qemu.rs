@@ -129,7 +129,17 @@ fn qemu_boots_to_a_working_node() {
         STEP,
     );
     let t_dhcp = t0.elapsed();
-    step(&mut c, "cell started cell=peerTreeNet", STEP);
+    // The supervisor may start the cell before or after the lease: look at all output.
+    let started = borg_tests::appliance::wait_for(STEP, || {
+        c.text()
+            .contains("cell started cell=peerTreeNet")
+            .then_some(())
+    });
+    assert!(
+        started.is_some(),
+        "peerTreeNet never started:\n{}",
+        c.text()
+    );
 
     let mut t_root = None;
     if node {

@@ -74,7 +74,11 @@ pub async fn start(opts: &CellOptions) -> Result<Arc<node::NodeHandle>, CellErro
         recp: SocketAddr::new(opts.ip, opts.recp_port),
         mon: SocketAddr::new(opts.ip, opts.mon_port),
         join: opts.join.clone(),
-        advertise: opts.ip.is_unspecified().then(primary_ip).flatten(),
+        advertise: if opts.ip.is_unspecified() {
+            wait_for_primary_ip(std::time::Duration::from_secs(60)).await
+        } else {
+            None
+        },
         max_children: opts.max_children,
         heartbeat_ms: opts.heartbeat_ms,
     };
@@ -84,10 +88,10 @@ pub async fn start(opts: &CellOptions) -> Result<Arc<node::NodeHandle>, CellErro
     tracing::info!(
         cell = %cfg.cell,
         key = %handle.key.public(),
-        "listening: tree {} receptor https://{} monitor http://{}",
-        cfg.listen,
-        cfg.recp,
-        cfg.mon
+        tree = %cfg.listen,
+        receptor = %format!("https://{}", cfg.recp),
+        monitor = %format!("http://{}", cfg.mon),
+        "cell started"
     );
     Ok(handle)
 }
@@ -111,6 +115,28 @@ pub fn primary_ip() -> Option<IpAddr> {
     sock.connect(SocketAddr::new(IpAddr::V4(gateway), 9)).ok()?;
     let ip = sock.local_addr().ok()?.ip();
     (!ip.is_unspecified()).then_some(ip)
+}
+
+/// Wait (polling, bounded) until the machine has an address on its default route: on the
+/// appliance the supervisor starts cells while DHCP may still be running, and a node must
+/// not advertise 0.0.0.0 to its peers. Without one in time, the node runs on loopback only.
+async fn wait_for_primary_ip(limit: std::time::Duration) -> Option<IpAddr> {
+    let start = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        if let Some(ip) = primary_ip() {
+            return Some(ip);
+        }
+        if start.elapsed() >= limit {
+            tracing::warn!("no default route after {limit:?}: advertising loopback only");
+            return Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        }
+        if !said {
+            tracing::info!("waiting for a network address (DHCP) before joining");
+            said = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
 }
 
 /// Run a cell until SIGTERM or SIGINT.

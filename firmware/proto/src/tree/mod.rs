@@ -1227,20 +1227,33 @@ impl TreeNode {
         if !self.is_member() || parent_of(self.pos, k) != Some(parent_pos) {
             return;
         }
-        let from_grandparent = self.grandparent.as_ref().is_some_and(|g| g.key == from);
-        let from_coordinator = parent_pos == 1
-            && self.parent.as_ref().is_some_and(|p| p.failed_at.is_some())
-            && self.root_children.iter().any(|s| s.peer.key == from);
-        let from_self = from == self.me.key;
-        if !(from_grandparent || from_coordinator || from_self) {
-            return self.reject_unauthorized("adopt not from grandparent");
-        }
+        // Adopting the parent we already have (or have given up on) changes nothing; a
+        // sibling that has not noticed the root failure yet may still name the dead root.
         if self
             .parent
             .as_ref()
-            .is_some_and(|p| p.peer.key == parent.key && p.failed_at.is_none())
+            .is_some_and(|p| p.peer.key == parent.key)
         {
             return;
+        }
+        let from_grandparent = self.grandparent.as_ref().is_some_and(|g| g.key == from);
+        // A root child accepts a new root from a sibling once its own link to the root is
+        // lost (the kill of a root closes every connection to it at once).
+        let root_lost = self
+            .parent
+            .as_ref()
+            .is_some_and(|p| p.failed_at.is_some() || p.down_since.is_some());
+        let sibling = self.root_children.iter().any(|s| s.peer.key == from)
+            || self.siblings.iter().any(|s| s.peer.key == from);
+        let from_coordinator = parent_pos == 1 && root_lost && sibling;
+        let from_self = from == self.me.key;
+        if !(from_grandparent || from_coordinator || from_self) {
+            let reason = if parent_pos == 1 && !root_lost {
+                "adopt for the root position while the root looks alive"
+            } else {
+                "adopt not from grandparent or a root sibling"
+            };
+            return self.reject_unauthorized(reason);
         }
         self.coordinating = None;
         self.parent = Some(ParentLink {
@@ -1277,7 +1290,7 @@ impl TreeNode {
             // A fellow root child after a root failure: point it at the new root if we have
             // one (our parent link is live again).
             if let Some(p) = self.parent.clone() {
-                if p.failed_at.is_none() && p.peer.key != from {
+                if p.failed_at.is_none() && p.down_since.is_none() && p.peer.key != from {
                     let msg = TreeMsg::Adopt {
                         parent_pos: 1,
                         parent: p.peer,

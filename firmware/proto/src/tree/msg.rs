@@ -307,6 +307,29 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// The decoder never panics on arbitrary JSON under any kind, and whatever it accepts
+        /// re-encodes to the same message.
+        #[test]
+        fn decoder_is_total_and_round_trips(
+            kind_ix in 0usize..KINDS.len() + 1,
+            body in proptest::arbitrary::any::<Vec<(String, i64)>>(),
+            pos in 0u64..1000,
+        ) {
+            let kind = KINDS.get(kind_ix).copied().unwrap_or("tree.other");
+            let mut map = serde_json::Map::new();
+            for (k, v) in body {
+                map.insert(k, Value::from(v));
+            }
+            map.insert("pos".into(), Value::from(pos));
+            let body = Value::Object(map);
+            if let Ok(msg) = TreeMsg::from_kind_body(kind, &body) {
+                let (k, b) = msg.to_kind_body();
+                proptest::prop_assert_eq!(TreeMsg::from_kind_body(&k, &b).unwrap(), msg);
+            }
+        }
+    }
+
     #[test]
     fn unknown_kind_and_fields_are_rejected() {
         assert!(matches!(
