@@ -246,10 +246,14 @@ impl Net {
     pub fn wait_tree(&self, within: Duration) -> Result<Duration, String> {
         let start = Instant::now();
         let mut last = String::new();
+        let trace = std::env::var_os("BORG_TEST_TRACE").is_some();
         let ok = wait_for(within, Duration::from_millis(25), || {
             match self.check_tree() {
                 Ok(_) => Some(()),
                 Err(e) => {
+                    if trace && e != last {
+                        eprintln!("  {:?}: {e}", start.elapsed());
+                    }
                     last = e;
                     None
                 }

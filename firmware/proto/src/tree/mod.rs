@@ -253,6 +253,8 @@ pub struct TreeNode {
     queues: BTreeMap<Pos, VecDeque<TreeMsg>>,
     /// Hellos that reached us while moving, replayed once we hold the new position.
     held_hellos: Vec<HeldHello>,
+    /// The subtree maximum last reported to the parent.
+    reported_max: Pos,
     /// Root only: positions it vacated (moved or shrank away), until when stale reports of
     /// them are ignored.
     vacated: BTreeMap<Pos, u64>,
@@ -333,6 +335,7 @@ impl TreeNode {
             filling: BTreeMap::new(),
             unknown_since: BTreeMap::new(),
             vacated: BTreeMap::new(),
+            reported_max: 0,
             held_hellos: Vec::new(),
             coordinating: None,
             seen: HashSet::new(),
@@ -429,6 +432,7 @@ impl TreeNode {
                 children,
             } => self.on_hello(now, from, pos, ticket, peer, children),
             TreeMsg::Down { info } | TreeMsg::Announce { info } => self.on_down(now, from, info),
+            TreeMsg::Max { pos, max_pos } => self.on_max(now, from, pos, max_pos),
             TreeMsg::Up {
                 pos,
                 children,
@@ -442,6 +446,52 @@ impl TreeNode {
             TreeMsg::ProbeAck { root, size, peer } => self.on_probe_ack(from, root, size, peer),
             TreeMsg::Dissolve { contact } => self.on_dissolve(now, from, contact),
             msg @ TreeMsg::Bcast { .. } => self.accept_broadcast(Some(from), msg),
+        }
+        self.report_max_if_changed();
+    }
+
+    /// The highest position held in our subtree, as far as we know.
+    fn subtree_max(&self) -> Pos {
+        self.children
+            .values()
+            .map(|c| c.max_pos)
+            .max()
+            .unwrap_or(0)
+            .max(self.pos)
+    }
+
+    /// Tell the parent at once when our subtree's highest position changed.
+    fn report_max_if_changed(&mut self) {
+        if !self.is_member() || self.pos == 1 {
+            return;
+        }
+        let max_pos = self.subtree_max();
+        if max_pos == self.reported_max {
+            return;
+        }
+        let Some(parent) = self.parent.clone() else {
+            return;
+        };
+        if parent.failed_at.is_some() {
+            return;
+        }
+        self.reported_max = max_pos;
+        let pos = self.pos;
+        self.send(Target::Peer(parent.peer), TreeMsg::Max { pos, max_pos });
+    }
+
+    fn on_max(&mut self, now: u64, from: PublicKey, pos: Pos, max_pos: Pos) {
+        if let Some(slot) = self.children.get_mut(&pos) {
+            if slot.peer.key == from {
+                slot.last_heard = now;
+                slot.max_pos = max_pos;
+                if self.pos == 1 && max_pos > self.size {
+                    self.vacated.retain(|_, until| *until > now);
+                    if !self.vacated.contains_key(&max_pos) {
+                        self.size = max_pos;
+                    }
+                }
+            }
         }
     }
 
@@ -484,6 +534,7 @@ impl TreeNode {
             Phase::Member => self.member_tick(now),
         }
         self.probe_tick(now);
+        self.report_max_if_changed();
     }
 
     // ----- joining ------------------------------------------------------------------------
@@ -507,7 +558,8 @@ impl TreeNode {
             _ => 0,
         };
         // After every contact failed twice, run alone and keep probing them for a merge.
-        if self.contacts.is_empty() || attempts as usize >= 2 * self.contacts.len().max(1) {
+        // (At least six tries: in a join storm a contact may itself still be joining.)
+        if self.contacts.is_empty() || attempts as usize >= (2 * self.contacts.len()).max(6) {
             self.become_alone_root(now);
             for c in self.contacts.clone() {
                 self.remember_lost(None, c, now);
@@ -530,6 +582,7 @@ impl TreeNode {
     }
 
     fn reset_membership(&mut self) {
+        self.reported_max = 0;
         self.pos = 0;
         self.size = 0;
         self.root = None;
@@ -1256,6 +1309,7 @@ impl TreeNode {
             return self.reject_unauthorized(reason);
         }
         self.coordinating = None;
+        self.reported_max = 0;
         self.parent = Some(ParentLink {
             peer: parent.clone(),
             pos: parent_pos,
@@ -1393,7 +1447,8 @@ impl TreeNode {
             p.down_since = None;
             p.failed_at = None;
         }
-        if self.root.as_ref().map(|r| r.key) != Some(info.root.key) || self.size != info.size {
+        let root_changed = self.root.as_ref().map(|r| r.key) != Some(info.root.key);
+        if root_changed || self.size != info.size {
             self.size_learned_at = now;
         }
         self.last_down_at = now;
@@ -1407,6 +1462,13 @@ impl TreeNode {
             info.root_children
         };
         self.coordinating = None;
+        if root_changed && !self.children.is_empty() && self.is_member() {
+            // A new root: send this period's heartbeats now rather than later, so the news
+            // reaches every level within a few hops instead of one level per period. (The
+            // regular heartbeat is pushed back, so this costs no extra messages.)
+            self.last_heartbeat = now;
+            self.send_heartbeats(now);
+        }
     }
 
     fn on_up(&mut self, now: u64, from: PublicKey, pos: Pos, children: Vec<Placed>, max_pos: Pos) {
@@ -1714,13 +1776,7 @@ impl TreeNode {
             TreeMsg::Up {
                 pos: self.pos,
                 children: self.child_list(),
-                max_pos: self
-                    .children
-                    .values()
-                    .map(|c| c.max_pos)
-                    .max()
-                    .unwrap_or(0)
-                    .max(self.pos),
+                max_pos: self.subtree_max(),
             }
         };
         self.send(Target::Peer(parent.peer), msg);

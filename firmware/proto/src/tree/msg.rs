@@ -80,6 +80,10 @@ pub enum TreeMsg {
     /// content as a heartbeat; counted as join/repair cost, not as a heartbeat).
     #[serde(rename = "tree.announce")]
     Announce { info: DownInfo },
+    /// Child to parent, out of turn: the highest position in my subtree changed (a join or
+    /// a move below). Keeps the root's view of the tree's end current within a few hops.
+    #[serde(rename = "tree.max")]
+    Max { pos: Pos, max_pos: Pos },
     /// Child to parent, every heartbeat.
     #[serde(rename = "tree.up")]
     Up {
@@ -215,6 +219,7 @@ impl TreeMsg {
             TreeMsg::Down { .. } => "tree.down",
             TreeMsg::Up { .. } => "tree.up",
             TreeMsg::Announce { .. } => "tree.announce",
+            TreeMsg::Max { .. } => "tree.max",
             TreeMsg::Adopt { .. } => "tree.adopt",
             TreeMsg::Orphan { .. } => "tree.orphan",
             TreeMsg::Evict { .. } => "tree.evict",
@@ -250,6 +255,7 @@ pub const KINDS: &[&str] = &[
     "tree.down",
     "tree.up",
     "tree.announce",
+    "tree.max",
     "tree.adopt",
     "tree.orphan",
     "tree.evict",
