@@ -485,12 +485,27 @@ impl TreeNode {
             if slot.peer.key == from {
                 slot.last_heard = now;
                 slot.max_pos = max_pos;
-                if self.pos == 1 && max_pos > self.size {
-                    self.vacated.retain(|_, until| *until > now);
-                    if !self.vacated.contains_key(&max_pos) {
-                        self.size = max_pos;
-                    }
-                }
+                self.learn_tree_end(now, max_pos);
+            }
+        }
+    }
+
+    /// Root only: the root's size can fall behind the tree (a root that took over from a
+    /// failed one, a move whose mover refused): a subtree reporting a position beyond it
+    /// means that position is held. Positions this root vacated itself recently are ignored,
+    /// since caches up the path may still name them.
+    /// Until when a vacated position may still be named by caches up a tree of `size`:
+    /// one heartbeat per level, plus margin.
+    fn vacated_hold(&self, now: u64, size: u64) -> u64 {
+        let depth = geometry::tree_depth(size, self.cfg.max_children) as u64;
+        now + (depth + 3) * self.cfg.heartbeat_ms
+    }
+
+    fn learn_tree_end(&mut self, now: u64, max_pos: Pos) {
+        if self.pos == 1 && max_pos > self.size {
+            self.vacated.retain(|_, until| *until > now);
+            if !self.vacated.contains_key(&max_pos) {
+                self.size = max_pos;
             }
         }
     }
@@ -986,9 +1001,7 @@ impl TreeNode {
         if hole <= 1 || hole > self.size || self.filling.contains_key(&hole) {
             return;
         }
-        let hold = now
-            + (geometry::tree_depth(self.size, self.cfg.max_children) as u64 + 3)
-                * self.cfg.heartbeat_ms;
+        let hold = self.vacated_hold(now, self.size);
         if hole == self.size {
             self.vacated.insert(hole, hold);
             self.size -= 1;
@@ -1158,8 +1171,7 @@ impl TreeNode {
         self.pos = 1;
         self.size = size.max(1);
         // Our old position is vacated: caches up the tree may still report it for a while.
-        let hold = now
-            + (geometry::tree_depth(old, self.cfg.max_children) as u64 + 3) * self.cfg.heartbeat_ms;
+        let hold = self.vacated_hold(now, old);
         self.vacated.insert(old, hold);
         self.root = Some(self.me.clone());
         self.size_learned_at = now;
@@ -1478,16 +1490,7 @@ impl TreeNode {
                 slot.down_since = None;
                 slot.grandchildren = children;
                 slot.max_pos = max_pos;
-                // The root's size can fall behind the tree (a root that took over from a
-                // failed one, a move whose mover refused): a subtree reporting a position
-                // beyond it means that position is held. Positions this root vacated itself
-                // recently are ignored, since caches up the path may still name them.
-                if self.pos == 1 && max_pos > self.size {
-                    self.vacated.retain(|_, until| *until > now);
-                    if !self.vacated.contains_key(&max_pos) {
-                        self.size = max_pos;
-                    }
-                }
+                self.learn_tree_end(now, max_pos);
             }
             _ => {
                 let k = self.cfg.max_children;
