@@ -1330,9 +1330,8 @@ impl TreeNode {
             failed_at: None,
             last_orphan_ask: 0,
         });
-        if parent_pos == 1 {
-            self.root = Some(parent.clone());
-        }
+        // (The root itself is learned from the new parent's answer, which then passes the
+        // news on down at once; setting it here would hide the change from that path.)
         self.send(
             Target::Peer(parent),
             TreeMsg::Hello {
