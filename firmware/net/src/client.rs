@@ -75,20 +75,33 @@ fn request(
         })
 }
 
+/// TCP connection to `addr`, as a client error on failure.
+async fn tcp_connect(addr: SocketAddr) -> Result<TcpStream, ClientError> {
+    TcpStream::connect(addr)
+        .await
+        .map_err(|e| ClientError::Connect {
+            addr,
+            reason: e.to_string(),
+        })
+}
+
+/// Run one whole exchange within [`TIMEOUT`].
+async fn within_timeout<T>(
+    addr: SocketAddr,
+    fut: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    tokio::time::timeout(TIMEOUT, fut)
+        .await
+        .map_err(|_| ClientError::Timeout { addr })?
+}
+
 /// `GET path` on a monitor; returns the body of a 200 answer.
 pub async fn monitor_get(addr: SocketAddr, path: &str) -> Result<String, ClientError> {
-    let fut = async {
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|e| ClientError::Connect {
-                addr,
-                reason: e.to_string(),
-            })?;
+    let (status, body) = within_timeout(addr, async {
+        let tcp = tcp_connect(addr).await?;
         exchange(addr, tcp, request("GET", addr, path, Vec::new())?).await
-    };
-    let (status, body) = tokio::time::timeout(TIMEOUT, fut)
-        .await
-        .map_err(|_| ClientError::Timeout { addr })??;
+    })
+    .await?;
     let body = String::from_utf8_lossy(&body).into_owned();
     if status != 200 {
         return Err(ClientError::Status { addr, status, body });
@@ -111,17 +124,12 @@ pub async fn receptor_post(
     addr: SocketAddr,
     envelope: Vec<u8>,
 ) -> Result<(u16, Vec<u8>), ClientError> {
-    let fut = async {
+    let (status, body) = within_timeout(addr, async {
         let config = cli_client_config(None).map_err(|e| ClientError::Connect {
             addr,
             reason: e.to_string(),
         })?;
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|e| ClientError::Connect {
-                addr,
-                reason: e.to_string(),
-            })?;
+        let tcp = tcp_connect(addr).await?;
         let tls = TlsConnector::from(config)
             .connect(ServerName::from(addr.ip()), tcp)
             .await
@@ -130,9 +138,7 @@ pub async fn receptor_post(
                 reason: format!("TLS: {e}"),
             })?;
         exchange(addr, tls, request("POST", addr, "/", envelope)?).await
-    };
-    let (status, body) = tokio::time::timeout(TIMEOUT, fut)
-        .await
-        .map_err(|_| ClientError::Timeout { addr })??;
+    })
+    .await?;
     Ok((status, body.to_vec()))
 }
