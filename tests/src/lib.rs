@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod appliance;
+pub mod netns;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

@@ -21,6 +21,7 @@ pub mod client;
 pub mod conn;
 pub mod frame;
 pub mod node;
+pub mod portmap;
 pub mod serve;
 pub mod tls;
 

@@ -1,0 +1,1 @@
+//! Network namespaces for NAT topology tests (work in progress).
