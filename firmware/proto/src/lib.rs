@@ -9,6 +9,7 @@
 //! - [`mnemonic`]: BIP39 phrases and SLIP-0010 NIST P-256 derivation for user identities.
 //! - [`envelope`]: the one signed message format and its one verify function.
 //! - [`tree`]: the PeerTree state machine (positions, joins, repairs, merges, broadcast).
+//! - [`reach`]: reachability: NAT roles from peers' evidence, LAN gateway choice, relayed addresses.
 //! - [`dna`]: the compiled-in cell table (names, ports, max children).
 #![forbid(unsafe_code)]
 
@@ -17,4 +18,5 @@ pub mod envelope;
 pub mod identity;
 pub mod jcs;
 pub mod mnemonic;
+pub mod reach;
 pub mod tree;

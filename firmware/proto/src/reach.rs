@@ -1,0 +1,728 @@
+//! Reachability (sans-IO): how other nodes reach this one, and the NAT role that follows.
+//!
+//! The I/O layer feeds a [`Reach`] with what it learns and asks it for a [`Decision`]:
+//! - the local network ([`LocalNet`]: our addresses with their prefixes, and the router);
+//! - evidence from probes of other nodes ([`Evidence`]): an observer saw our connection come
+//!   from `ip:port` ("seen"), or reached us at an address ("reached");
+//! - other nodes' self-reported roles ([`Reach::observer_role`]), e.g. from probe answers;
+//! - LAN beacons of nodes on the same link ([`LanPeer`]);
+//! - the state of our own port mapping on the router ([`MapState`]).
+//!
+//! Rules (DESIGN.md section 8; docs/NAT.md explains why):
+//! - Evidence counts only from observers outside our own subnets, and a conclusion needs two
+//!   *independent* observers: different keys seen from different IPs. One peer can never make
+//!   a node believe it is public or learn a wrong external address.
+//! - `public`: two independent observers reached us at one of our own addresses.
+//! - Behind NAT: two independent observers saw our connections come from the same foreign IP.
+//!   If the ports they saw for the same local source port differ, the NAT is symmetric.
+//! - On a LAN behind NAT, exactly one node tries to map a port: the lowest key among the live
+//!   LAN nodes that are not public and have not been refused by this router. It becomes
+//!   `gateway` once an outside observer reached it through the mapping. The others are
+//!   `relayed` through it. If the router maps nothing, every node on the LAN is relayed by a
+//!   public peer chosen by rendezvous hashing (spreads the load, same answer every time).
+//! - With no outside evidence after the settle time, the node is `local`: it serves its LAN's
+//!   tree and advertises its LAN address.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+
+use sha2::{Digest, Sha256};
+
+use crate::identity::PublicKey;
+
+/// The NAT role of a node (DESIGN.md section 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Not decided yet: waiting for evidence or for the LAN's mapping attempt.
+    Probing,
+    /// Directly reachable at its own address.
+    Public,
+    /// Holds the LAN's port mapping and relays for the other nodes of its LAN.
+    Gateway,
+    /// Reached through a gateway on its LAN or a public relay it keeps a connection to.
+    Relayed,
+    /// No path from outside is known; serves the tree of its LAN.
+    Local,
+}
+
+impl Role {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::Probing => "probing",
+            Role::Public => "public",
+            Role::Gateway => "gateway",
+            Role::Relayed => "relayed",
+            Role::Local => "local",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = AddrError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "probing" => Role::Probing,
+            "public" => Role::Public,
+            "gateway" => Role::Gateway,
+            "relayed" => Role::Relayed,
+            "local" => Role::Local,
+            _ => return Err(AddrError::Role(s.into())),
+        })
+    }
+}
+
+/// What the NAT in front of us does, as far as the evidence tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatKind {
+    Unknown,
+    /// Observers see our own address: no translation.
+    None,
+    /// One local port keeps one external port whoever we talk to (port-preserving or cone).
+    EndpointIndependent,
+    /// The external port depends on the destination: hole punching would not work.
+    Symmetric,
+}
+
+impl NatKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            NatKind::Unknown => "unknown",
+            NatKind::None => "none",
+            NatKind::EndpointIndependent => "endpoint_independent",
+            NatKind::Symmetric => "symmetric",
+        }
+    }
+}
+
+/// Errors parsing addresses and roles.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddrError {
+    #[error("not an ip:port address: {0:?}")]
+    Socket(String),
+    #[error("bad node key in relayed address {0:?}")]
+    Key(String),
+    #[error("unknown NAT role {0:?}")]
+    Role(String),
+}
+
+/// A node's advertised tree address: direct, or through a relay.
+///
+/// Text forms: `203.0.113.7:13300` and `203.0.113.7:13300/<node key>`; the second means
+/// "connect to the relay at that address and ask for the node with that key". TLS then runs end
+/// to end with the named node, so the relay sees only ciphertext.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PeerAddr {
+    Direct(SocketAddr),
+    Relayed {
+        relay: SocketAddr,
+        target: PublicKey,
+    },
+}
+
+impl PeerAddr {
+    /// The socket address a dialer connects to.
+    pub fn socket(&self) -> SocketAddr {
+        match self {
+            PeerAddr::Direct(a) => *a,
+            PeerAddr::Relayed { relay, .. } => *relay,
+        }
+    }
+    pub fn is_direct(&self) -> bool {
+        matches!(self, PeerAddr::Direct(_))
+    }
+}
+
+impl fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerAddr::Direct(a) => write!(f, "{a}"),
+            PeerAddr::Relayed { relay, target } => write!(f, "{relay}/{}", target.to_b64()),
+        }
+    }
+}
+
+impl FromStr for PeerAddr {
+    type Err = AddrError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (sock, key) = match s.split_once('/') {
+            Some((a, k)) => (a, Some(k)),
+            None => (s, None),
+        };
+        let sock: SocketAddr = sock.parse().map_err(|_| AddrError::Socket(s.into()))?;
+        match key {
+            None => Ok(PeerAddr::Direct(sock)),
+            Some(k) => Ok(PeerAddr::Relayed {
+                relay: sock,
+                target: PublicKey::from_b64(k).map_err(|_| AddrError::Key(s.into()))?,
+            }),
+        }
+    }
+}
+
+/// One local address and its prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalAddr {
+    pub ip: IpAddr,
+    pub prefix: u8,
+}
+
+impl LocalAddr {
+    pub fn contains(&self, other: IpAddr) -> bool {
+        match (self.ip, other) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                let bits = u32::from(self.prefix.min(32));
+                let mask = if bits == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - bits)
+                };
+                u32::from(a) & mask == u32::from(b) & mask
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                let bits = u32::from(self.prefix.min(128));
+                let mask = if bits == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - bits)
+                };
+                u128::from(a) & mask == u128::from(b) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The local network as the kernel describes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalNet {
+    pub addrs: Vec<LocalAddr>,
+    /// The default gateway (the home router), if there is one.
+    pub router: Option<IpAddr>,
+}
+
+impl LocalNet {
+    /// Whether `ip` is one of ours or on one of our links (loopback included).
+    pub fn is_on_link(&self, ip: IpAddr) -> bool {
+        ip.is_loopback() || self.addrs.iter().any(|a| a.contains(ip))
+    }
+    pub fn is_mine(&self, ip: IpAddr) -> bool {
+        self.addrs.iter().any(|a| a.ip == ip)
+    }
+}
+
+/// What an observer told us about ourselves (after its envelope was verified).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Evidence {
+    /// Our connection from local port `local_port` reached the observer from `seen`.
+    Seen { seen: SocketAddr, local_port: u16 },
+    /// The observer opened a connection to `addr` and it reached us.
+    Reached { addr: SocketAddr },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Observation {
+    observer: PublicKey,
+    /// The observer's IP as we see it (independence is judged on it).
+    from_ip: IpAddr,
+    evidence: Evidence,
+    at: u64,
+}
+
+/// A node heard on our LAN (from its signed beacon).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LanPeer {
+    pub key: PublicKey,
+    /// Its tree address on the LAN.
+    pub lan_addr: SocketAddr,
+    pub router: Option<IpAddr>,
+    pub role: Role,
+    /// For a gateway: the mapped address outsiders use.
+    pub external: Option<SocketAddr>,
+    /// It tried to map a port on `router` and was refused.
+    pub map_refused: bool,
+    pub at: u64,
+}
+
+/// Our port mapping on the router.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MapState {
+    Idle,
+    Trying { since: u64 },
+    Mapped {
+        external: SocketAddr,
+        protocol: String,
+        since: u64,
+    },
+    Refused { reason: String, at: u64 },
+}
+
+impl MapState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            MapState::Idle => "none",
+            MapState::Trying { .. } => "trying",
+            MapState::Mapped { .. } => "mapped",
+            MapState::Refused { .. } => "refused",
+        }
+    }
+}
+
+/// Timing of the rules, in ms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReachConfig {
+    /// Our tree listen port.
+    pub listen_port: u16,
+    /// Evidence older than this is forgotten.
+    pub evidence_ttl_ms: u64,
+    /// A LAN peer not heard for this long is gone.
+    pub beacon_ttl_ms: u64,
+    /// With no outside evidence after this long, the role is `local`.
+    pub settle_ms: u64,
+    /// How long a refusal by the router stands before the mapping is tried again.
+    pub refused_retry_ms: u64,
+    /// How long a fresh mapping may wait for an outside observer to reach it.
+    pub verify_ms: u64,
+}
+
+impl ReachConfig {
+    pub fn new(listen_port: u16) -> Self {
+        Self {
+            listen_port,
+            evidence_ttl_ms: 10 * 60_000,
+            beacon_ttl_ms: 3_500,
+            settle_ms: 20_000,
+            refused_retry_ms: 5 * 60_000,
+            verify_ms: 15_000,
+        }
+    }
+}
+
+/// The relay a relayed node registers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayChoice {
+    pub key: PublicKey,
+    /// Where we connect to it (its LAN address for a gateway).
+    pub dial: SocketAddr,
+    /// Where others connect to it to reach us.
+    pub public: SocketAddr,
+}
+
+/// What the node should be and do now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub role: Role,
+    pub nat: NatKind,
+    /// Our address as the outside sees it (IP from the evidence; port of the mapping if any).
+    pub external_ip: Option<IpAddr>,
+    /// The tree address to advertise.
+    pub advertise: PeerAddr,
+    pub relay: Option<RelayChoice>,
+    /// We are the LAN's mapping candidate and should hold (or try) a mapping.
+    pub want_mapping: bool,
+    /// Why, in a few words (shown on the console and in status).
+    pub reason: String,
+}
+
+/// A probe target's role as it reported it, with the address we reached it at.
+#[derive(Debug, Clone, Copy)]
+struct ObserverInfo {
+    addr: SocketAddr,
+    role: Role,
+    at: u64,
+}
+
+/// The reachability state of one node.
+#[derive(Debug)]
+pub struct Reach {
+    cfg: ReachConfig,
+    me: PublicKey,
+    net: LocalNet,
+    started: u64,
+    observations: Vec<Observation>,
+    observers: BTreeMap<PublicKey, ObserverInfo>,
+    lan: BTreeMap<PublicKey, LanPeer>,
+    map: MapState,
+}
+
+const MAX_OBSERVATIONS: usize = 256;
+const MAX_LAN_PEERS: usize = 256;
+const MAX_OBSERVERS: usize = 256;
+
+impl Reach {
+    pub fn new(cfg: ReachConfig, me: PublicKey, net: LocalNet, now: u64) -> Self {
+        Self {
+            cfg,
+            me,
+            net,
+            started: now,
+            observations: Vec::new(),
+            observers: BTreeMap::new(),
+            lan: BTreeMap::new(),
+            map: MapState::Idle,
+        }
+    }
+
+    pub fn config(&self) -> &ReachConfig {
+        &self.cfg
+    }
+    pub fn net(&self) -> &LocalNet {
+        &self.net
+    }
+    pub fn map_state(&self) -> &MapState {
+        &self.map
+    }
+
+    /// The kernel's view changed (address, link or lease): old evidence no longer applies.
+    pub fn set_net(&mut self, net: LocalNet, now: u64) {
+        if net != self.net {
+            self.net = net;
+            self.observations.clear();
+            self.observers.clear();
+            self.lan.clear();
+            self.map = MapState::Idle;
+            self.started = now;
+        }
+    }
+
+    /// Verified evidence from `observer`, whose connection came from `from_ip`. Observers on
+    /// our own links are ignored: they cannot tell what the outside sees.
+    pub fn observe(&mut self, now: u64, observer: PublicKey, from_ip: IpAddr, evidence: Evidence) {
+        if observer == self.me || self.net.is_on_link(from_ip) {
+            return;
+        }
+        self.observations
+            .retain(|o| !(o.observer == observer && same_kind(&o.evidence, &evidence)));
+        if self.observations.len() >= MAX_OBSERVATIONS {
+            self.observations.remove(0);
+        }
+        self.observations.push(Observation {
+            observer,
+            from_ip,
+            evidence,
+            at: now,
+        });
+    }
+
+    /// An outside node answered a probe we sent to `addr`, naming its role.
+    pub fn observer_role(&mut self, now: u64, key: PublicKey, addr: SocketAddr, role: Role) {
+        if key == self.me || self.net.is_on_link(addr.ip()) {
+            return;
+        }
+        if self.observers.len() >= MAX_OBSERVERS && !self.observers.contains_key(&key) {
+            return;
+        }
+        self.observers
+            .insert(key, ObserverInfo { addr, role, at: now });
+    }
+
+    /// A verified beacon from a node on our LAN.
+    pub fn lan_peer(&mut self, peer: LanPeer) {
+        if peer.key == self.me {
+            return;
+        }
+        if self.lan.len() >= MAX_LAN_PEERS && !self.lan.contains_key(&peer.key) {
+            return;
+        }
+        self.lan.insert(peer.key, peer);
+    }
+
+    pub fn set_map(&mut self, map: MapState) {
+        self.map = map;
+    }
+
+    /// Live LAN peers (heard within the beacon TTL), for dialing them directly.
+    pub fn lan_peers(&self, now: u64) -> impl Iterator<Item = &LanPeer> {
+        let ttl = self.cfg.beacon_ttl_ms;
+        self.lan
+            .values()
+            .filter(move |p| now.saturating_sub(p.at) <= ttl)
+    }
+
+    /// Forget what has expired.
+    pub fn expire(&mut self, now: u64) {
+        let ttl = self.cfg.evidence_ttl_ms;
+        self.observations
+            .retain(|o| now.saturating_sub(o.at) <= ttl);
+        self.observers.retain(|_, o| now.saturating_sub(o.at) <= ttl);
+        let lan_ttl = self.cfg.beacon_ttl_ms * 20;
+        self.lan.retain(|_, p| now.saturating_sub(p.at) <= lan_ttl);
+        if let MapState::Refused { at, .. } = self.map {
+            if now.saturating_sub(at) > self.cfg.refused_retry_ms {
+                self.map = MapState::Idle;
+            }
+        }
+    }
+
+    /// Whether an outside observer reached us through our mapping (proves the mapping works).
+    pub fn mapping_verified(&self) -> bool {
+        match &self.map {
+            MapState::Mapped { external, .. } => self.observations.iter().any(|o| {
+                matches!(o.evidence, Evidence::Reached { addr } if addr == *external)
+            }),
+            _ => false,
+        }
+    }
+
+    /// Whether a fresh mapping has waited too long for an outside observer.
+    pub fn mapping_unverified_too_long(&self, now: u64) -> bool {
+        match &self.map {
+            MapState::Mapped { since, .. } => {
+                !self.mapping_verified() && now.saturating_sub(*since) > self.cfg.verify_ms
+            }
+            _ => false,
+        }
+    }
+
+    /// Distinct observers (by key and by IP) behind a set of observations.
+    fn independent<'a>(obs: impl Iterator<Item = &'a Observation>) -> usize {
+        let mut keys = Vec::new();
+        let mut ips = Vec::new();
+        let mut n = 0;
+        for o in obs {
+            if !keys.contains(&o.observer) && !ips.contains(&o.from_ip) {
+                keys.push(o.observer);
+                ips.push(o.from_ip);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Our own address that two independent observers reached, if any.
+    fn reached_directly(&self) -> Option<SocketAddr> {
+        let mut candidates: Vec<SocketAddr> = self
+            .observations
+            .iter()
+            .filter_map(|o| match o.evidence {
+                Evidence::Reached { addr }
+                    if self.net.is_mine(addr.ip()) && addr.port() == self.cfg.listen_port =>
+                {
+                    Some(addr)
+                }
+                _ => None,
+            })
+            .collect();
+        candidates.sort();
+        candidates.dedup();
+        candidates.into_iter().find(|addr| {
+            let obs = self.observations.iter().filter(
+                |o| matches!(o.evidence, Evidence::Reached { addr: a } if a == *addr),
+            );
+            Self::independent(obs) >= 2
+        })
+    }
+
+    /// The external IP two independent observers agree on, and what the NAT does.
+    fn external(&self) -> Option<(IpAddr, NatKind)> {
+        let mut ips: Vec<IpAddr> = self
+            .observations
+            .iter()
+            .filter_map(|o| match o.evidence {
+                Evidence::Seen { seen, .. } => Some(seen.ip()),
+                _ => None,
+            })
+            .collect();
+        ips.sort();
+        ips.dedup();
+        // Prefer the IP seen most recently (a network change moves it).
+        let mut agreed: Vec<(u64, IpAddr)> = ips
+            .into_iter()
+            .filter_map(|ip| {
+                let obs: Vec<&Observation> = self
+                    .observations
+                    .iter()
+                    .filter(|o| matches!(o.evidence, Evidence::Seen { seen, .. } if seen.ip() == ip))
+                    .collect();
+                let newest = obs.iter().map(|o| o.at).max().unwrap_or(0);
+                (Self::independent(obs.into_iter()) >= 2).then_some((newest, ip))
+            })
+            .collect();
+        agreed.sort();
+        let (_, ip) = agreed.pop()?;
+        if self.net.is_mine(ip) {
+            return Some((ip, NatKind::None));
+        }
+        // Same local port, different external ports across observers: symmetric.
+        let mut by_local: BTreeMap<u16, Vec<u16>> = BTreeMap::new();
+        for o in &self.observations {
+            if let Evidence::Seen { seen, local_port } = o.evidence {
+                if seen.ip() == ip {
+                    by_local.entry(local_port).or_default().push(seen.port());
+                }
+            }
+        }
+        let comparable: Vec<&Vec<u16>> = by_local.values().filter(|v| v.len() >= 2).collect();
+        let kind = if comparable.is_empty() {
+            NatKind::Unknown
+        } else if comparable.iter().any(|v| v.iter().any(|p| *p != v[0])) {
+            NatKind::Symmetric
+        } else {
+            NatKind::EndpointIndependent
+        };
+        Some((ip, kind))
+    }
+
+    fn my_lan_addr(&self) -> Option<SocketAddr> {
+        // The address on the router's link, else the first non-loopback one.
+        let on_router = self.net.router.and_then(|r| {
+            self.net
+                .addrs
+                .iter()
+                .find(|a| a.contains(r) && !a.ip.is_loopback())
+        });
+        let a = on_router.or_else(|| self.net.addrs.iter().find(|a| !a.ip.is_loopback()))?;
+        Some(SocketAddr::new(a.ip, self.cfg.listen_port))
+    }
+
+    /// The rules, applied to what we know at `now`. `fallback` is the address to advertise
+    /// when nothing better is known (the configured listen or advertise address).
+    pub fn decide(&self, now: u64, fallback: SocketAddr) -> Decision {
+        let direct = PeerAddr::Direct(self.my_lan_addr().unwrap_or(fallback));
+        let mut d = Decision {
+            role: Role::Probing,
+            nat: NatKind::Unknown,
+            external_ip: None,
+            advertise: direct,
+            relay: None,
+            want_mapping: false,
+            reason: String::new(),
+        };
+        if let Some(addr) = self.reached_directly() {
+            d.role = Role::Public;
+            d.nat = NatKind::None;
+            d.external_ip = Some(addr.ip());
+            d.advertise = PeerAddr::Direct(addr);
+            d.reason = "two independent peers reached this node at its own address".into();
+            return d;
+        }
+        let settled = now.saturating_sub(self.started) >= self.cfg.settle_ms;
+        let Some((ext_ip, nat)) = self.external() else {
+            if settled {
+                d.role = Role::Local;
+                d.reason = "no peer outside this LAN has reported on this node".into();
+            } else {
+                d.reason = "waiting for two independent peers outside this LAN".into();
+            }
+            return d;
+        };
+        d.external_ip = Some(ext_ip);
+        d.nat = nat;
+        let ttl = self.cfg.beacon_ttl_ms;
+        let live: Vec<&LanPeer> = self
+            .lan
+            .values()
+            .filter(|p| now.saturating_sub(p.at) <= ttl)
+            .filter(|p| p.router == self.net.router)
+            .collect();
+        let router_refused = matches!(self.map, MapState::Refused { .. })
+            || live.iter().any(|p| p.map_refused);
+
+        // Our own mapping, once an outsider came through it.
+        if let MapState::Mapped { external, .. } = &self.map {
+            if self.mapping_verified() {
+                d.role = Role::Gateway;
+                d.advertise = PeerAddr::Direct(*external);
+                d.want_mapping = true;
+                d.reason = "holds the LAN's port mapping; relays for the LAN".into();
+                return d;
+            }
+        }
+        // A live gateway on our LAN (lowest key if there are several).
+        if let Some(gw) = live
+            .iter()
+            .filter(|p| p.role == Role::Gateway)
+            .find_map(|p| p.external.map(|ext| (p, ext)))
+        {
+            let (gw, ext) = gw;
+            d.role = Role::Relayed;
+            d.relay = Some(RelayChoice {
+                key: gw.key,
+                dial: gw.lan_addr,
+                public: ext,
+            });
+            d.advertise = PeerAddr::Relayed {
+                relay: ext,
+                target: self.me,
+            };
+            d.reason = "relayed by the gateway of this LAN".into();
+            return d;
+        }
+        if !router_refused && nat != NatKind::None {
+            // The mapping candidate: lowest key among live, non-public LAN nodes.
+            let candidate = live
+                .iter()
+                .filter(|p| p.role != Role::Public && !p.map_refused)
+                .map(|p| p.key)
+                .chain(std::iter::once(self.me))
+                .min();
+            if candidate == Some(self.me) {
+                d.want_mapping = true;
+                d.reason = "mapping a port on the router for this LAN".into();
+                return d;
+            }
+            // The candidate is alive and has not given up: wait for it.
+            d.reason = "waiting for the LAN's gateway".into();
+            return d;
+        }
+        // No mapping on this LAN: a public peer relays us.
+        let mut publics: Vec<(PublicKey, SocketAddr)> = self
+            .observers
+            .iter()
+            .filter(|(_, o)| o.role == Role::Public)
+            .map(|(k, o)| (*k, o.addr))
+            .collect();
+        publics.sort_by_key(|(k, _)| rendezvous(&self.me, k));
+        if let Some((key, addr)) = publics.first() {
+            d.role = Role::Relayed;
+            d.relay = Some(RelayChoice {
+                key: *key,
+                dial: *addr,
+                public: *addr,
+            });
+            d.advertise = PeerAddr::Relayed {
+                relay: *addr,
+                target: self.me,
+            };
+            d.reason = if router_refused {
+                "the router maps no port; relayed by a public peer".into()
+            } else {
+                "no inbound path; relayed by a public peer".into()
+            };
+            return d;
+        }
+        if settled {
+            d.role = Role::Local;
+            d.reason = "behind NAT with no mapping and no public peer: LAN only".into();
+        } else {
+            d.reason = "behind NAT; looking for a public peer to relay through".into();
+        }
+        d
+    }
+}
+
+fn same_kind(a: &Evidence, b: &Evidence) -> bool {
+    matches!(
+        (a, b),
+        (Evidence::Seen { .. }, Evidence::Seen { .. })
+            | (Evidence::Reached { .. }, Evidence::Reached { .. })
+    )
+}
+
+/// Rendezvous weight of relay `candidate` for node `me`: lowest wins.
+fn rendezvous(me: &PublicKey, candidate: &PublicKey) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(me.as_bytes());
+    h.update(candidate.as_bytes());
+    h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,339 @@
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::identity::SecretKey;
+
+fn key() -> PublicKey {
+    SecretKey::generate().public()
+}
+
+fn ip(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+}
+
+fn sock(a: u8, b: u8, c: u8, d: u8, port: u16) -> SocketAddr {
+    SocketAddr::new(ip(a, b, c, d), port)
+}
+
+/// A node on 10.0.1.2/24 behind router 10.0.1.1.
+fn lan_node(me: PublicKey) -> Reach {
+    let net = LocalNet {
+        addrs: vec![
+            LocalAddr {
+                ip: ip(127, 0, 0, 1),
+                prefix: 8,
+            },
+            LocalAddr {
+                ip: ip(10, 0, 1, 2),
+                prefix: 24,
+            },
+        ],
+        router: Some(ip(10, 0, 1, 1)),
+    };
+    Reach::new(ReachConfig::new(13300), me, net, 0)
+}
+
+/// A node with public address 198.51.100.5/24.
+fn public_node(me: PublicKey) -> Reach {
+    let net = LocalNet {
+        addrs: vec![LocalAddr {
+            ip: ip(198, 51, 100, 5),
+            prefix: 24,
+        }],
+        router: Some(ip(198, 51, 100, 1)),
+    };
+    Reach::new(ReachConfig::new(13300), me, net, 0)
+}
+
+const FALLBACK: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 13300);
+
+fn seen(r: &mut Reach, now: u64, from: IpAddr, seen: SocketAddr) -> PublicKey {
+    let k = key();
+    r.observe(
+        now,
+        k,
+        from,
+        Evidence::Seen {
+            seen,
+            local_port: 13301,
+        },
+    );
+    k
+}
+
+#[test]
+fn public_needs_two_independent_observers() {
+    let mut r = public_node(key());
+    let me = sock(198, 51, 100, 5, 13300);
+    r.observe(1, key(), ip(203, 0, 113, 9), Evidence::Reached { addr: me });
+    assert_eq!(r.decide(2, FALLBACK).role, Role::Probing, "one observer is not enough");
+    // A second key from the same IP is not independent.
+    r.observe(3, key(), ip(203, 0, 113, 9), Evidence::Reached { addr: me });
+    assert_eq!(r.decide(4, FALLBACK).role, Role::Probing);
+    r.observe(5, key(), ip(192, 0, 2, 7), Evidence::Reached { addr: me });
+    let d = r.decide(6, FALLBACK);
+    assert_eq!(d.role, Role::Public);
+    assert_eq!(d.advertise, PeerAddr::Direct(me));
+    assert_eq!(d.external_ip, Some(me.ip()));
+}
+
+#[test]
+fn observers_on_our_own_link_do_not_count() {
+    let mut r = public_node(key());
+    let me = sock(198, 51, 100, 5, 13300);
+    r.observe(1, key(), ip(198, 51, 100, 6), Evidence::Reached { addr: me });
+    r.observe(1, key(), ip(198, 51, 100, 7), Evidence::Reached { addr: me });
+    r.observe(1, key(), ip(127, 0, 0, 1), Evidence::Reached { addr: me });
+    assert_eq!(r.decide(2, FALLBACK).role, Role::Probing);
+}
+
+#[test]
+fn a_lying_observer_cannot_set_the_external_address() {
+    let mut r = lan_node(key());
+    seen(&mut r, 1, ip(198, 51, 100, 5), sock(203, 0, 113, 1, 13301));
+    seen(&mut r, 1, ip(198, 51, 100, 6), sock(6, 6, 6, 6, 13301));
+    let d = r.decide(2, FALLBACK);
+    assert_eq!(d.role, Role::Probing);
+    assert_eq!(d.external_ip, None);
+}
+
+#[test]
+fn behind_nat_the_lowest_key_maps_and_becomes_gateway_once_reached() {
+    let mut keys = [key(), key(), key()];
+    keys.sort();
+    let mut r = lan_node(keys[0]);
+    let ext = sock(203, 0, 113, 1, 13301);
+    seen(&mut r, 1, ip(198, 51, 100, 5), ext);
+    seen(&mut r, 1, ip(198, 51, 100, 6), ext);
+    for (i, k) in keys[1..].iter().enumerate() {
+        r.lan_peer(LanPeer {
+            key: *k,
+            lan_addr: sock(10, 0, 1, 3 + i as u8, 13300),
+            router: Some(ip(10, 0, 1, 1)),
+            role: Role::Probing,
+            external: None,
+            map_refused: false,
+            at: 1,
+        });
+    }
+    let d = r.decide(2, FALLBACK);
+    assert_eq!(d.role, Role::Probing);
+    assert!(d.want_mapping, "lowest key must map: {d:?}");
+    assert_eq!(d.nat, NatKind::EndpointIndependent);
+    assert_eq!(d.external_ip, Some(ext.ip()));
+
+    let mapped = sock(203, 0, 113, 1, 13300);
+    r.set_map(MapState::Mapped {
+        external: mapped,
+        protocol: "upnp".into(),
+        since: 2,
+    });
+    assert_eq!(r.decide(3, FALLBACK).role, Role::Probing, "not verified yet");
+    r.observe(4, key(), ip(198, 51, 100, 5), Evidence::Reached { addr: mapped });
+    let d = r.decide(5, FALLBACK);
+    assert_eq!(d.role, Role::Gateway);
+    assert_eq!(d.advertise, PeerAddr::Direct(mapped));
+}
+
+#[test]
+fn others_on_the_lan_wait_for_the_candidate_then_relay_through_the_gateway() {
+    let mut keys = [key(), key()];
+    keys.sort();
+    let (gw, me) = (keys[0], keys[1]);
+    let mut r = lan_node(me);
+    let ext = sock(203, 0, 113, 1, 40000);
+    seen(&mut r, 1, ip(198, 51, 100, 5), ext);
+    seen(&mut r, 1, ip(198, 51, 100, 6), ext);
+    let mut peer = LanPeer {
+        key: gw,
+        lan_addr: sock(10, 0, 1, 9, 13300),
+        router: Some(ip(10, 0, 1, 1)),
+        role: Role::Probing,
+        external: None,
+        map_refused: false,
+        at: 1,
+    };
+    r.lan_peer(peer.clone());
+    let d = r.decide(2, FALLBACK);
+    assert!(!d.want_mapping);
+    assert_eq!(d.role, Role::Probing);
+    // Even long after the settle time, a live candidate is waited for.
+    peer.at = 100_000;
+    r.lan_peer(peer.clone());
+    assert_eq!(r.decide(100_001, FALLBACK).role, Role::Probing);
+
+    peer.role = Role::Gateway;
+    peer.external = Some(sock(203, 0, 113, 1, 13300));
+    peer.at = 100_002;
+    r.lan_peer(peer.clone());
+    let d = r.decide(100_003, FALLBACK);
+    assert_eq!(d.role, Role::Relayed);
+    let relay = d.relay.expect("relay");
+    assert_eq!(relay.key, gw);
+    assert_eq!(relay.dial, peer.lan_addr);
+    assert_eq!(
+        d.advertise,
+        PeerAddr::Relayed {
+            relay: sock(203, 0, 113, 1, 13300),
+            target: me
+        }
+    );
+
+    // The gateway goes silent: after the beacon TTL we become the candidate.
+    let later = 100_002 + r.config().beacon_ttl_ms + 1;
+    let d = r.decide(later, FALLBACK);
+    assert!(d.want_mapping, "{d:?}");
+}
+
+#[test]
+fn a_refusing_router_sends_everyone_to_a_public_relay_chosen_by_rendezvous() {
+    let me = key();
+    let mut r = lan_node(me);
+    let ext = sock(203, 0, 113, 2, 5000);
+    let p1 = seen(&mut r, 1, ip(198, 51, 100, 5), ext);
+    let p2 = seen(&mut r, 1, ip(198, 51, 100, 6), ext);
+    r.observer_role(1, p1, sock(198, 51, 100, 5, 13300), Role::Public);
+    r.observer_role(1, p2, sock(198, 51, 100, 6, 13300), Role::Public);
+    r.set_map(MapState::Refused {
+        reason: "no IGD".into(),
+        at: 1,
+    });
+    let d = r.decide(2, FALLBACK);
+    assert_eq!(d.role, Role::Relayed, "{d:?}");
+    let relay = d.relay.expect("relay");
+    let expected = if rendezvous(&me, &p1) < rendezvous(&me, &p2) {
+        p1
+    } else {
+        p2
+    };
+    assert_eq!(relay.key, expected);
+    assert_eq!(r.decide(3, FALLBACK).relay, d.relay, "same answer every time");
+}
+
+#[test]
+fn a_lan_peer_reporting_refusal_counts_for_the_whole_lan() {
+    let me = key();
+    let mut r = lan_node(me);
+    let ext = sock(203, 0, 113, 2, 5000);
+    let p1 = seen(&mut r, 1, ip(198, 51, 100, 5), ext);
+    seen(&mut r, 1, ip(198, 51, 100, 6), ext);
+    r.observer_role(1, p1, sock(198, 51, 100, 5, 13300), Role::Public);
+    r.lan_peer(LanPeer {
+        key: key(),
+        lan_addr: sock(10, 0, 1, 9, 13300),
+        router: Some(ip(10, 0, 1, 1)),
+        role: Role::Relayed,
+        external: None,
+        map_refused: true,
+        at: 1,
+    });
+    let d = r.decide(2, FALLBACK);
+    assert!(!d.want_mapping);
+    assert_eq!(d.role, Role::Relayed);
+}
+
+#[test]
+fn with_no_outside_evidence_the_node_settles_as_local() {
+    let r = lan_node(key());
+    let d = r.decide(1, FALLBACK);
+    assert_eq!(d.role, Role::Probing);
+    assert_eq!(d.advertise, PeerAddr::Direct(sock(10, 0, 1, 2, 13300)));
+    let d = r.decide(r.config().settle_ms, FALLBACK);
+    assert_eq!(d.role, Role::Local);
+}
+
+#[test]
+fn behind_nat_with_no_mapping_and_no_public_peer_is_local() {
+    let mut r = lan_node(key());
+    let ext = sock(203, 0, 113, 2, 5000);
+    seen(&mut r, 1, ip(198, 51, 100, 5), ext);
+    seen(&mut r, 1, ip(198, 51, 100, 6), ext);
+    r.set_map(MapState::Refused {
+        reason: "no IGD".into(),
+        at: 1,
+    });
+    assert_eq!(r.decide(2, FALLBACK).role, Role::Probing);
+    assert_eq!(r.decide(r.config().settle_ms, FALLBACK).role, Role::Local);
+}
+
+#[test]
+fn symmetric_nat_is_recognised_from_one_local_port() {
+    let mut r = lan_node(key());
+    seen(&mut r, 1, ip(198, 51, 100, 5), sock(203, 0, 113, 1, 1111));
+    seen(&mut r, 1, ip(198, 51, 100, 6), sock(203, 0, 113, 1, 2222));
+    assert_eq!(r.decide(2, FALLBACK).nat, NatKind::Symmetric);
+}
+
+#[test]
+fn a_network_change_forgets_old_evidence() {
+    let mut r = public_node(key());
+    let me = sock(198, 51, 100, 5, 13300);
+    r.observe(1, key(), ip(203, 0, 113, 9), Evidence::Reached { addr: me });
+    r.observe(1, key(), ip(192, 0, 2, 7), Evidence::Reached { addr: me });
+    assert_eq!(r.decide(2, FALLBACK).role, Role::Public);
+    let mut net = r.net().clone();
+    net.addrs[0].ip = ip(198, 51, 100, 50);
+    r.set_net(net, 3);
+    assert_eq!(r.decide(4, FALLBACK).role, Role::Probing);
+}
+
+#[test]
+fn evidence_expires() {
+    let mut r = public_node(key());
+    let me = sock(198, 51, 100, 5, 13300);
+    r.observe(1, key(), ip(203, 0, 113, 9), Evidence::Reached { addr: me });
+    r.observe(1, key(), ip(192, 0, 2, 7), Evidence::Reached { addr: me });
+    let later = 2 + r.config().evidence_ttl_ms;
+    r.expire(later);
+    assert_ne!(r.decide(later, FALLBACK).role, Role::Public);
+}
+
+#[test]
+fn peer_addr_text_forms() {
+    let k = key();
+    let direct: PeerAddr = "203.0.113.7:13300".parse().expect("direct");
+    assert_eq!(direct, PeerAddr::Direct(sock(203, 0, 113, 7, 13300)));
+    let relayed = PeerAddr::Relayed {
+        relay: sock(203, 0, 113, 7, 13300),
+        target: k,
+    };
+    assert_eq!(relayed.to_string().parse::<PeerAddr>(), Ok(relayed));
+    assert!("203.0.113.7".parse::<PeerAddr>().is_err());
+    assert!("203.0.113.7:1/notakey".parse::<PeerAddr>().is_err());
+    assert!("".parse::<PeerAddr>().is_err());
+}
+
+proptest! {
+    #[test]
+    fn peer_addr_parse_never_panics(s in ".{0,120}") {
+        let _ = s.parse::<PeerAddr>();
+    }
+
+    #[test]
+    fn peer_addr_round_trips(a in any::<[u8; 4]>(), port in any::<u16>(), relayed in any::<bool>()) {
+        let relay = SocketAddr::new(IpAddr::V4(Ipv4Addr::from(a)), port);
+        let addr = if relayed {
+            PeerAddr::Relayed { relay, target: key() }
+        } else {
+            PeerAddr::Direct(relay)
+        };
+        prop_assert_eq!(addr.to_string().parse::<PeerAddr>(), Ok(addr));
+    }
+
+    /// Whatever one observer says, the role never leaves probing on its word alone.
+    #[test]
+    fn one_observer_decides_nothing(
+        seen_ip in any::<[u8; 4]>(), port in any::<u16>(), reached in any::<bool>()
+    ) {
+        let mut r = lan_node(key());
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::from(seen_ip)), port);
+        let k = key();
+        let ev = if reached { Evidence::Reached { addr } } else { Evidence::Seen { seen: addr, local_port: 13301 } };
+        r.observe(1, k, ip(198, 51, 100, 5), ev);
+        let d = r.decide(2, FALLBACK);
+        prop_assert_eq!(d.role, Role::Probing);
+        prop_assert_eq!(d.external_ip, None);
+    }
+}
