@@ -363,6 +363,87 @@ impl TreeNode {
         self.start_join(now);
     }
 
+    /// Our advertised address changed (e.g. a NAT role was decided): later messages carry it.
+    /// Neighbours learn it from our signed envelopes ([`TreeNode::peer_addr_changed`]).
+    pub fn set_my_addr(&mut self, addr: String) {
+        if addr == self.me.addr {
+            return;
+        }
+        let old = std::mem::replace(&mut self.me.addr, addr);
+        self.contacts.retain(|c| *c != self.me.addr && *c != old);
+    }
+
+    /// `key` now advertises `addr` (taken from an envelope that key signed): update every
+    /// record of it, so repairs and re-dials use the new address.
+    pub fn peer_addr_changed(&mut self, key: &PublicKey, addr: &str) {
+        if *key == self.me.key || addr.is_empty() {
+            return;
+        }
+        let fix = |p: &mut Peer| {
+            if p.key == *key && p.addr != addr {
+                p.addr = addr.to_string();
+            }
+        };
+        if let Some(r) = self.root.as_mut() {
+            fix(r);
+        }
+        if let Some(p) = self.parent.as_mut() {
+            fix(&mut p.peer);
+        }
+        if let Some(g) = self.grandparent.as_mut() {
+            fix(g);
+        }
+        for p in self.siblings.iter_mut().chain(self.root_children.iter_mut()) {
+            fix(&mut p.peer);
+        }
+        for slot in self.children.values_mut() {
+            fix(&mut slot.peer);
+            for g in slot.grandchildren.iter_mut() {
+                fix(&mut g.peer);
+            }
+        }
+        for l in self.lost.iter_mut() {
+            if let Some(p) = l.peer.as_mut() {
+                if p.key == *key {
+                    fix(p);
+                    l.addr = addr.to_string();
+                }
+            }
+        }
+    }
+
+    /// A node of this cell was found without any tree (e.g. by a LAN beacon). If it is in
+    /// another tree the two merge, through the usual probes; a joining node gains a contact.
+    pub fn meet(&mut self, now: u64, peer: Peer) {
+        if peer.key == self.me.key || peer.addr.is_empty() {
+            return;
+        }
+        if self.knows(&peer.key) {
+            return;
+        }
+        if !self.contacts.contains(&peer.addr) {
+            self.contacts.push(peer.addr.clone());
+            if self.contacts.len() > MAX_CONTACTS {
+                self.contacts.remove(0);
+            }
+        }
+        if self.is_member() && !self.lost.iter().any(|l| l.addr == peer.addr) {
+            let addr = peer.addr.clone();
+            self.remember_lost(Some(peer), addr.clone(), now);
+            if let Some(l) = self.lost.iter_mut().find(|l| l.addr == addr) {
+                l.next_probe = now;
+            }
+        }
+    }
+
+    /// Whether `key` is a neighbour we already track in this tree.
+    fn knows(&self, key: &PublicKey) -> bool {
+        self.root.as_ref().is_some_and(|r| r.key == *key)
+            || self.parent.as_ref().is_some_and(|p| p.peer.key == *key)
+            || self.children.values().any(|c| c.peer.key == *key)
+            || self.siblings.iter().any(|s| s.peer.key == *key)
+    }
+
     /// Take the actions produced so far.
     pub fn drain(&mut self) -> Vec<Action> {
         std::mem::take(&mut self.out)

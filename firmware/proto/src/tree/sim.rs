@@ -551,6 +551,14 @@ impl Sim {
         Ok(())
     }
 
+    /// Node `i` hears of node `j` outside the tree (as from a LAN beacon).
+    pub fn meet(&mut self, i: usize, j: usize) {
+        let now = self.now;
+        let peer = self.nodes[j].node.me().clone();
+        self.nodes[i].node.meet(now, peer);
+        self.dispatch(i);
+    }
+
     /// Originate a broadcast at node `i`; returns its id.
     pub fn broadcast_from(&mut self, i: usize, payload: Value) -> String {
         let id = self.nodes[i].node.broadcast(payload);

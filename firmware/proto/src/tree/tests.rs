@@ -244,3 +244,52 @@ fn repairs_hold_across_seeds() {
         converge(&mut sim, 60 * HB);
     }
 }
+
+#[test]
+fn separate_trees_that_meet_on_a_lan_merge_into_one() {
+    // Two groups that started with no contact between them (two LANs' trees), then one node
+    // of each hears the other's beacon.
+    let mut sim = Sim::new(SimConfig::default(), tree_cfg(2));
+    sim.add_node(&[]);
+    for _ in 1..5 {
+        sim.add_node(&[0]);
+    }
+    sim.add_node(&[]);
+    for _ in 6..9 {
+        sim.add_node(&[5]);
+    }
+    for i in 0..9 {
+        sim.start(i);
+    }
+    let t = sim.now + 10 * HB;
+    sim.run_until(t).unwrap();
+    let roots = sim
+        .nodes
+        .iter()
+        .filter(|n| n.node.view().position == Some(1))
+        .count();
+    assert_eq!(roots, 2, "two separate trees before they meet");
+    sim.meet(7, 3);
+    sim.meet(3, 7);
+    settle(&mut sim, 60 * HB);
+    assert_eq!(sim.check_tree().unwrap().size, 9);
+    let id = sim.broadcast_from(8, json!("across"));
+    let t = sim.now + 5 * HB;
+    sim.run_until(t).unwrap();
+    assert_eq!(sim.delivery_count(&id), (9, 1));
+}
+
+#[test]
+fn a_changed_address_reaches_the_neighbours_records() {
+    let mut sim = storm(7, 2, SimConfig::default());
+    settle(&mut sim, 30 * HB);
+    let child = sim.holder_of(4).unwrap();
+    let parent = sim.holder_of(2).unwrap();
+    let key = sim.nodes[child].key;
+    sim.nodes[parent].node.peer_addr_changed(&key, "sim:moved");
+    let view = sim.nodes[parent].node.view();
+    let rec = view.children.iter().find(|c| c.peer.key == key).unwrap();
+    assert_eq!(rec.peer.addr, "sim:moved");
+    sim.nodes[child].node.set_my_addr("sim:moved".into());
+    assert_eq!(sim.nodes[child].node.me().addr, "sim:moved");
+}
