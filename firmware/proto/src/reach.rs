@@ -65,6 +65,19 @@ impl fmt::Display for Role {
     }
 }
 
+impl serde::Serialize for Role {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Role {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl FromStr for Role {
     type Err = AddrError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -146,6 +159,19 @@ impl fmt::Display for PeerAddr {
             PeerAddr::Direct(a) => write!(f, "{a}"),
             PeerAddr::Relayed { relay, target } => write!(f, "{relay}/{}", target.to_b64()),
         }
+    }
+}
+
+impl serde::Serialize for PeerAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PeerAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -723,6 +749,8 @@ fn rendezvous(me: &PublicKey, candidate: &PublicKey) -> [u8; 32] {
     h.update(candidate.as_bytes());
     h.finalize().into()
 }
+
+pub mod msg;
 
 #[cfg(test)]
 mod tests;
