@@ -58,6 +58,14 @@ pub struct NodeArgs {
     /// Monitor port (HTTP, read-only).
     #[arg(long, default_value_t = PEER_TREE_NET.mon_port)]
     mon_port: u16,
+    /// Do not work out reachability: no probes, LAN beacons, port mapping or relaying; the
+    /// node advertises its listen address as it is (e.g. for loopback-only networks).
+    #[arg(long)]
+    no_nat: bool,
+    /// Never ask the router for a port mapping (UPnP-IGD, PCP, NAT-PMP); the node still
+    /// finds its role and can be relayed.
+    #[arg(long)]
+    no_port_mapping: bool,
 }
 
 pub fn node(args: NodeArgs) -> Result<()> {
@@ -68,6 +76,8 @@ pub fn node(args: NodeArgs) -> Result<()> {
     opts.mon_port = args.mon_port;
     opts.max_children = args.max_children.max(1);
     opts.heartbeat_ms = args.heartbeat_ms.max(50);
+    opts.nat = !args.no_nat;
+    opts.port_mapping = !args.no_port_mapping;
     opts.join = args
         .join
         .iter()

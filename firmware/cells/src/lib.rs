@@ -36,6 +36,9 @@ pub struct CellOptions {
     pub join: Vec<SocketAddr>,
     pub max_children: u64,
     pub heartbeat_ms: u64,
+    /// Reachability (NAT role, port mapping, relaying, LAN beacons): peerTreeNet's job.
+    pub nat: bool,
+    pub port_mapping: bool,
 }
 
 impl CellOptions {
@@ -58,6 +61,8 @@ impl CellOptions {
             join: Vec::new(),
             max_children: dna.max_children as u64,
             heartbeat_ms: DEFAULT_HEARTBEAT_MS,
+            nat: dna.name == dna::PEER_TREE_NET.name,
+            port_mapping: true,
         })
     }
 }
@@ -81,6 +86,8 @@ pub async fn start(opts: &CellOptions) -> Result<Arc<node::NodeHandle>, CellErro
         },
         max_children: opts.max_children,
         heartbeat_ms: opts.heartbeat_ms,
+        nat: opts.nat,
+        port_mapping: opts.port_mapping,
     };
     let handle = Arc::new(node::start(cfg.clone()).await?);
     borg_net::serve::serve_receptor(handle.clone(), cfg.recp, cfg.cell.clone()).await?;
@@ -141,9 +148,12 @@ async fn wait_for_primary_ip(limit: std::time::Duration) -> Option<IpAddr> {
 
 /// Run a cell until SIGTERM or SIGINT.
 pub async fn run(opts: CellOptions) -> Result<(), CellError> {
-    let _handle = start(&opts).await?;
+    let handle = start(&opts).await?;
     wait_for_stop().await;
     tracing::info!(cell = %opts.dna.name, "stopping");
+    // Give the router its port back before exiting (bounded).
+    handle.shutdown().await;
+    tracing::info!(cell = %opts.dna.name, "stopped");
     Ok(())
 }
 

@@ -13,13 +13,14 @@ use std::time::Duration;
 
 use borg_proto::identity::PublicKey;
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::io::{ReadHalf, WriteHalf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
 
 use crate::frame::{write_frame, FrameError, FrameReader};
-use crate::tls::{peer_key, TlsError, TlsIdentity, ALPN_PEER};
+use crate::tls::{peer_key, TlsError, TlsIdentity, ALPN_PEER, ALPN_PROBE};
 
 /// How long an incoming connection may take to finish its TLS handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -174,12 +175,11 @@ pub async fn connect(
     timeout: Duration,
 ) -> Result<PeerConn, TransportError> {
     let connector = TlsConnector::from(identity.client_config(expected));
-    tokio::time::timeout(timeout, connect_inner(addr, Some(expected), connector))
-        .await
-        .map_err(|_| TransportError::Timeout {
-            addr,
-            after: timeout,
-        })?
+    bounded(addr, timeout, async {
+        let tcp = tcp_connect(addr, None).await?;
+        tls_client(tcp, addr, Some(expected), connector, ALPN_PEER).await
+    })
+    .await
 }
 
 /// Dial `addr` for a first contact, when only its address is known (`--join IP`): the
@@ -192,7 +192,91 @@ pub async fn connect_unpinned(
     timeout: Duration,
 ) -> Result<PeerConn, TransportError> {
     let connector = TlsConnector::from(identity.client_config_unpinned());
-    tokio::time::timeout(timeout, connect_inner(addr, None, connector))
+    bounded(addr, timeout, async {
+        let tcp = tcp_connect(addr, None).await?;
+        tls_client(tcp, addr, None, connector, ALPN_PEER).await
+    })
+    .await
+}
+
+/// Dial the node `target` through the relay at `relay`: the relay reads one line naming the
+/// target, then only splices bytes. TLS runs end to end with `target` (pinned), so the relay
+/// can neither read the traffic nor pose as the target.
+pub async fn connect_via(
+    relay: SocketAddr,
+    target: PublicKey,
+    identity: &TlsIdentity,
+    timeout: Duration,
+) -> Result<PeerConn, TransportError> {
+    let connector = TlsConnector::from(identity.client_config(target));
+    bounded(relay, timeout, async {
+        let mut tcp = tcp_connect(relay, None).await?;
+        let line = format!("{RELAY_CONNECT} {}\n", target.to_b64());
+        tcp.write_all(line.as_bytes())
+            .await
+            .map_err(|source| TransportError::Connect {
+                addr: relay,
+                source,
+            })?;
+        tls_client(tcp, relay, Some(target), connector, ALPN_PEER).await
+    })
+    .await
+}
+
+/// Answer a relay's `relay.open`: connect to the relay, hand it `token`, then act as the TLS
+/// server for whoever is waiting on the other side (any node; its key is returned).
+pub async fn accept_via(
+    relay: SocketAddr,
+    token: &str,
+    identity: &TlsIdentity,
+    timeout: Duration,
+) -> Result<PeerConn, TransportError> {
+    let acceptor = TlsAcceptor::from(identity.server_config());
+    bounded(relay, timeout, async {
+        let mut tcp = tcp_connect(relay, None).await?;
+        let line = format!("{RELAY_ACCEPT} {token}\n");
+        tcp.write_all(line.as_bytes())
+            .await
+            .map_err(|source| TransportError::Connect {
+                addr: relay,
+                source,
+            })?;
+        match tls_server(acceptor, tcp, relay).await? {
+            (conn, Alpn::Peer) => Ok(conn),
+            (_, Alpn::Probe) => Err(TransportError::Alpn { addr: relay }),
+        }
+    })
+    .await
+}
+
+/// Open a probe connection (ALPN `borg-probe/1`) to `addr`, optionally from the fixed local
+/// address `bind` (so that several observers report on the same source port), pinned to
+/// `expected` if given. Returns the connection and the local address it used.
+pub async fn connect_probe(
+    addr: SocketAddr,
+    expected: Option<PublicKey>,
+    bind: Option<SocketAddr>,
+    identity: &TlsIdentity,
+    timeout: Duration,
+) -> Result<(PeerConn, SocketAddr), TransportError> {
+    let connector = TlsConnector::from(identity.probe_client_config(expected));
+    bounded(addr, timeout, async {
+        let tcp = tcp_connect(addr, bind).await?;
+        let local = tcp
+            .local_addr()
+            .map_err(|source| TransportError::Connect { addr, source })?;
+        let conn = tls_client(tcp, addr, expected, connector, ALPN_PROBE).await?;
+        Ok((conn, local))
+    })
+    .await
+}
+
+async fn bounded<T>(
+    addr: SocketAddr,
+    timeout: Duration,
+    fut: impl std::future::Future<Output = Result<T, TransportError>>,
+) -> Result<T, TransportError> {
+    tokio::time::timeout(timeout, fut)
         .await
         .map_err(|_| TransportError::Timeout {
             addr,
@@ -200,23 +284,45 @@ pub async fn connect_unpinned(
         })?
 }
 
-async fn connect_inner(
+async fn tcp_connect(
+    addr: SocketAddr,
+    bind: Option<SocketAddr>,
+) -> Result<TcpStream, TransportError> {
+    let err = |source| TransportError::Connect { addr, source };
+    let tcp = match bind {
+        None => TcpStream::connect(addr).await.map_err(err)?,
+        Some(local) => {
+            let socket = if addr.is_ipv4() {
+                TcpSocket::new_v4()
+            } else {
+                TcpSocket::new_v6()
+            }
+            .map_err(err)?;
+            // Several probes share the source port, one destination each.
+            socket.set_reuseaddr(true).map_err(err)?;
+            socket.set_reuseport(true).map_err(err)?;
+            socket.bind(local).map_err(err)?;
+            socket.connect(addr).await.map_err(err)?
+        }
+    };
+    tcp.set_nodelay(true).map_err(err)?;
+    Ok(tcp)
+}
+
+async fn tls_client(
+    tcp: TcpStream,
     addr: SocketAddr,
     expected: Option<PublicKey>,
     connector: TlsConnector,
+    alpn: &[u8],
 ) -> Result<PeerConn, TransportError> {
-    let tcp = TcpStream::connect(addr)
-        .await
-        .map_err(|source| TransportError::Connect { addr, source })?;
-    tcp.set_nodelay(true)
-        .map_err(|source| TransportError::Connect { addr, source })?;
     // The name is not checked (the key is pinned); an IP name also means no SNI is sent.
     let tls = connector
         .connect(ServerName::from(addr.ip()), tcp)
         .await
         .map_err(|source| TransportError::Handshake { addr, source })?;
     let (_, session) = tls.get_ref();
-    if session.alpn_protocol() != Some(ALPN_PEER) {
+    if session.alpn_protocol() != Some(alpn) {
         return Err(TransportError::Alpn { addr });
     }
     // The verifier already pinned the key; checking the outcome again costs one parse.
@@ -232,12 +338,48 @@ async fn connect_inner(
     Ok(PeerConn::new(TlsStream::Client(tls), found, addr))
 }
 
-/// Accepts authenticated connections from any node.
+/// First word of a relay request line ("connect me to this key").
+pub const RELAY_CONNECT: &str = "BORG-RELAY";
+/// First word of a relayed node's answer to `relay.open`.
+pub const RELAY_ACCEPT: &str = "BORG-ACCEPT";
+/// Longest request line accepted before TLS.
+const MAX_PREAMBLE: usize = 128;
+
+/// Which protocol an accepted TLS connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    Peer,
+    Probe,
+}
+
+/// What arrived on the tree port.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A node-to-node connection.
+    Peer(PeerConn),
+    /// A reachability probe or dial-back: one exchange, never a tree link.
+    Probe(PeerConn),
+    /// Somebody asks this node to relay them to `target`. The stream continues with their TLS
+    /// handshake, meant for the target.
+    RelayConnect {
+        tcp: TcpStream,
+        target: PublicKey,
+        from: SocketAddr,
+    },
+    /// A node this node relays for, answering a `relay.open` with its token.
+    RelayAccept {
+        tcp: TcpStream,
+        token: String,
+        from: SocketAddr,
+    },
+}
+
+/// Accepts authenticated connections from any node, and relay requests.
 pub struct Listener {
     tcp: TcpListener,
     acceptor: TlsAcceptor,
     handshake_timeout: Duration,
-    handshakes: JoinSet<Result<(PeerConn, PublicKey, SocketAddr), TransportError>>,
+    handshakes: JoinSet<Result<Incoming, TransportError>>,
 }
 
 impl std::fmt::Debug for Listener {
@@ -251,9 +393,16 @@ impl std::fmt::Debug for Listener {
 
 impl Listener {
     pub async fn bind(addr: SocketAddr, identity: &TlsIdentity) -> Result<Self, TransportError> {
-        let tcp = TcpListener::bind(addr)
-            .await
-            .map_err(|source| TransportError::Bind { addr, source })?;
+        let err = |source| TransportError::Bind { addr, source };
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(err)?;
+        socket.set_reuseaddr(true).map_err(err)?;
+        socket.bind(addr).map_err(err)?;
+        let tcp = socket.listen(1024).map_err(err)?;
         Ok(Self {
             tcp,
             acceptor: TlsAcceptor::from(identity.server_config()),
@@ -272,11 +421,22 @@ impl Listener {
         self.tcp.local_addr()
     }
 
-    /// The next authenticated connection, with the client's key and address. An `Err` concerns
-    /// one connection or one failed TCP `accept` (e.g. out of file descriptors: back off briefly
-    /// before calling again); keep calling. Cancel-safe. Dropping the listener abandons the
-    /// handshakes in progress.
+    /// The next authenticated node-to-node connection, with the client's key and address
+    /// (probes and relay requests are dropped; see [`Self::accept_incoming`]).
     pub async fn accept(&mut self) -> Result<(PeerConn, PublicKey, SocketAddr), TransportError> {
+        loop {
+            if let Incoming::Peer(conn) = self.accept_incoming().await? {
+                let (key, addr) = (conn.peer_key(), conn.remote_addr());
+                return Ok((conn, key, addr));
+            }
+        }
+    }
+
+    /// The next thing to arrive: a node connection, a probe or a relay request. An `Err`
+    /// concerns one connection or one failed TCP `accept` (e.g. out of file descriptors: back
+    /// off briefly before calling again); keep calling. Cancel-safe. Dropping the listener
+    /// abandons the handshakes in progress.
+    pub async fn accept_incoming(&mut self) -> Result<Incoming, TransportError> {
         loop {
             let room = self.handshakes.len() < MAX_PENDING_HANDSHAKES;
             // Never are both branches disabled (select! would panic): the first is disabled
@@ -290,34 +450,94 @@ impl Listener {
                     let (tcp, addr) = accepted.map_err(TransportError::Accept)?;
                     let acceptor = self.acceptor.clone();
                     let timeout = self.handshake_timeout;
-                    self.handshakes.spawn(server_handshake(acceptor, tcp, addr, timeout));
+                    self.handshakes.spawn(async move {
+                        bounded(addr, timeout, classify(acceptor, tcp, addr)).await
+                    });
                 }
             }
         }
     }
 }
 
-async fn server_handshake(
+/// TLS (a ClientHello starts with 0x16) or a relay line (starts with "BORG-").
+async fn classify(
+    acceptor: TlsAcceptor,
+    mut tcp: TcpStream,
+    addr: SocketAddr,
+) -> Result<Incoming, TransportError> {
+    let err = |source| TransportError::Handshake { addr, source };
+    tcp.set_nodelay(true).map_err(err)?;
+    let mut first = [0u8; 1];
+    let n = tcp.peek(&mut first).await.map_err(err)?;
+    if n == 1 && first[0] == b'B' {
+        let line = read_line(&mut tcp).await.map_err(err)?;
+        let bad = || {
+            err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bad relay request line",
+            ))
+        };
+        let (word, arg) = line.split_once(' ').ok_or_else(bad)?;
+        return match word {
+            RELAY_CONNECT => Ok(Incoming::RelayConnect {
+                target: PublicKey::from_b64(arg).map_err(|_| bad())?,
+                tcp,
+                from: addr,
+            }),
+            RELAY_ACCEPT if !arg.is_empty() && arg.len() <= 64 => Ok(Incoming::RelayAccept {
+                token: arg.to_string(),
+                tcp,
+                from: addr,
+            }),
+            _ => Err(bad()),
+        };
+    }
+    match tls_server(acceptor, tcp, addr).await? {
+        (conn, Alpn::Peer) => Ok(Incoming::Peer(conn)),
+        (conn, Alpn::Probe) => Ok(Incoming::Probe(conn)),
+    }
+}
+
+/// One `\n`-terminated ASCII line, read byte by byte so nothing after it is consumed (the
+/// TLS handshake that follows belongs to somebody else).
+async fn read_line(tcp: &mut TcpStream) -> io::Result<String> {
+    let mut line = Vec::with_capacity(64);
+    loop {
+        let mut b = [0u8; 1];
+        if tcp.read(&mut b).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        if b[0] == b'\n' {
+            break;
+        }
+        if line.len() >= MAX_PREAMBLE || !b[0].is_ascii_graphic() && b[0] != b' ' {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bad request line",
+            ));
+        }
+        line.push(b[0]);
+    }
+    String::from_utf8(line).map_err(|_| io::ErrorKind::InvalidData.into())
+}
+
+async fn tls_server(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     addr: SocketAddr,
-    timeout: Duration,
-) -> Result<(PeerConn, PublicKey, SocketAddr), TransportError> {
-    tcp.set_nodelay(true)
-        .map_err(|source| TransportError::Handshake { addr, source })?;
-    let tls = tokio::time::timeout(timeout, acceptor.accept(tcp))
+) -> Result<(PeerConn, Alpn), TransportError> {
+    let tls = acceptor
+        .accept(tcp)
         .await
-        .map_err(|_| TransportError::Timeout {
-            addr,
-            after: timeout,
-        })?
         .map_err(|source| TransportError::Handshake { addr, source })?;
     let (_, session) = tls.get_ref();
-    if session.alpn_protocol() != Some(ALPN_PEER) {
-        return Err(TransportError::Alpn { addr });
-    }
+    let alpn = match session.alpn_protocol() {
+        Some(p) if p == ALPN_PEER => Alpn::Peer,
+        Some(p) if p == ALPN_PROBE => Alpn::Probe,
+        _ => return Err(TransportError::Alpn { addr }),
+    };
     let key = peer_key(session).map_err(|source| TransportError::PeerKey { addr, source })?;
-    Ok((PeerConn::new(TlsStream::Server(tls), key, addr), key, addr))
+    Ok((PeerConn::new(TlsStream::Server(tls), key, addr), alpn))
 }
 
 #[cfg(test)]

@@ -13,6 +13,10 @@
 //!   halves send and receive frames.
 //! - [`node`]: the actor that owns the `borg_proto::tree` state machine, opens every frame as a
 //!   signed envelope and carries out the machine's actions (dial, send, deliver).
+//! - [`nat`]: the reachability task: probes, LAN beacons, port mapping, the NAT role.
+//! - [`relay`]: splicing connections for relayed nodes (TLS stays end to end).
+//! - [`localnet`]: local addresses and the default gateway, from the kernel.
+//! - [`portmap`]: UPnP-IGD, PCP and NAT-PMP port mapping on the home router.
 //! - [`serve`]: the receptor (HTTPS `POST /`) and monitor (HTTP `GET /status`, `/metrics`).
 //! - [`client`]: small clients for the CLI and tests.
 #![forbid(unsafe_code)]
@@ -20,8 +24,11 @@
 pub mod client;
 pub mod conn;
 pub mod frame;
+pub mod localnet;
+pub mod nat;
 pub mod node;
 pub mod portmap;
+pub mod relay;
 pub mod serve;
 pub mod tls;
 

@@ -14,13 +14,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use borg_proto::envelope::{self, Envelope, ReplayCache};
 use borg_proto::identity::{PublicKey, SecretKey};
+use borg_proto::reach::msg::ReachMsg;
+use borg_proto::reach::{PeerAddr, RelayChoice, Role};
 use borg_proto::tree::{
     geometry, Action, OrderSeal, Peer, Target, TreeConfig, TreeMsg, TreeNode, TreeStats,
 };
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::conn::{self, Listener, PeerWriter, TransportError};
+use crate::conn::{self, Incoming, Listener, PeerWriter, TransportError};
+use crate::nat::{self, NatConfig, NatHandle, NatStatus};
+use crate::relay::RelayHub;
 use crate::tls::TlsIdentity;
 
 /// How a node is run.
@@ -41,6 +45,10 @@ pub struct NodeConfig {
     pub advertise: Option<std::net::IpAddr>,
     pub max_children: u64,
     pub heartbeat_ms: u64,
+    /// Work out and keep reachability (NAT role, port mapping, relaying, LAN beacons).
+    pub nat: bool,
+    /// Let the reachability task map a port on the router (when `nat`).
+    pub port_mapping: bool,
 }
 
 /// Errors that stop a node from starting.
@@ -88,6 +96,12 @@ pub(crate) enum Inbound {
         request: ReceptorRequest,
         reply: oneshot::Sender<Result<Value, (u16, &'static str, String)>>,
     },
+    /// Somebody wants the node `target`, registered with us as its relay: answer with the
+    /// token it will connect back with, or `None` if we do not relay for it.
+    RelayRequest {
+        target: PublicKey,
+        reply: oneshot::Sender<Option<String>>,
+    },
 }
 
 /// What a receptor asks the actor to do (already verified).
@@ -105,6 +119,9 @@ pub struct Metrics {
     pub dial_failures: u64,
     pub dropped_outbound: u64,
     pub broadcast_origin_invalid: u64,
+    pub relay_registrations: u64,
+    pub relay_refused: u64,
+    pub relayed_dials: u64,
 }
 
 /// The state the monitor shows.
@@ -121,6 +138,8 @@ pub struct NodeHandle {
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     pub key: SecretKey,
     pub identity: Arc<TlsIdentity>,
+    pub nat: Option<NatHandle>,
+    pub relay: Arc<RelayHub>,
 }
 
 struct EcdsaSeal {
@@ -176,7 +195,26 @@ struct Actor {
     my_addr: String,
     /// Id and wall-clock time of the last broadcast delivered (for the benchmark).
     last_broadcast: Option<(String, u64)>,
+    nat: Option<NatHandle>,
+    nat_status: Option<Arc<NatStatus>>,
+    relay_hub: Arc<RelayHub>,
+    /// Nodes we relay for: key -> registration expiry (ms).
+    relayed_for: HashMap<PublicKey, u64>,
+    /// Our relay, and when we last registered with it (ms).
+    my_relay: Option<(RelayChoice, u64)>,
+    /// Nodes on our LAN (from beacons): dialed directly, never through a relay.
+    lan_addrs: HashMap<PublicKey, SocketAddr>,
+    /// LAN nodes already handed to the tree, and when.
+    met: HashMap<PublicKey, u64>,
+    candidates: watch::Sender<Vec<(Option<PublicKey>, String)>>,
 }
+
+/// How long a relay registration lasts without renewal.
+const RELAY_REGISTRATION_MS: u64 = 30_000;
+/// How often a relayed node renews it.
+const RELAY_RENEW_MS: u64 = 10_000;
+/// Nodes one relay serves at most.
+const MAX_RELAYED: usize = 256;
 
 /// Start the node: bind the tree listener, spawn the actor, return handles. The receptor and
 /// monitor servers are started by [`crate::serve`].
@@ -195,7 +233,20 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
         addr: my_addr.clone(),
         mon: SocketAddr::new(public_ip, cfg.mon.port()).to_string(),
     };
-    let contacts = cfg.join.iter().map(|a| a.to_string()).collect();
+    let contacts: Vec<String> = cfg.join.iter().map(|a| a.to_string()).collect();
+    let (candidates_tx, candidates_rx) = watch::channel(
+        contacts
+            .iter()
+            .map(|c| (None, c.clone()))
+            .collect::<Vec<_>>(),
+    );
+    let nat = cfg.nat.then(|| {
+        let fallback = SocketAddr::new(public_ip, cfg.listen.port());
+        let mut nc = NatConfig::new(&cfg.cell, cfg.listen, fallback);
+        nc.port_mapping = cfg.port_mapping;
+        nat::spawn(nc, key.clone(), identity.clone(), candidates_rx)
+    });
+    let relay_hub = Arc::new(RelayHub::default());
     let seed = u64::from_le_bytes(key.sign(b"seed")[..8].try_into().unwrap_or([7; 8]))
         ^ now_ms().rotate_left(17);
     let tree = TreeNode::new(
@@ -227,8 +278,21 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
         started: Instant::now(),
         snapshot: snap_tx,
         last_broadcast: None,
+        nat: nat.clone(),
+        nat_status: None,
+        relay_hub: relay_hub.clone(),
+        relayed_for: HashMap::new(),
+        my_relay: None,
+        lan_addrs: HashMap::new(),
+        met: HashMap::new(),
+        candidates: candidates_tx,
     };
-    tokio::spawn(accept_loop(listener, tx.clone()));
+    tokio::spawn(accept_loop(
+        listener,
+        tx.clone(),
+        relay_hub.clone(),
+        nat.as_ref().map(|n| n.probe_ctx.clone()),
+    ));
     actor.tree.start(now_ms());
     actor.carry_out();
     actor.publish();
@@ -238,14 +302,50 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
         snapshot: snap_rx,
         key,
         identity,
+        nat,
+        relay: relay_hub,
     })
 }
 
-async fn accept_loop(mut listener: Listener, tx: mpsc::Sender<Inbound>) {
+async fn accept_loop(
+    mut listener: Listener,
+    tx: mpsc::Sender<Inbound>,
+    hub: Arc<RelayHub>,
+    probes: Option<Arc<nat::ProbeCtx>>,
+) {
     loop {
-        match listener.accept().await {
-            Ok((conn, key, _remote)) => {
+        match listener.accept_incoming().await {
+            Ok(Incoming::Peer(conn)) => {
+                let key = conn.peer_key();
                 spawn_link(conn, key, None, tx.clone());
+            }
+            Ok(Incoming::Probe(conn)) => {
+                if let Some(ctx) = probes.clone() {
+                    tokio::spawn(nat::answer_probe(ctx, conn));
+                }
+            }
+            Ok(Incoming::RelayConnect { tcp, target, from }) => {
+                let (tx, hub) = (tx.clone(), hub.clone());
+                tokio::spawn(async move {
+                    let (reply, rx) = oneshot::channel();
+                    if tx
+                        .send(Inbound::RelayRequest { target, reply })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let Ok(Some(token)) = rx.await else {
+                        tracing::debug!("relay request from {from} for {} refused", target.short());
+                        return;
+                    };
+                    if let Err(e) = hub.splice(token, tcp).await {
+                        tracing::debug!("relay {from} -> {}: {e}", target.short());
+                    }
+                });
+            }
+            Ok(Incoming::RelayAccept { tcp, token, .. }) => {
+                hub.answer(&token, tcp);
             }
             Err(e) => {
                 tracing::debug!("inbound connection refused: {e}");
@@ -322,8 +422,15 @@ impl Actor {
         let tick_ms = (self.cfg.heartbeat_ms / 10).clamp(10, 200);
         let mut ticker = tokio::time::interval(Duration::from_millis(tick_ms));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut nat_rx = self.nat.as_ref().map(|n| n.status.clone());
         loop {
             tokio::select! {
+                changed = nat_changed(nat_rx.as_mut()) => {
+                    match changed {
+                        Some(st) => self.on_nat_status(st),
+                        None => nat_rx = None,
+                    }
+                }
                 ev = rx.recv() => {
                     let Some(ev) = ev else { return };
                     self.on_inbound(ev);
@@ -334,6 +441,7 @@ impl Actor {
                 }
                 _ = ticker.tick() => {
                     self.tree.tick(now_ms());
+                    self.relay_tick();
                 }
             }
             self.carry_out();
@@ -387,7 +495,142 @@ impl Actor {
             Inbound::Receptor { request, reply } => {
                 let _ = reply.send(self.on_receptor(request));
             }
+            Inbound::RelayRequest { target, reply } => {
+                let _ = reply.send(self.open_relay(target));
+            }
         }
+    }
+
+    // ----- reachability -------------------------------------------------------------------
+
+    /// The reachability task decided something: advertise the new address, follow the
+    /// relay, and hand LAN nodes to the tree.
+    fn on_nat_status(&mut self, st: Arc<NatStatus>) {
+        let now = now_ms();
+        let advertise = st.decision.advertise.to_string();
+        if advertise != self.my_addr {
+            tracing::info!(cell = %self.cfg.cell, "advertising {advertise} ({})", st.decision.role);
+            self.my_addr = advertise.clone();
+            self.tree.set_my_addr(advertise);
+        }
+        let relay = st
+            .decision
+            .relay
+            .filter(|_| st.decision.role == Role::Relayed);
+        match (relay, self.my_relay) {
+            (Some(r), Some((cur, _))) if r == cur => {}
+            (Some(r), _) => {
+                self.my_relay = Some((r, 0));
+                self.relay_tick();
+            }
+            (None, _) => self.my_relay = None,
+        }
+        self.lan_addrs = st.lan.iter().map(|p| (p.key, p.lan_addr)).collect();
+        for p in &st.lan {
+            let stale = self
+                .met
+                .get(&p.key)
+                .is_none_or(|at| now.saturating_sub(*at) > 60_000);
+            if stale {
+                self.met.insert(p.key, now);
+                self.tree.meet(
+                    now,
+                    borg_proto::tree::Peer {
+                        key: p.key,
+                        addr: p.lan_addr.to_string(),
+                        mon: String::new(),
+                    },
+                );
+            }
+        }
+        self.nat_status = Some(st);
+    }
+
+    /// Keep our registration with our relay fresh; forget expired ones we hold.
+    fn relay_tick(&mut self) {
+        let now = now_ms();
+        self.relayed_for.retain(|_, until| *until > now);
+        let Some((relay, last)) = self.my_relay else {
+            return;
+        };
+        if now.saturating_sub(last) < RELAY_RENEW_MS && last != 0 {
+            return;
+        }
+        self.my_relay = Some((relay, now));
+        let peer = borg_proto::tree::Peer {
+            key: relay.key,
+            addr: relay.dial.to_string(),
+            mon: String::new(),
+        };
+        let frame = self.seal_reach(&ReachMsg::RelayRegister {});
+        self.send_frame(Target::Peer(peer), frame);
+    }
+
+    fn open_relay(&mut self, target: PublicKey) -> Option<String> {
+        let now = now_ms();
+        let registered = self.relayed_for.get(&target).is_some_and(|u| *u > now);
+        if !registered || !self.links.contains_key(&target) {
+            self.metrics.relay_refused += 1;
+            return None;
+        }
+        let token = nat::relay_token();
+        let frame = self.seal_reach(&ReachMsg::RelayOpen {
+            token: token.clone(),
+        });
+        self.write(&target, frame);
+        Some(token)
+    }
+
+    fn on_reach_frame(&mut self, from: PublicKey, kind: &str, body: &Value) {
+        let msg = match ReachMsg::from_kind_body(kind, body) {
+            Ok(m) => m,
+            Err(_) => return self.reject("malformed"),
+        };
+        let my_role = self.nat_status.as_ref().map(|s| s.decision.role);
+        match msg {
+            ReachMsg::RelayRegister {} => {
+                // Only a node others can reach relays, and only for so many.
+                let can = matches!(my_role, Some(Role::Public | Role::Gateway));
+                if !can
+                    || (self.relayed_for.len() >= MAX_RELAYED
+                        && !self.relayed_for.contains_key(&from))
+                {
+                    self.metrics.relay_refused += 1;
+                    return;
+                }
+                if self
+                    .relayed_for
+                    .insert(from, now_ms() + RELAY_REGISTRATION_MS)
+                    .is_none()
+                {
+                    self.metrics.relay_registrations += 1;
+                    tracing::info!(cell = %self.cfg.cell, "relaying for {}", from.short());
+                }
+            }
+            ReachMsg::RelayOpen { token } => {
+                let Some((relay, _)) = self.my_relay.filter(|(r, _)| r.key == from) else {
+                    return self.reject("forbidden");
+                };
+                let identity = self.identity.clone();
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    match conn::accept_via(relay.dial, &token, &identity, DIAL_TIMEOUT).await {
+                        Ok(c) => {
+                            let k = c.peer_key();
+                            spawn_link(c, k, None, tx);
+                        }
+                        Err(e) => tracing::debug!("answering relay {}: {e}", relay.dial),
+                    }
+                });
+            }
+            // Probe messages travel on probe connections only.
+            _ => self.reject("forbidden"),
+        }
+    }
+
+    fn seal_reach(&self, msg: &ReachMsg) -> Vec<u8> {
+        let (kind, body) = msg.to_kind_body();
+        envelope::seal(&self.key, &kind, Some(&self.my_addr), now_ms(), body).to_bytes()
     }
 
     fn on_frame(&mut self, link_key: PublicKey, bytes: Vec<u8>) {
@@ -410,7 +653,13 @@ impl Actor {
             return self.reject("forbidden");
         }
         if let Some(addr) = env.addr.clone() {
-            self.peer_addrs.insert(env.from, addr);
+            if self.peer_addrs.get(&env.from) != Some(&addr) {
+                self.tree.peer_addr_changed(&env.from, &addr);
+                self.peer_addrs.insert(env.from, addr);
+            }
+        }
+        if ReachMsg::is_reach_kind(&env.kind) {
+            return self.on_reach_frame(env.from, &env.kind, &env.body);
         }
         let msg = match TreeMsg::from_kind_body(&env.kind, &env.body) {
             Ok(m) => m,
@@ -481,6 +730,10 @@ impl Actor {
 
     fn send(&mut self, to: Target, msg: TreeMsg) {
         let frame = self.seal(&msg);
+        self.send_frame(to, frame);
+    }
+
+    fn send_frame(&mut self, to: Target, frame: Vec<u8>) {
         match to {
             Target::Key(key) => {
                 if self.links.contains_key(&key) {
@@ -498,7 +751,9 @@ impl Actor {
                     self.metrics.dropped_outbound += 1;
                 }
                 q.push_back(frame);
-                self.dial(Some(peer.key), peer.addr);
+                // The freshest address is the one the peer itself signed last.
+                let addr = self.peer_addrs.get(&peer.key).cloned().unwrap_or(peer.addr);
+                self.dial(Some(peer.key), addr);
             }
             Target::Addr(addr) => {
                 let q = self.pending_addr.entry(addr.clone()).or_default();
@@ -531,17 +786,42 @@ impl Actor {
                 return;
             }
         }
-        let Ok(sock) = addr.parse::<SocketAddr>() else {
+        let Ok(parsed) = addr.parse::<PeerAddr>() else {
             return;
+        };
+        // A node on our own LAN is dialed there, never through a relay (or a router hairpin).
+        let lan = key
+            .or(match parsed {
+                PeerAddr::Relayed { target, .. } => Some(target),
+                PeerAddr::Direct(_) => None,
+            })
+            .and_then(|k| self.lan_addrs.get(&k).map(|a| (k, *a)));
+        let route = match (lan, parsed) {
+            (Some((k, a)), _) => (Some(k), PeerAddr::Direct(a)),
+            (None, PeerAddr::Relayed { relay, target }) => {
+                if key.is_some_and(|k| k != target) {
+                    return;
+                }
+                self.metrics.relayed_dials += 1;
+                (Some(target), PeerAddr::Relayed { relay, target })
+            }
+            (None, direct) => (key, direct),
         };
         self.dialing.insert(addr.clone(), now);
         self.metrics.dials += 1;
         let identity = self.identity.clone();
         let tx = self.tx.clone();
         tokio::spawn(async move {
-            let result = match key {
-                Some(k) => conn::connect(sock, k, &identity, DIAL_TIMEOUT).await,
-                None => conn::connect_unpinned(sock, &identity, DIAL_TIMEOUT).await,
+            let result = match route {
+                (_, PeerAddr::Relayed { relay, target }) => {
+                    conn::connect_via(relay, target, &identity, DIAL_TIMEOUT).await
+                }
+                (Some(k), PeerAddr::Direct(sock)) => {
+                    conn::connect(sock, k, &identity, DIAL_TIMEOUT).await
+                }
+                (None, PeerAddr::Direct(sock)) => {
+                    conn::connect_unpinned(sock, &identity, DIAL_TIMEOUT).await
+                }
             };
             match result {
                 Ok(c) => {
@@ -581,6 +861,47 @@ impl Actor {
             "last_broadcast": self.last_broadcast.as_ref().map(|(id, at)| json!({"id": id, "at_ms": at})),
             "vacant": view.vacant,
             "connections": self.links.len(),
+        });
+        let mut status = status;
+        if let (Some(st), Some(obj)) = (self.nat_status.as_ref(), status.as_object_mut()) {
+            if let Some(extra) = st.to_json().as_object() {
+                for (k, v) in extra {
+                    obj.insert(k.clone(), v.clone());
+                }
+            }
+            obj.insert("relaying_for".into(), json!(self.relayed_for.len()));
+            obj.insert(
+                "relay_splices_active".into(),
+                json!(self
+                    .relay_hub
+                    .active
+                    .load(std::sync::atomic::Ordering::Relaxed)),
+            );
+        }
+        // Probe candidates: contacts and tree neighbours.
+        let mut cands: Vec<(Option<PublicKey>, String)> = self
+            .cfg
+            .join
+            .iter()
+            .map(|a| (None, a.to_string()))
+            .collect();
+        let mut add = |p: &borg_proto::tree::Peer| cands.push((Some(p.key), p.addr.clone()));
+        if let Some(r) = view.root.as_ref() {
+            add(r);
+        }
+        if let Some(p) = view.parent.as_ref() {
+            add(&p.peer);
+        }
+        for c in &view.children {
+            add(&c.peer);
+        }
+        self.candidates.send_if_modified(|old| {
+            if *old != cands {
+                *old = cands;
+                true
+            } else {
+                false
+            }
         });
         let snap = Snapshot {
             status,
@@ -704,4 +1025,24 @@ pub fn render_metrics(s: &Snapshot) -> String {
     let size = s.status.get("size").and_then(|v| v.as_u64()).unwrap_or(0);
     out.push_str(&format!("# HELP borg_tree_size Tree size as this node knows it.\n# TYPE borg_tree_size gauge\nborg_tree_size {size}\n"));
     out
+}
+
+/// The next reachability status, or `None` once the task is gone (never, if there is none).
+async fn nat_changed(rx: Option<&mut watch::Receiver<Arc<NatStatus>>>) -> Option<Arc<NatStatus>> {
+    match rx {
+        Some(rx) => {
+            rx.changed().await.ok()?;
+            Some(rx.borrow_and_update().clone())
+        }
+        None => std::future::pending().await,
+    }
+}
+
+impl NodeHandle {
+    /// Orderly stop of what outlives the process otherwise: the router's port mapping.
+    pub async fn shutdown(&self) {
+        if let Some(nat) = self.nat.as_ref() {
+            nat.shutdown().await;
+        }
+    }
 }

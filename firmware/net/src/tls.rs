@@ -46,6 +46,10 @@ use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY};
 /// can never be confused with an HTTPS connection to a receptor (which does not offer it).
 pub const ALPN_PEER: &[u8] = b"borg-peer/1";
 
+/// ALPN protocol id of reachability probes: one short exchange on a fresh connection that
+/// never becomes a tree link (docs/NAT.md).
+pub const ALPN_PROBE: &[u8] = b"borg-probe/1";
+
 /// Common name in node certificates. Informational only; nothing checks it.
 pub const CERT_COMMON_NAME: &str = "borg-node";
 
@@ -166,7 +170,7 @@ impl TlsIdentity {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(Arc::new(NodeClientVerifier::new(&provider)))
             .with_single_cert(vec![cert.clone()], private.clone_key())?;
-        server.alpn_protocols = vec![ALPN_PEER.to_vec()];
+        server.alpn_protocols = vec![ALPN_PEER.to_vec(), ALPN_PROBE.to_vec()];
         // No resumption: a resumed session would skip the client verifier.
         server.session_storage = Arc::new(NoServerSessionStorage {});
         server.send_tls13_tickets = 0;
@@ -226,6 +230,18 @@ impl TlsIdentity {
         config
             .dangerous()
             .set_certificate_verifier(Arc::new(PinnedServerVerifier::new(None, &provider)));
+        Arc::new(config)
+    }
+
+    /// Probe client: like [`Self::client_config`] (or unpinned with `None`), offering only
+    /// [`ALPN_PROBE`].
+    pub fn probe_client_config(&self, expected: Option<PublicKey>) -> Arc<ClientConfig> {
+        let mut config = self.client_template.clone();
+        let provider = config.crypto_provider().clone();
+        config
+            .dangerous()
+            .set_certificate_verifier(Arc::new(PinnedServerVerifier::new(expected, &provider)));
+        config.alpn_protocols = vec![ALPN_PROBE.to_vec()];
         Arc::new(config)
     }
 
@@ -486,7 +502,10 @@ mod tests {
         let key = SecretKey::generate();
         let id = TlsIdentity::new(&key).unwrap();
         assert_eq!(id.public_key(), key.public());
-        assert_eq!(id.server_config().alpn_protocols, vec![ALPN_PEER.to_vec()]);
+        assert_eq!(
+            id.server_config().alpn_protocols,
+            vec![ALPN_PEER.to_vec(), ALPN_PROBE.to_vec()]
+        );
         assert!(id.receptor_server_config().alpn_protocols.is_empty());
         let other = SecretKey::generate().public();
         assert_eq!(

@@ -281,13 +281,18 @@ pub struct LanPeer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MapState {
     Idle,
-    Trying { since: u64 },
+    Trying {
+        since: u64,
+    },
     Mapped {
         external: SocketAddr,
         protocol: String,
         since: u64,
     },
-    Refused { reason: String, at: u64 },
+    Refused {
+        reason: String,
+        at: u64,
+    },
 }
 
 impl MapState {
@@ -445,8 +450,14 @@ impl Reach {
         if self.observers.len() >= MAX_OBSERVERS && !self.observers.contains_key(&key) {
             return;
         }
-        self.observers
-            .insert(key, ObserverInfo { addr, role, at: now });
+        self.observers.insert(
+            key,
+            ObserverInfo {
+                addr,
+                role,
+                at: now,
+            },
+        );
     }
 
     /// A verified beacon from a node on our LAN.
@@ -477,7 +488,8 @@ impl Reach {
         let ttl = self.cfg.evidence_ttl_ms;
         self.observations
             .retain(|o| now.saturating_sub(o.at) <= ttl);
-        self.observers.retain(|_, o| now.saturating_sub(o.at) <= ttl);
+        self.observers
+            .retain(|_, o| now.saturating_sub(o.at) <= ttl);
         let lan_ttl = self.cfg.beacon_ttl_ms * 20;
         self.lan.retain(|_, p| now.saturating_sub(p.at) <= lan_ttl);
         if let MapState::Refused { at, .. } = self.map {
@@ -490,9 +502,10 @@ impl Reach {
     /// Whether an outside observer reached us through our mapping (proves the mapping works).
     pub fn mapping_verified(&self) -> bool {
         match &self.map {
-            MapState::Mapped { external, .. } => self.observations.iter().any(|o| {
-                matches!(o.evidence, Evidence::Reached { addr } if addr == *external)
-            }),
+            MapState::Mapped { external, .. } => self
+                .observations
+                .iter()
+                .any(|o| matches!(o.evidence, Evidence::Reached { addr } if addr == *external)),
             _ => false,
         }
     }
@@ -539,9 +552,10 @@ impl Reach {
         candidates.sort();
         candidates.dedup();
         candidates.into_iter().find(|addr| {
-            let obs = self.observations.iter().filter(
-                |o| matches!(o.evidence, Evidence::Reached { addr: a } if a == *addr),
-            );
+            let obs = self
+                .observations
+                .iter()
+                .filter(|o| matches!(o.evidence, Evidence::Reached { addr: a } if a == *addr));
             Self::independent(obs) >= 2
         })
     }
@@ -565,7 +579,9 @@ impl Reach {
                 let obs: Vec<&Observation> = self
                     .observations
                     .iter()
-                    .filter(|o| matches!(o.evidence, Evidence::Seen { seen, .. } if seen.ip() == ip))
+                    .filter(
+                        |o| matches!(o.evidence, Evidence::Seen { seen, .. } if seen.ip() == ip),
+                    )
                     .collect();
                 let newest = obs.iter().map(|o| o.at).max().unwrap_or(0);
                 (Self::independent(obs.into_iter()) >= 2).then_some((newest, ip))
@@ -648,8 +664,8 @@ impl Reach {
             .filter(|p| now.saturating_sub(p.at) <= ttl)
             .filter(|p| p.router == self.net.router)
             .collect();
-        let router_refused = matches!(self.map, MapState::Refused { .. })
-            || live.iter().any(|p| p.map_refused);
+        let router_refused =
+            matches!(self.map, MapState::Refused { .. }) || live.iter().any(|p| p.map_refused);
 
         // Our own mapping, once an outsider came through it.
         if let MapState::Mapped { external, .. } = &self.map {

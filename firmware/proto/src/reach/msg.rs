@@ -129,7 +129,9 @@ mod tests {
 
     #[test]
     fn every_message_round_trips() {
-        let a: SocketAddr = "203.0.113.7:13300".parse().unwrap_or_else(|_| unreachable!());
+        let a: SocketAddr = "203.0.113.7:13300"
+            .parse()
+            .unwrap_or_else(|_| unreachable!());
         let msgs = vec![
             ReachMsg::Probe {
                 reached: a,
@@ -173,8 +175,16 @@ mod tests {
             Err(ReachMsgError::UnknownKind(_))
         ));
         assert!(ReachMsg::from_kind_body("relay.open", &json!({"token": "a", "x": 1})).is_err());
-        assert!(ReachMsg::from_kind_body("nat.seen", &json!({"seen": "nope", "role": "public", "addr": "1.2.3.4:5"})).is_err());
-        assert!(ReachMsg::from_kind_body("nat.seen", &json!({"seen": "1.2.3.4:5", "role": "king", "addr": "1.2.3.4:5"})).is_err());
+        assert!(ReachMsg::from_kind_body(
+            "nat.seen",
+            &json!({"seen": "nope", "role": "public", "addr": "1.2.3.4:5"})
+        )
+        .is_err());
+        assert!(ReachMsg::from_kind_body(
+            "nat.seen",
+            &json!({"seen": "1.2.3.4:5", "role": "king", "addr": "1.2.3.4:5"})
+        )
+        .is_err());
     }
 
     proptest! {

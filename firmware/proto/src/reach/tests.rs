@@ -68,7 +68,11 @@ fn public_needs_two_independent_observers() {
     let mut r = public_node(key());
     let me = sock(198, 51, 100, 5, 13300);
     r.observe(1, key(), ip(203, 0, 113, 9), Evidence::Reached { addr: me });
-    assert_eq!(r.decide(2, FALLBACK).role, Role::Probing, "one observer is not enough");
+    assert_eq!(
+        r.decide(2, FALLBACK).role,
+        Role::Probing,
+        "one observer is not enough"
+    );
     // A second key from the same IP is not independent.
     r.observe(3, key(), ip(203, 0, 113, 9), Evidence::Reached { addr: me });
     assert_eq!(r.decide(4, FALLBACK).role, Role::Probing);
@@ -83,8 +87,18 @@ fn public_needs_two_independent_observers() {
 fn observers_on_our_own_link_do_not_count() {
     let mut r = public_node(key());
     let me = sock(198, 51, 100, 5, 13300);
-    r.observe(1, key(), ip(198, 51, 100, 6), Evidence::Reached { addr: me });
-    r.observe(1, key(), ip(198, 51, 100, 7), Evidence::Reached { addr: me });
+    r.observe(
+        1,
+        key(),
+        ip(198, 51, 100, 6),
+        Evidence::Reached { addr: me },
+    );
+    r.observe(
+        1,
+        key(),
+        ip(198, 51, 100, 7),
+        Evidence::Reached { addr: me },
+    );
     r.observe(1, key(), ip(127, 0, 0, 1), Evidence::Reached { addr: me });
     assert_eq!(r.decide(2, FALLBACK).role, Role::Probing);
 }
@@ -130,8 +144,17 @@ fn behind_nat_the_lowest_key_maps_and_becomes_gateway_once_reached() {
         protocol: "upnp".into(),
         since: 2,
     });
-    assert_eq!(r.decide(3, FALLBACK).role, Role::Probing, "not verified yet");
-    r.observe(4, key(), ip(198, 51, 100, 5), Evidence::Reached { addr: mapped });
+    assert_eq!(
+        r.decide(3, FALLBACK).role,
+        Role::Probing,
+        "not verified yet"
+    );
+    r.observe(
+        4,
+        key(),
+        ip(198, 51, 100, 5),
+        Evidence::Reached { addr: mapped },
+    );
     let d = r.decide(5, FALLBACK);
     assert_eq!(d.role, Role::Gateway);
     assert_eq!(d.advertise, PeerAddr::Direct(mapped));
@@ -209,7 +232,11 @@ fn a_refusing_router_sends_everyone_to_a_public_relay_chosen_by_rendezvous() {
         p2
     };
     assert_eq!(relay.key, expected);
-    assert_eq!(r.decide(3, FALLBACK).relay, d.relay, "same answer every time");
+    assert_eq!(
+        r.decide(3, FALLBACK).relay,
+        d.relay,
+        "same answer every time"
+    );
 }
 
 #[test]

@@ -393,7 +393,11 @@ impl TreeNode {
         if let Some(g) = self.grandparent.as_mut() {
             fix(g);
         }
-        for p in self.siblings.iter_mut().chain(self.root_children.iter_mut()) {
+        for p in self
+            .siblings
+            .iter_mut()
+            .chain(self.root_children.iter_mut())
+        {
             fix(&mut p.peer);
         }
         for slot in self.children.values_mut() {

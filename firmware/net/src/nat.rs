@@ -1,0 +1,917 @@
+//! The reachability task: finds out how other nodes reach this one and keeps it so.
+//!
+//! It owns a [`Reach`] state machine (`borg_proto::reach`, the rules) and does the I/O:
+//! - re-reads the local network from the kernel every few seconds ([`crate::localnet`]);
+//! - probes peers outside the LAN on `borg-probe/1` connections from a fixed source port:
+//!   each observer answers where the connection came from and, if asked, dials back the
+//!   address under test; it also learns that we reached it (evidence for its own role);
+//! - sends and hears signed LAN beacons (UDP broadcast on the tree port);
+//! - maps a port on the router when the rules make this node the LAN's candidate, renews the
+//!   lease, and removes the mapping when it is no longer wanted or the node shuts down;
+//! - publishes a [`NatStatus`] that the node actor (advertised address, relay registration,
+//!   LAN shortcuts) and the monitor read.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use borg_proto::envelope::{self, ReplayCache};
+use borg_proto::identity::{PublicKey, SecretKey};
+use borg_proto::reach::msg::{BeaconMap, ReachMsg};
+use borg_proto::reach::{
+    Decision, Evidence, LanPeer, LocalNet, MapState, PeerAddr, Reach, ReachConfig, Role,
+};
+use serde_json::{json, Value};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::conn::{self, PeerConn};
+use crate::node::now_ms;
+use crate::portmap::{self, MapRequest, PortMapping};
+use crate::tls::TlsIdentity;
+
+/// How the reachability task runs.
+#[derive(Debug, Clone)]
+pub struct NatConfig {
+    pub cell: String,
+    /// The tree listen address (its port is the beacon port too; probes use port + 1).
+    pub listen: SocketAddr,
+    /// Address to advertise while nothing better is known.
+    pub fallback: SocketAddr,
+    /// Send LAN beacons (off on loopback, where there is no LAN).
+    pub beacons: bool,
+    pub beacon_every: Duration,
+    /// Try to map a port on the router when this node is the LAN's candidate.
+    pub port_mapping: bool,
+    pub lease: Duration,
+    /// Probe interval while undecided; decided nodes probe ten times less often.
+    pub probe_every: Duration,
+    pub rules: ReachConfig,
+}
+
+impl NatConfig {
+    pub fn new(cell: &str, listen: SocketAddr, fallback: SocketAddr) -> Self {
+        Self {
+            cell: cell.to_string(),
+            listen,
+            fallback,
+            beacons: !listen.ip().is_loopback(),
+            beacon_every: Duration::from_secs(1),
+            port_mapping: true,
+            lease: Duration::from_secs(120),
+            probe_every: Duration::from_secs(2),
+            rules: ReachConfig::new(listen.port()),
+        }
+    }
+}
+
+/// What the rest of the node sees.
+#[derive(Debug, Clone)]
+pub struct NatStatus {
+    pub decision: Decision,
+    pub map: MapState,
+    pub map_protocol: Option<String>,
+    pub net: LocalNet,
+    pub lan: Vec<LanPeer>,
+    /// Milliseconds from start to the first decided role (for the benchmark).
+    pub decided_after_ms: Option<u64>,
+    pub probes_sent: u64,
+    pub probes_answered: u64,
+}
+
+impl NatStatus {
+    fn initial(cfg: &NatConfig) -> Self {
+        Self {
+            decision: Decision {
+                role: Role::Probing,
+                nat: borg_proto::reach::NatKind::Unknown,
+                external_ip: None,
+                advertise: PeerAddr::Direct(cfg.fallback),
+                relay: None,
+                want_mapping: false,
+                reason: "starting".into(),
+            },
+            map: MapState::Idle,
+            map_protocol: None,
+            net: LocalNet::default(),
+            lan: Vec::new(),
+            decided_after_ms: None,
+            probes_sent: 0,
+            probes_answered: 0,
+        }
+    }
+
+    /// The address outsiders use for this node, when it has one.
+    pub fn external_addr(&self) -> Option<String> {
+        match self.decision.role {
+            Role::Public | Role::Gateway | Role::Relayed => {
+                Some(self.decision.advertise.to_string())
+            }
+            Role::Probing | Role::Local => None,
+        }
+    }
+
+    /// The status JSON fields (merged into the node's `/status`).
+    pub fn to_json(&self) -> Value {
+        let d = &self.decision;
+        let (map_reason, map_external) = match &self.map {
+            MapState::Refused { reason, .. } => (Some(reason.clone()), None),
+            MapState::Mapped { external, .. } => (None, Some(external.to_string())),
+            _ => (None, None),
+        };
+        json!({
+            "nat_role": d.role.as_str(),
+            "external_addr": self.external_addr(),
+            "external_ip": d.external_ip.map(|ip| ip.to_string()),
+            "nat_type": d.nat.as_str(),
+            "nat_reason": d.reason,
+            "advertised_addr": d.advertise.to_string(),
+            "router": self.net.router.map(|r| r.to_string()),
+            "relay": d.relay.map(|r| json!({"key": r.key.to_b64(), "addr": r.public.to_string(), "dial": r.dial.to_string()})),
+            "mapping": {
+                "state": self.map.as_str(),
+                "protocol": self.map_protocol,
+                "external": map_external,
+                "reason": map_reason,
+            },
+            "lan_peers": self.lan.iter().map(|p| json!({
+                "key": p.key.to_b64(), "addr": p.lan_addr.to_string(), "role": p.role.as_str(),
+            })).collect::<Vec<_>>(),
+            "nat_decided_after_ms": self.decided_after_ms,
+        })
+    }
+}
+
+/// Events into the task.
+pub(crate) enum NatEvent {
+    Evidence {
+        observer: PublicKey,
+        from_ip: IpAddr,
+        evidence: Evidence,
+    },
+    ObserverRole {
+        key: PublicKey,
+        addr: SocketAddr,
+        role: Role,
+    },
+    /// A dial-back arrived carrying `token` for `addr`.
+    DialedBack {
+        observer: PublicKey,
+        from_ip: IpAddr,
+        addr: SocketAddr,
+        token: String,
+    },
+    ProbeRoundDone {
+        sent: u64,
+        answered: u64,
+    },
+    Mapped(Result<PortMapping, String>),
+    Renewed(PortMapping, Result<(), String>),
+    /// Remove any mapping and stop (node shutdown).
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Handles the node keeps.
+#[derive(Clone)]
+pub struct NatHandle {
+    pub(crate) events: mpsc::Sender<NatEvent>,
+    pub status: watch::Receiver<Arc<NatStatus>>,
+    pub(crate) probe_ctx: Arc<ProbeCtx>,
+}
+
+impl std::fmt::Debug for NatHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NatHandle")
+    }
+}
+
+/// What answering probes needs (shared with the accept loop).
+pub(crate) struct ProbeCtx {
+    key: SecretKey,
+    identity: Arc<TlsIdentity>,
+    status: watch::Receiver<Arc<NatStatus>>,
+    replay: Mutex<ReplayCache>,
+    events: mpsc::Sender<NatEvent>,
+}
+
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+const MAX_PROBES_PER_ROUND: usize = 6;
+const NET_RECHECK: Duration = Duration::from_secs(3);
+
+/// Start the reachability task. `candidates` yields the peers worth probing (the tree's
+/// neighbours and contacts), read at every probe round.
+pub fn spawn(
+    cfg: NatConfig,
+    key: SecretKey,
+    identity: Arc<TlsIdentity>,
+    candidates: watch::Receiver<Vec<(Option<PublicKey>, String)>>,
+) -> NatHandle {
+    let (events_tx, events_rx) = mpsc::channel(256);
+    let (status_tx, status_rx) = watch::channel(Arc::new(NatStatus::initial(&cfg)));
+    let probe_ctx = Arc::new(ProbeCtx {
+        key: key.clone(),
+        identity: identity.clone(),
+        status: status_rx.clone(),
+        replay: Mutex::new(ReplayCache::default()),
+        events: events_tx.clone(),
+    });
+    let net = crate::localnet::read();
+    let now = now_ms();
+    let task = NatTask {
+        reach: Reach::new(cfg.rules, key.public(), net, now),
+        cfg,
+        key,
+        candidates,
+        events: events_tx.clone(),
+        status: status_tx,
+        started: Instant::now(),
+        mapping: None,
+        map_busy: false,
+        map_protocol: None,
+        next_renew: None,
+        probing: false,
+        next_probe: Instant::now(),
+        tokens: HashMap::new(),
+        last: None,
+        probes_sent: 0,
+        probes_answered: 0,
+        decided_after_ms: None,
+        ctx: probe_ctx.clone(),
+    };
+    tokio::spawn(task.run(events_rx));
+    NatHandle {
+        events: events_tx,
+        status: status_rx,
+        probe_ctx,
+    }
+}
+
+struct NatTask {
+    cfg: NatConfig,
+    key: SecretKey,
+    reach: Reach,
+    candidates: watch::Receiver<Vec<(Option<PublicKey>, String)>>,
+    events: mpsc::Sender<NatEvent>,
+    status: watch::Sender<Arc<NatStatus>>,
+    started: Instant,
+    mapping: Option<PortMapping>,
+    map_busy: bool,
+    map_protocol: Option<String>,
+    next_renew: Option<Instant>,
+    probing: bool,
+    next_probe: Instant,
+    /// Dial-back tokens we handed out: token -> address under test.
+    tokens: HashMap<String, (SocketAddr, Instant)>,
+    last: Option<Decision>,
+    probes_sent: u64,
+    probes_answered: u64,
+    decided_after_ms: Option<u64>,
+    ctx: Arc<ProbeCtx>,
+}
+
+impl NatTask {
+    async fn run(mut self, mut events: mpsc::Receiver<NatEvent>) {
+        let beacon = if self.cfg.beacons {
+            match beacon_socket(self.cfg.listen.port()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(
+                        "LAN beacons off: cannot bind UDP port {}: {e}",
+                        self.cfg.listen.port()
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_beacon = Instant::now();
+        let mut next_net = Instant::now() + NET_RECHECK;
+        let mut buf = vec![0u8; 4096];
+        loop {
+            tokio::select! {
+                ev = events.recv() => {
+                    let Some(ev) = ev else { return };
+                    if let NatEvent::Shutdown(done) = ev {
+                        self.shutdown().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    self.on_event(ev);
+                }
+                got = recv_beacon(beacon.as_ref(), &mut buf) => {
+                    if let Some((n, from)) = got {
+                        self.on_beacon(&buf[..n], from);
+                    }
+                }
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    if now >= next_net {
+                        next_net = now + NET_RECHECK;
+                        let net = crate::localnet::read();
+                        if net != *self.reach.net() {
+                            tracing::info!(cell = %self.cfg.cell, "local network changed: {net:?}");
+                            self.drop_mapping().await;
+                            self.reach.set_net(net, now_ms());
+                            self.next_probe = now;
+                        }
+                    }
+                    if let Some(sock) = beacon.as_ref() {
+                        if now >= next_beacon {
+                            next_beacon = now + self.cfg.beacon_every;
+                            self.send_beacon(sock).await;
+                        }
+                    }
+                    self.maintain();
+                }
+            }
+            self.publish();
+        }
+    }
+
+    fn on_event(&mut self, ev: NatEvent) {
+        let now = now_ms();
+        match ev {
+            NatEvent::Evidence {
+                observer,
+                from_ip,
+                evidence,
+            } => self.reach.observe(now, observer, from_ip, evidence),
+            NatEvent::ObserverRole { key, addr, role } => {
+                self.reach.observer_role(now, key, addr, role)
+            }
+            NatEvent::DialedBack {
+                observer,
+                from_ip,
+                addr,
+                token,
+            } => {
+                if self.tokens.get(&token).is_some_and(|(a, _)| *a == addr) {
+                    self.reach
+                        .observe(now, observer, from_ip, Evidence::Reached { addr });
+                }
+            }
+            NatEvent::ProbeRoundDone { sent, answered } => {
+                self.probing = false;
+                self.probes_sent += sent;
+                self.probes_answered += answered;
+            }
+            NatEvent::Mapped(result) => {
+                self.map_busy = false;
+                match result {
+                    Ok(m) => {
+                        tracing::info!(cell = %self.cfg.cell, "port mapped: {} via {}", m.external(), m.protocol());
+                        self.reach.set_map(MapState::Mapped {
+                            external: m.external(),
+                            protocol: m.protocol().to_string(),
+                            since: now,
+                        });
+                        self.map_protocol = Some(m.protocol().to_string());
+                        self.next_renew = Some(Instant::now() + m.lease() / 3);
+                        self.mapping = Some(m);
+                        // Ask the observers to come in through the mapping right away.
+                        self.next_probe = Instant::now();
+                    }
+                    Err(reason) => {
+                        tracing::info!(cell = %self.cfg.cell, "router maps no port: {reason}");
+                        self.reach.set_map(MapState::Refused { reason, at: now });
+                    }
+                }
+            }
+            NatEvent::Renewed(m, result) => {
+                self.map_busy = false;
+                match result {
+                    Ok(()) => {
+                        self.next_renew = Some(Instant::now() + m.lease() / 3);
+                        self.mapping = Some(m);
+                    }
+                    Err(reason) => {
+                        tracing::warn!(cell = %self.cfg.cell, "mapping renewal failed: {reason}");
+                        self.mapping = None;
+                        self.reach.set_map(MapState::Idle);
+                    }
+                }
+            }
+            NatEvent::Shutdown(_) => {}
+        }
+    }
+
+    fn on_beacon(&mut self, bytes: &[u8], from: SocketAddr) {
+        let now = now_ms();
+        let env = {
+            let mut replay = self.ctx.replay.lock().unwrap_or_else(|e| e.into_inner());
+            match envelope::open(bytes, now, &mut replay) {
+                Ok(e) => e.into_inner(),
+                Err(_) => return,
+            }
+        };
+        if env.from == self.key.public() {
+            return;
+        }
+        let Ok(ReachMsg::Beacon {
+            cell,
+            lan,
+            router,
+            role,
+            external,
+            map,
+        }) = ReachMsg::from_kind_body(&env.kind, &env.body)
+        else {
+            return;
+        };
+        // A beacon speaks only for the address it came from.
+        if cell != self.cfg.cell || lan.ip() != from.ip() {
+            return;
+        }
+        self.reach.lan_peer(LanPeer {
+            key: env.from,
+            lan_addr: lan,
+            router,
+            role,
+            external,
+            map_refused: map == BeaconMap::Refused,
+            at: now,
+        });
+    }
+
+    async fn send_beacon(&self, sock: &UdpSocket) {
+        let st = self.status.borrow().clone();
+        let d = &st.decision;
+        let lan = match self.my_lan_ip() {
+            Some(ip) => SocketAddr::new(ip, self.cfg.listen.port()),
+            None => return,
+        };
+        let external = match (d.role, &st.map) {
+            (Role::Gateway, MapState::Mapped { external, .. }) => Some(*external),
+            _ => None,
+        };
+        let map = match st.map {
+            MapState::Idle => BeaconMap::None,
+            MapState::Trying { .. } => BeaconMap::Trying,
+            MapState::Mapped { .. } => BeaconMap::Mapped,
+            MapState::Refused { .. } => BeaconMap::Refused,
+        };
+        let msg = ReachMsg::Beacon {
+            cell: self.cfg.cell.clone(),
+            lan,
+            router: self.reach.net().router,
+            role: d.role,
+            external,
+            map,
+        };
+        let (kind, body) = msg.to_kind_body();
+        let bytes = envelope::seal(
+            &self.key,
+            &kind,
+            Some(&d.advertise.to_string()),
+            now_ms(),
+            body,
+        )
+        .to_bytes();
+        for b in crate::localnet::broadcast_addrs() {
+            let _ = sock
+                .send_to(
+                    &bytes,
+                    SocketAddr::new(IpAddr::V4(b), self.cfg.listen.port()),
+                )
+                .await;
+        }
+    }
+
+    fn my_lan_ip(&self) -> Option<IpAddr> {
+        let net = self.reach.net();
+        let on_router = net.router.and_then(|r| {
+            net.addrs
+                .iter()
+                .find(|a| a.contains(r) && !a.ip.is_loopback())
+        });
+        on_router
+            .or_else(|| net.addrs.iter().find(|a| !a.ip.is_loopback()))
+            .map(|a| a.ip)
+    }
+
+    /// Probing, mapping and renewal, as the current decision asks.
+    fn maintain(&mut self) {
+        let now = now_ms();
+        self.reach.expire(now);
+        self.tokens
+            .retain(|_, (_, at)| at.elapsed() < Duration::from_secs(60));
+        let d = self.reach.decide(now, self.cfg.fallback);
+
+        // Mapping.
+        if self.cfg.port_mapping && !self.map_busy {
+            if d.want_mapping
+                && self.mapping.is_none()
+                && matches!(self.reach.map_state(), MapState::Idle)
+            {
+                self.start_mapping(now);
+            } else if self.mapping.is_some()
+                && (!d.want_mapping || self.reach.mapping_unverified_too_long(now))
+            {
+                let reason = if d.want_mapping {
+                    "mapped, but no outside peer could reach the mapping (double NAT?)".to_string()
+                } else {
+                    "another node holds the LAN's mapping".to_string()
+                };
+                if let Some(m) = self.mapping.take() {
+                    tokio::spawn(async move {
+                        let _ = m.remove().await;
+                    });
+                }
+                self.map_protocol = None;
+                self.reach.set_map(if d.want_mapping {
+                    MapState::Refused { reason, at: now }
+                } else {
+                    MapState::Idle
+                });
+            } else if let (Some(at), Some(_)) = (self.next_renew, self.mapping.as_ref()) {
+                if Instant::now() >= at {
+                    if let Some(mut m) = self.mapping.take() {
+                        self.map_busy = true;
+                        let events = self.events.clone();
+                        tokio::spawn(async move {
+                            let r = m.renew().await.map_err(|e| e.to_string());
+                            let _ = events.send(NatEvent::Renewed(m, r)).await;
+                        });
+                    }
+                }
+            }
+        }
+
+        // Probing.
+        if !self.probing && Instant::now() >= self.next_probe {
+            let every = if d.role == Role::Probing
+                || self.mapping.is_some() && !self.reach.mapping_verified()
+            {
+                self.cfg.probe_every
+            } else {
+                self.cfg.probe_every * 15
+            };
+            self.next_probe = Instant::now() + every;
+            self.start_probe_round();
+        }
+    }
+
+    fn start_mapping(&mut self, now: u64) {
+        let net = self.reach.net();
+        let (Some(IpAddr::V4(gateway)), Some(IpAddr::V4(local_ip))) =
+            (net.router, self.my_lan_ip())
+        else {
+            self.reach.set_map(MapState::Refused {
+                reason: "no IPv4 router to ask".into(),
+                at: now,
+            });
+            return;
+        };
+        self.map_busy = true;
+        self.reach.set_map(MapState::Trying { since: now });
+        let req = MapRequest {
+            gateway,
+            local_ip,
+            internal_port: self.cfg.listen.port(),
+            external_port: self.cfg.listen.port(),
+            lease: self.cfg.lease,
+            timeout: Duration::from_millis(1500),
+            description: format!("BorgIOS {}", self.cfg.cell),
+        };
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let r = portmap::map_tcp(&req).await.map_err(|e| e.to_string());
+            let _ = events.send(NatEvent::Mapped(r)).await;
+        });
+    }
+
+    fn start_probe_round(&mut self) {
+        let net = self.reach.net().clone();
+        let me = self.key.public();
+        let mut targets: Vec<(Option<PublicKey>, SocketAddr)> = Vec::new();
+        for (key, addr) in self.candidates.borrow().iter() {
+            if key.is_some_and(|k| k == me) {
+                continue;
+            }
+            let Ok(PeerAddr::Direct(sock)) = addr.parse::<PeerAddr>() else {
+                continue;
+            };
+            if net.is_on_link(sock.ip()) || sock.ip().is_unspecified() {
+                continue;
+            }
+            if targets.iter().any(|(_, a)| *a == sock) {
+                continue;
+            }
+            targets.push((*key, sock));
+            if targets.len() >= MAX_PROBES_PER_ROUND {
+                break;
+            }
+        }
+        if targets.is_empty() {
+            return;
+        }
+        // Dial-back: the mapping under test, else our own address (only a node with a public
+        // address can be dialed back at it; observers refuse other IPs).
+        let dialback = match self.reach.map_state() {
+            MapState::Mapped { external, .. } => Some(*external),
+            _ => self
+                .my_lan_ip()
+                .map(|ip| SocketAddr::new(ip, self.cfg.listen.port())),
+        };
+        let bind_ip = if self.cfg.listen.ip().is_unspecified() {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        } else {
+            self.cfg.listen.ip()
+        };
+        let bind = SocketAddr::new(bind_ip, self.cfg.listen.port().wrapping_add(1));
+        let mut jobs = Vec::new();
+        for (key, addr) in targets {
+            let token = random_token();
+            if let Some(d) = dialback {
+                self.tokens.insert(token.clone(), (d, Instant::now()));
+            }
+            jobs.push((key, addr, token));
+        }
+        self.probing = true;
+        let ctx = self.ctx.clone();
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let (mut sent, mut answered) = (0, 0);
+            // One at a time: they share the source port.
+            for (key, addr, token) in jobs {
+                sent += 1;
+                match probe_one(&ctx, key, addr, bind, dialback, token).await {
+                    Ok(()) => answered += 1,
+                    Err(e) => tracing::debug!("probe of {addr} failed: {e}"),
+                }
+            }
+            let _ = events
+                .send(NatEvent::ProbeRoundDone { sent, answered })
+                .await;
+        });
+    }
+
+    async fn drop_mapping(&mut self) {
+        if let Some(m) = self.mapping.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(3), m.remove()).await;
+        }
+        self.map_protocol = None;
+        self.reach.set_map(MapState::Idle);
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(m) = self.mapping.take() {
+            let ext = m.external();
+            match tokio::time::timeout(Duration::from_secs(3), m.remove()).await {
+                Ok(Ok(())) => tracing::info!(cell = %self.cfg.cell, "port mapping {ext} removed"),
+                Ok(Err(e)) => {
+                    tracing::warn!(cell = %self.cfg.cell, "removing port mapping {ext}: {e}")
+                }
+                Err(_) => {
+                    tracing::warn!(cell = %self.cfg.cell, "removing port mapping {ext}: timed out")
+                }
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        let now = now_ms();
+        let mut d = self.reach.decide(now, self.cfg.fallback);
+        // While a decided node re-decides (e.g. its gateway just died), keep advertising the
+        // last address that worked rather than an unreachable LAN address.
+        if d.role == Role::Probing {
+            if let Some(last) = self.last.as_ref() {
+                d.advertise = last.advertise;
+            }
+        } else {
+            if self.decided_after_ms.is_none() {
+                self.decided_after_ms = Some(self.started.elapsed().as_millis() as u64);
+                tracing::info!(cell = %self.cfg.cell, "NAT role {} after {} ms: {}", d.role, self.decided_after_ms.unwrap_or(0), d.reason);
+            } else if self
+                .last
+                .as_ref()
+                .is_some_and(|l| l.role != d.role || l.advertise != d.advertise)
+            {
+                tracing::info!(cell = %self.cfg.cell, "NAT role {} at {}: {}", d.role, d.advertise, d.reason);
+            }
+            self.last = Some(d.clone());
+        }
+        let st = NatStatus {
+            decision: d,
+            map: self.reach.map_state().clone(),
+            map_protocol: self.map_protocol.clone(),
+            net: self.reach.net().clone(),
+            lan: self.reach.lan_peers(now).cloned().collect(),
+            decided_after_ms: self.decided_after_ms,
+            probes_sent: self.probes_sent,
+            probes_answered: self.probes_answered,
+        };
+        self.status.send_replace(Arc::new(st));
+    }
+}
+
+fn random_token() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 12];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub(crate) fn relay_token() -> String {
+    random_token()
+}
+
+fn beacon_socket(port: u16) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    // Every cell of the host, and every test node in its namespace, binds the wildcard.
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_broadcast(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port).into())?;
+    UdpSocket::from_std(s.into())
+}
+
+async fn recv_beacon(sock: Option<&UdpSocket>, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
+    match sock {
+        Some(s) => s.recv_from(buf).await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Errors of one probe.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("transport: {0}")]
+    Transport(#[from] conn::TransportError),
+    #[error("frame: {0}")]
+    Frame(#[from] crate::frame::FrameError),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("connection closed before an answer")]
+    Closed,
+    #[error("answer rejected: {0}")]
+    Rejected(String),
+}
+
+fn seal(key: &SecretKey, msg: &ReachMsg, addr: &str) -> Vec<u8> {
+    let (kind, body) = msg.to_kind_body();
+    envelope::seal(key, &kind, Some(addr), now_ms(), body).to_bytes()
+}
+
+/// Open a verified reachability message from `conn`'s peer.
+fn open_from(ctx: &ProbeCtx, conn_key: PublicKey, bytes: &[u8]) -> Result<ReachMsg, ProbeError> {
+    let env = {
+        let mut replay = ctx.replay.lock().unwrap_or_else(|e| e.into_inner());
+        envelope::open(bytes, now_ms(), &mut replay)
+            .map_err(|e| ProbeError::Rejected(e.to_string()))?
+            .into_inner()
+    };
+    if env.from != conn_key {
+        return Err(ProbeError::Rejected(
+            "signed by another key than the TLS peer".into(),
+        ));
+    }
+    ReachMsg::from_kind_body(&env.kind, &env.body).map_err(|e| ProbeError::Rejected(e.to_string()))
+}
+
+async fn recv_within(conn: &mut PeerConn, t: Duration) -> Result<Vec<u8>, ProbeError> {
+    match tokio::time::timeout(t, conn.recv()).await {
+        Err(_) => Err(ProbeError::Timeout(t)),
+        Ok(Err(e)) => Err(e.into()),
+        Ok(Ok(None)) => Err(ProbeError::Closed),
+        Ok(Ok(Some(b))) => Ok(b),
+    }
+}
+
+/// Probe one observer: what does it see, and can it come back in?
+async fn probe_one(
+    ctx: &ProbeCtx,
+    key: Option<PublicKey>,
+    addr: SocketAddr,
+    bind: SocketAddr,
+    dialback: Option<SocketAddr>,
+    token: String,
+) -> Result<(), ProbeError> {
+    let (mut conn, local) =
+        conn::connect_probe(addr, key, Some(bind), &ctx.identity, PROBE_TIMEOUT).await?;
+    let observer = conn.peer_key();
+    let my_addr = ctx.status.borrow().decision.advertise.to_string();
+    let probe = ReachMsg::Probe {
+        reached: addr,
+        dialback,
+        token,
+    };
+    conn.send(&seal(&ctx.key, &probe, &my_addr)).await?;
+    let bytes = recv_within(&mut conn, PROBE_TIMEOUT).await?;
+    let ReachMsg::Seen {
+        seen,
+        role,
+        addr: their,
+    } = open_from(ctx, observer, &bytes)?
+    else {
+        return Err(ProbeError::Rejected("expected nat.seen".into()));
+    };
+    let _ = ctx
+        .events
+        .send(NatEvent::Evidence {
+            observer,
+            from_ip: addr.ip(),
+            evidence: Evidence::Seen {
+                seen,
+                local_port: local.port(),
+            },
+        })
+        .await;
+    // A relay candidate must be reachable where it says it is: where we just reached it.
+    if their == PeerAddr::Direct(addr) {
+        let _ = ctx
+            .events
+            .send(NatEvent::ObserverRole {
+                key: observer,
+                addr,
+                role,
+            })
+            .await;
+    }
+    // The observer closes once its dial-back is done (bounded by its own timeout).
+    let _ = tokio::time::timeout(PROBE_TIMEOUT + Duration::from_secs(1), conn.recv()).await;
+    Ok(())
+}
+
+/// Answer a probe or a dial-back that arrived on our listener.
+pub(crate) async fn answer_probe(ctx: Arc<ProbeCtx>, mut conn: PeerConn) {
+    if let Err(e) = answer_probe_inner(&ctx, &mut conn).await {
+        tracing::debug!("probe from {} refused: {e}", conn.remote_addr());
+    }
+    let (_, mut w) = conn.into_split();
+    let _ = w.shutdown().await;
+}
+
+async fn answer_probe_inner(ctx: &ProbeCtx, conn: &mut PeerConn) -> Result<(), ProbeError> {
+    let prober = conn.peer_key();
+    let remote = conn.remote_addr();
+    let bytes = recv_within(conn, PROBE_TIMEOUT).await?;
+    match open_from(ctx, prober, &bytes)? {
+        ReachMsg::Probe {
+            reached,
+            dialback,
+            token,
+        } => {
+            let _ = ctx
+                .events
+                .send(NatEvent::Evidence {
+                    observer: prober,
+                    from_ip: remote.ip(),
+                    evidence: Evidence::Reached { addr: reached },
+                })
+                .await;
+            let (role, addr) = {
+                let st = ctx.status.borrow();
+                (st.decision.role, st.decision.advertise)
+            };
+            let seen = ReachMsg::Seen {
+                seen: remote,
+                role,
+                addr,
+            };
+            conn.send(&seal(&ctx.key, &seen, &addr.to_string())).await?;
+            // Dial back only to the IP the probe came from: nobody can aim us at a third party.
+            if let Some(target) = dialback.filter(|d| d.ip() == remote.ip()) {
+                let (mut back, _) =
+                    conn::connect_probe(target, Some(prober), None, &ctx.identity, PROBE_TIMEOUT)
+                        .await?;
+                let msg = ReachMsg::Reached {
+                    addr: target,
+                    token,
+                };
+                back.send(&seal(&ctx.key, &msg, &addr.to_string())).await?;
+                let _ = tokio::time::timeout(PROBE_TIMEOUT, back.recv()).await;
+            }
+            Ok(())
+        }
+        ReachMsg::Reached { addr, token } => {
+            let _ = ctx
+                .events
+                .send(NatEvent::DialedBack {
+                    observer: prober,
+                    from_ip: remote.ip(),
+                    addr,
+                    token,
+                })
+                .await;
+            Ok(())
+        }
+        _ => Err(ProbeError::Rejected("not a probe".into())),
+    }
+}
+
+impl NatHandle {
+    /// Remove the port mapping (if any) and stop the task; bounded by a few seconds.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.events.send(NatEvent::Shutdown(tx)).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
+        }
+    }
+}
