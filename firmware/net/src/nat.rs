@@ -61,7 +61,10 @@ impl NatConfig {
             port_mapping: true,
             lease: Duration::from_secs(120),
             probe_every: Duration::from_secs(2),
-            rules: ReachConfig::new(listen.port()),
+            rules: ReachConfig {
+                listen_ip: (!listen.ip().is_unspecified()).then_some(listen.ip()),
+                ..ReachConfig::new(listen.port())
+            },
         }
     }
 }
@@ -482,6 +485,9 @@ impl NatTask {
     }
 
     fn my_lan_ip(&self) -> Option<IpAddr> {
+        if let Some(ip) = self.cfg.rules.listen_ip {
+            return Some(ip);
+        }
         let net = self.reach.net();
         let on_router = net.router.and_then(|r| {
             net.addrs

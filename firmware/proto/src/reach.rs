@@ -311,6 +311,8 @@ impl MapState {
 pub struct ReachConfig {
     /// Our tree listen port.
     pub listen_port: u16,
+    /// The IP we listen on, when it is one address rather than all of them.
+    pub listen_ip: Option<IpAddr>,
     /// Evidence older than this is forgotten.
     pub evidence_ttl_ms: u64,
     /// A LAN peer not heard for this long is gone.
@@ -327,6 +329,7 @@ impl ReachConfig {
     pub fn new(listen_port: u16) -> Self {
         Self {
             listen_port,
+            listen_ip: None,
             evidence_ttl_ms: 10 * 60_000,
             beacon_ttl_ms: 3_500,
             settle_ms: 20_000,
@@ -613,6 +616,9 @@ impl Reach {
     }
 
     fn my_lan_addr(&self) -> Option<SocketAddr> {
+        if let Some(ip) = self.cfg.listen_ip {
+            return Some(SocketAddr::new(ip, self.cfg.listen_port));
+        }
         // The address on the router's link, else the first non-loopback one.
         let on_router = self.net.router.and_then(|r| {
             self.net
