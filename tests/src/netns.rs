@@ -20,7 +20,9 @@
 //!   characters), so parallel tests and leftovers of a killed run do not clash. Dropping the
 //!   [`Topology`], also while a test panics, kills the daemons and every process left in its
 //!   namespaces and deletes the namespaces, which removes their veths and bridges. Nothing
-//!   touches the root namespace's interfaces or firewall.
+//!   touches the root namespace's interfaces or firewall. A run killed with SIGKILL leaves its
+//!   namespaces (and their miniupnpd) behind; remove them with
+//!   `for n in $(ip netns list | grep -o '^bt[0-9]*n[0-9]*-[^ ]*'); do ip netns pids $n | xargs -r kill; ip netns del $n; done`.
 //! - Router firewalls use `iptables-legacy`: Debian's `miniupnpd-iptables` programs the legacy
 //!   tables through libiptc, so its chains (and the DNAT rules it adds to them) must live there.
 //! - miniupnpd refuses to map anything while its WAN address is private or reserved (it checks
@@ -353,7 +355,7 @@ impl Topology {
                 internet: None,
             };
         }
-        panic!("no free namespace prefix for bt{pid}n*: clean up with `ip -all netns delete`?");
+        panic!("no free namespace prefix for bt{pid}n*: leftovers? (see the module notes)");
     }
 
     /// Where daemons' configuration and logs go.

@@ -219,7 +219,8 @@ impl PortMapping {
 
     /// Refresh the lease, keeping the external port. Should the router move a PCP / NAT-PMP
     /// mapping to another port (it lost its state, and the port went to someone else),
-    /// [`PortMapping::external`] reports the new one.
+    /// [`PortMapping::external`] reports the new one. After an error, map anew with
+    /// [`map_tcp`]: a restarted router may have lost the mapping or moved its control URL.
     pub async fn renew(&mut self) -> Result<(), PortMapError> {
         let t = self.timeout;
         match &mut self.handle {
