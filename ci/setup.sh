@@ -9,4 +9,19 @@ if ! command -v curl >/dev/null; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq curl
 fi
+# The netns NAT tests (tests/tests/portmap_miniupnpd.rs) build home routers out of network
+# namespaces and run the real miniupnpd in each. Only the daemon package: the `miniupnpd` package
+# would add a debconf question and a system service that we do not want (the tests start their own
+# miniupnpd per namespace with a config file in a temp dir). The -iptables variant: it writes its
+# rules through libiptc into the legacy tables, where the tests prepare its chains (iptables-legacy).
+netns_pkgs=(iproute2 iptables miniupnpd-iptables miniupnpc)
+netns_missing=()
+for p in "${netns_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || netns_missing+=("$p")
+done
+if ((${#netns_missing[@]})); then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${netns_missing[@]}"
+fi
 "$ROOT/ci/appliance-setup.sh"
