@@ -673,9 +673,13 @@ impl Reach {
         let router_refused =
             matches!(self.map, MapState::Refused { .. }) || live.iter().any(|p| p.map_refused);
 
-        // Our own mapping, once an outsider came through it.
+        // Our own mapping, once an outsider came through it. Two nodes that mapped at once
+        // (neither had heard the other yet) settle it: the higher key yields.
+        let lower_gateway = live
+            .iter()
+            .any(|p| p.role == Role::Gateway && p.key < self.me);
         if let MapState::Mapped { external, .. } = &self.map {
-            if self.mapping_verified() {
+            if self.mapping_verified() && !lower_gateway {
                 d.role = Role::Gateway;
                 d.advertise = PeerAddr::Direct(*external);
                 d.want_mapping = true;
@@ -711,9 +715,15 @@ impl Reach {
                 .map(|p| p.key)
                 .chain(std::iter::once(self.me))
                 .min();
-            if candidate == Some(self.me) {
+            // Map only after a beacon TTL, so that the LAN's other nodes have been heard.
+            let heard_lan = now.saturating_sub(self.started) >= self.cfg.beacon_ttl_ms;
+            if candidate == Some(self.me) && heard_lan {
                 d.want_mapping = true;
                 d.reason = "mapping a port on the router for this LAN".into();
+                return d;
+            }
+            if candidate == Some(self.me) {
+                d.reason = "listening for the other nodes of this LAN".into();
                 return d;
             }
             // The candidate is alive and has not given up: wait for it.

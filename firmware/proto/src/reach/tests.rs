@@ -132,7 +132,23 @@ fn behind_nat_the_lowest_key_maps_and_becomes_gateway_once_reached() {
             at: 1,
         });
     }
-    let d = r.decide(2, FALLBACK);
+    assert!(
+        !r.decide(2, FALLBACK).want_mapping,
+        "not before the LAN was heard"
+    );
+    let t = r.config().beacon_ttl_ms;
+    for (i, k) in keys[1..].iter().enumerate() {
+        r.lan_peer(LanPeer {
+            key: *k,
+            lan_addr: sock(10, 0, 1, 3 + i as u8, 13300),
+            router: Some(ip(10, 0, 1, 1)),
+            role: Role::Probing,
+            external: None,
+            map_refused: false,
+            at: t,
+        });
+    }
+    let d = r.decide(t, FALLBACK);
     assert_eq!(d.role, Role::Probing);
     assert!(d.want_mapping, "lowest key must map: {d:?}");
     assert_eq!(d.nat, NatKind::EndpointIndependent);
@@ -145,17 +161,17 @@ fn behind_nat_the_lowest_key_maps_and_becomes_gateway_once_reached() {
         since: 2,
     });
     assert_eq!(
-        r.decide(3, FALLBACK).role,
+        r.decide(t, FALLBACK).role,
         Role::Probing,
         "not verified yet"
     );
     r.observe(
-        4,
+        t,
         key(),
         ip(198, 51, 100, 5),
         Evidence::Reached { addr: mapped },
     );
-    let d = r.decide(5, FALLBACK);
+    let d = r.decide(t, FALLBACK);
     assert_eq!(d.role, Role::Gateway);
     assert_eq!(d.advertise, PeerAddr::Direct(mapped));
 }
@@ -203,6 +219,11 @@ fn others_on_the_lan_wait_for_the_candidate_then_relay_through_the_gateway() {
             target: me
         }
     );
+
+    // Two gateways at once (they mapped before hearing each other): the higher key yields.
+    let mut mine = r_with_gateway_mapping(me);
+    mine.lan_peer(peer.clone());
+    assert_eq!(mine.decide(100_003, FALLBACK).role, Role::Relayed);
 
     // The gateway goes silent: after the beacon TTL we become the candidate.
     let later = 100_002 + r.config().beacon_ttl_ms + 1;
@@ -363,4 +384,26 @@ proptest! {
         prop_assert_eq!(d.role, Role::Probing);
         prop_assert_eq!(d.external_ip, None);
     }
+}
+
+/// A verified gateway with key `me`, for the yield rule.
+fn r_with_gateway_mapping(me: PublicKey) -> Reach {
+    let mut r = lan_node(me);
+    let ext = sock(203, 0, 113, 1, 40000);
+    seen(&mut r, 1, ip(198, 51, 100, 5), ext);
+    seen(&mut r, 1, ip(198, 51, 100, 6), ext);
+    let mapped = sock(203, 0, 113, 1, 13301);
+    r.set_map(MapState::Mapped {
+        external: mapped,
+        protocol: "pcp".into(),
+        since: 1,
+    });
+    r.observe(
+        2,
+        key(),
+        ip(198, 51, 100, 5),
+        Evidence::Reached { addr: mapped },
+    );
+    assert_eq!(r.decide(3, FALLBACK).role, Role::Gateway);
+    r
 }
