@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod appliance;
+pub mod natnet;
 pub mod netns;
 
 use std::collections::BTreeMap;
@@ -187,60 +188,10 @@ impl Net {
     /// one root whose size is N, parents and children agree both ways, everyone names the
     /// root. Returns (N, depth) or what is wrong.
     pub fn check_tree(&self) -> Result<(usize, u64), String> {
-        let k = self.max_children;
-        let mut by_pos: BTreeMap<u64, (usize, Value)> = BTreeMap::new();
-        for &i in self.nodes.keys() {
-            let st = self.status(i).ok_or(format!("node {i} does not answer"))?;
-            let pos = st["position"]
-                .as_u64()
-                .ok_or(format!("node {i} has no position ({})", st["state"]))?;
-            if let Some((other, _)) = by_pos.insert(pos, (i, st)) {
-                return Err(format!("position {pos} held by nodes {other} and {i}"));
-            }
-        }
-        let n = self.nodes.len() as u64;
-        if by_pos.keys().copied().collect::<Vec<_>>() != (1..=n).collect::<Vec<_>>() {
-            return Err(format!(
-                "positions {:?} are not 1..{n}",
-                by_pos.keys().collect::<Vec<_>>()
-            ));
-        }
-        let root_key = by_pos[&1].1["public_key"].clone();
-        if by_pos[&1].1["size"].as_u64() != Some(n) {
-            return Err(format!("root says size {} of {n}", by_pos[&1].1["size"]));
-        }
-        let mut depth = 0;
-        for (&pos, (i, st)) in &by_pos {
-            if st["root"]["key"] != root_key {
-                return Err(format!("node {i} at {pos} names another root"));
-            }
-            if pos > 1 {
-                let parent = (pos - 2) / k + 1;
-                if st["parent"]["pos"].as_u64() != Some(parent)
-                    || st["parent"]["key"] != by_pos[&parent].1["public_key"]
-                {
-                    return Err(format!("node at {pos} has the wrong parent"));
-                }
-            }
-            let want: Vec<(u64, Value)> = ((pos - 1) * k + 2..=pos * k + 1)
-                .filter(|c| *c <= n)
-                .map(|c| (c, by_pos[&c].1["public_key"].clone()))
-                .collect();
-            let have: Vec<(u64, Value)> = st["children"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|c| (c["pos"].as_u64().unwrap(), c["key"].clone()))
-                .collect();
-            if want != have {
-                return Err(format!(
-                    "node at {pos} lists children {:?}",
-                    have.iter().map(|c| c.0).collect::<Vec<_>>()
-                ));
-            }
-            depth = depth.max(st["depth"].as_u64().unwrap_or(0));
-        }
-        Ok((n as usize, depth))
+        check_tree_statuses(
+            self.max_children,
+            self.nodes.keys().map(|&i| (i.to_string(), self.status(i))),
+        )
     }
 
     /// Wait until [`Net::check_tree`] passes; returns how long it took.
@@ -318,4 +269,68 @@ impl Drop for Net {
             eprintln!("node logs kept in {}", keep.display());
         }
     }
+}
+
+/// Check a live tree from its nodes' `/status` documents (`None`: the node did not answer):
+/// positions 1..N are each held once, one root whose size is N, parents and children agree
+/// both ways, everyone names the root. Returns (N, depth) or what is wrong.
+pub fn check_tree_statuses(
+    k: u64,
+    statuses: impl Iterator<Item = (String, Option<Value>)>,
+) -> Result<(usize, u64), String> {
+    let mut by_pos: BTreeMap<u64, (String, Value)> = BTreeMap::new();
+    for (i, st) in statuses {
+        let st = st.ok_or(format!("node {i} does not answer"))?;
+        let pos = st["position"]
+            .as_u64()
+            .ok_or(format!("node {i} has no position ({})", st["state"]))?;
+        if let Some((other, _)) = by_pos.insert(pos, (i.clone(), st)) {
+            return Err(format!("position {pos} held by nodes {other} and {i}"));
+        }
+    }
+    let n = by_pos.len() as u64;
+    if by_pos.keys().copied().collect::<Vec<_>>() != (1..=n).collect::<Vec<_>>() {
+        return Err(format!(
+            "positions {:?} are not 1..{n}",
+            by_pos.keys().collect::<Vec<_>>()
+        ));
+    }
+    let root_key = by_pos[&1].1["public_key"].clone();
+    if by_pos[&1].1["size"].as_u64() != Some(n) {
+        return Err(format!("root says size {} of {n}", by_pos[&1].1["size"]));
+    }
+    let mut depth = 0;
+    for (&pos, (i, st)) in &by_pos {
+        if st["root"]["key"] != root_key {
+            return Err(format!("node {i} at {pos} names another root"));
+        }
+        if pos > 1 {
+            let parent = (pos - 2) / k + 1;
+            if st["parent"]["pos"].as_u64() != Some(parent)
+                || st["parent"]["key"] != by_pos[&parent].1["public_key"]
+            {
+                return Err(format!("node at {pos} has the wrong parent"));
+            }
+        }
+        let want: Vec<(u64, Value)> = ((pos - 1) * k + 2..=pos * k + 1)
+            .filter(|c| *c <= n)
+            .map(|c| (c, by_pos[&c].1["public_key"].clone()))
+            .collect();
+        let have: Vec<(u64, Value)> = st["children"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|c| (c["pos"].as_u64().unwrap_or(0), c["key"].clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if want != have {
+            return Err(format!(
+                "node at {pos} lists children {:?}",
+                have.iter().map(|c| c.0).collect::<Vec<_>>()
+            ));
+        }
+        depth = depth.max(st["depth"].as_u64().unwrap_or(0));
+    }
+    Ok((n as usize, depth))
 }

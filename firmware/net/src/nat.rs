@@ -601,7 +601,7 @@ impl NatTask {
             let Ok(PeerAddr::Direct(sock)) = addr.parse::<PeerAddr>() else {
                 continue;
             };
-            if net.is_on_link(sock.ip()) || sock.ip().is_unspecified() {
+            if net.is_on_private_lan(sock.ip()) || sock.ip().is_unspecified() {
                 continue;
             }
             if targets.iter().any(|(_, a)| *a == sock) {

@@ -235,9 +235,11 @@ pub struct LocalNet {
 }
 
 impl LocalNet {
-    /// Whether `ip` is one of ours or on one of our links (loopback included).
-    pub fn is_on_link(&self, ip: IpAddr) -> bool {
-        ip.is_loopback() || self.addrs.iter().any(|a| a.contains(ip))
+    /// Whether `ip` is on our own private LAN (or loopback): a node there sees our LAN
+    /// address, not what the outside sees, so it is no witness of our reachability. A
+    /// neighbour on a public subnet (a data centre's /24) is a fine witness.
+    pub fn is_on_private_lan(&self, ip: IpAddr) -> bool {
+        ip.is_loopback() || is_private(ip) && self.addrs.iter().any(|a| a.contains(ip))
     }
     pub fn is_mine(&self, ip: IpAddr) -> bool {
         self.addrs.iter().any(|a| a.ip == ip)
@@ -429,7 +431,7 @@ impl Reach {
     /// Verified evidence from `observer`, whose connection came from `from_ip`. Observers on
     /// our own links are ignored: they cannot tell what the outside sees.
     pub fn observe(&mut self, now: u64, observer: PublicKey, from_ip: IpAddr, evidence: Evidence) {
-        if observer == self.me || self.net.is_on_link(from_ip) {
+        if observer == self.me || self.net.is_on_private_lan(from_ip) {
             return;
         }
         self.observations
@@ -447,7 +449,7 @@ impl Reach {
 
     /// An outside node answered a probe we sent to `addr`, naming its role.
     pub fn observer_role(&mut self, now: u64, key: PublicKey, addr: SocketAddr, role: Role) {
-        if key == self.me || self.net.is_on_link(addr.ip()) {
+        if key == self.me || self.net.is_on_private_lan(addr.ip()) {
             return;
         }
         if self.observers.len() >= MAX_OBSERVERS && !self.observers.contains_key(&key) {
@@ -763,6 +765,23 @@ impl Reach {
             d.reason = "behind NAT; looking for a public peer to relay through".into();
         }
         d
+    }
+}
+
+/// Private, shared (CGNAT) and link-local ranges: addresses only a LAN can see.
+pub fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4.is_private()
+                || v4.is_link_local()
+                || v4.is_loopback()
+                || o[0] == 100 && (o[1] & 0xc0) == 64
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments()[0];
+            v6.is_loopback() || (s & 0xfe00) == 0xfc00 || (s & 0xffc0) == 0xfe80
+        }
     }
 }
 

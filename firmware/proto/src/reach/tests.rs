@@ -84,7 +84,17 @@ fn public_needs_two_independent_observers() {
 }
 
 #[test]
-fn observers_on_our_own_link_do_not_count() {
+fn observers_on_our_own_private_lan_do_not_count() {
+    let mut r = lan_node(key());
+    let me = sock(10, 0, 1, 2, 13300);
+    r.observe(1, key(), ip(10, 0, 1, 3), Evidence::Reached { addr: me });
+    r.observe(1, key(), ip(10, 0, 1, 4), Evidence::Reached { addr: me });
+    r.observe(1, key(), ip(127, 0, 0, 1), Evidence::Reached { addr: me });
+    assert_eq!(r.decide(2, FALLBACK).role, Role::Probing);
+}
+
+#[test]
+fn neighbours_on_a_public_subnet_are_witnesses() {
     let mut r = public_node(key());
     let me = sock(198, 51, 100, 5, 13300);
     r.observe(
@@ -99,8 +109,32 @@ fn observers_on_our_own_link_do_not_count() {
         ip(198, 51, 100, 7),
         Evidence::Reached { addr: me },
     );
-    r.observe(1, key(), ip(127, 0, 0, 1), Evidence::Reached { addr: me });
-    assert_eq!(r.decide(2, FALLBACK).role, Role::Probing);
+    assert_eq!(r.decide(2, FALLBACK).role, Role::Public);
+}
+
+#[test]
+fn private_ranges() {
+    for p in [
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "100.64.0.1",
+        "169.254.1.1",
+        "127.0.0.1",
+        "fd00::1",
+        "fe80::1",
+    ] {
+        assert!(is_private(p.parse().unwrap()), "{p}");
+    }
+    for p in [
+        "11.0.0.1",
+        "198.51.100.1",
+        "100.128.0.1",
+        "2001:db8::1",
+        "8.8.8.8",
+    ] {
+        assert!(!is_private(p.parse().unwrap()), "{p}");
+    }
 }
 
 #[test]

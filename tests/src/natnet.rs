@@ -1,0 +1,219 @@
+//! Real `borg node` processes inside the namespaces of a [`crate::netns::Topology`]: start,
+//! stop (SIGTERM) and kill (SIGKILL) them, read their status with `borg status --json` run in
+//! their namespace, broadcast through their receptor, and check the tree they form.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::netns::{run_with_deadline, Ns};
+use crate::{borg_bin, check_tree_statuses, wait_for};
+
+/// One node process in a namespace.
+pub struct NsNode {
+    pub ns: Ns,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+/// Nodes by name, with their logs in one directory (kept on failure).
+pub struct NsNodes {
+    pub dir: tempfile::TempDir,
+    pub nodes: BTreeMap<String, NsNode>,
+    pub heartbeat_ms: u64,
+    pub max_children: u64,
+    pub tag: String,
+}
+
+const CLI_DEADLINE: Duration = Duration::from_secs(10);
+
+impl NsNodes {
+    pub fn new(tag: &str, heartbeat_ms: u64, max_children: u64) -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+            nodes: BTreeMap::new(),
+            heartbeat_ms,
+            max_children,
+            tag: tag.to_string(),
+        }
+    }
+
+    /// Start node `name` in `ns`, listening on the namespace's address, joining through
+    /// `join` (addresses). Its data dir (key) persists across restarts.
+    pub fn spawn(&mut self, name: &str, ns: &Ns, join: &[String]) {
+        let data = self.dir.path().join(name);
+        let log = self.dir.path().join(format!("{name}.log"));
+        let mut cmd = ns.command(borg_bin());
+        cmd.arg("node")
+            .args(["--listen", &ns.ip.to_string()])
+            .arg("--data")
+            .arg(&data)
+            .args(["--max-children", &self.max_children.to_string()])
+            .args(["--heartbeat-ms", &self.heartbeat_ms.to_string()]);
+        for j in join {
+            cmd.args(["--join", j]);
+        }
+        let logf = std::fs::File::create(&log).expect("log file");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .env("BORG_LOG", "info");
+        let child = cmd.spawn().expect("spawn borg node in namespace");
+        self.nodes.insert(
+            name.to_string(),
+            NsNode {
+                ns: ns.clone(),
+                child,
+                log,
+            },
+        );
+    }
+
+    /// SIGKILL: no chance to clean up (the router keeps its mapping until the lease ends).
+    pub fn kill9(&mut self, name: &str) {
+        if let Some(mut n) = self.nodes.remove(name) {
+            let _ = n.child.kill();
+            let _ = n.child.wait();
+        }
+    }
+
+    /// SIGTERM and wait (bounded) for the orderly exit; returns whether it exited in time.
+    pub fn stop(&mut self, name: &str, within: Duration) -> bool {
+        let Some(mut n) = self.nodes.remove(name) else {
+            return false;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &n.child.id().to_string()])
+            .status();
+        let exited = wait_for(within, Duration::from_millis(50), || {
+            n.child.try_wait().ok().flatten()
+        });
+        if exited.is_none() {
+            let _ = n.child.kill();
+            let _ = n.child.wait();
+        }
+        exited.is_some()
+    }
+
+    pub fn log_of(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// `borg status --json` of node `name`, run in its namespace.
+    pub fn status(&self, name: &str) -> Option<Value> {
+        let n = self.nodes.get(name)?;
+        let mut cmd = n.ns.command(borg_bin());
+        cmd.args(["status", "--json", "--node", &n.ns.ip.to_string()]);
+        let out = run_with_deadline(&mut cmd, None, CLI_DEADLINE).ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    pub fn role(&self, name: &str) -> Option<String> {
+        self.status(name)?["nat_role"].as_str().map(String::from)
+    }
+
+    /// Wait until every node reports the role `want(name)` names; returns the roles seen last.
+    pub fn wait_roles(
+        &self,
+        within: Duration,
+        want: impl Fn(&str) -> &'static str,
+    ) -> Result<Duration, BTreeMap<String, String>> {
+        let start = Instant::now();
+        let mut last = BTreeMap::new();
+        let ok = wait_for(within, Duration::from_millis(200), || {
+            last = self
+                .nodes
+                .keys()
+                .map(|n| (n.clone(), self.role(n).unwrap_or_else(|| "?".into())))
+                .collect();
+            last.iter().all(|(n, r)| r == want(n)).then_some(())
+        });
+        ok.map(|_| start.elapsed()).ok_or(last)
+    }
+
+    pub fn check_tree(&self) -> Result<(usize, u64), String> {
+        check_tree_statuses(
+            self.max_children,
+            self.nodes.keys().map(|n| (n.clone(), self.status(n))),
+        )
+    }
+
+    /// Wait until [`Self::check_tree`] passes; how long it took, or the last problem.
+    pub fn wait_tree(&self, within: Duration) -> Result<Duration, String> {
+        let start = Instant::now();
+        let mut last = String::new();
+        let ok = wait_for(within, Duration::from_millis(200), || {
+            match self.check_tree() {
+                Ok(_) => Some(()),
+                Err(e) => {
+                    last = e;
+                    None
+                }
+            }
+        });
+        ok.map(|_| start.elapsed()).ok_or(last)
+    }
+
+    /// `borg broadcast` through node `name`'s receptor; panics if the command fails.
+    pub fn broadcast(&self, name: &str, text: &str) {
+        let n = &self.nodes[name];
+        let mut cmd = n.ns.command(borg_bin());
+        cmd.args(["broadcast", "--node", &n.ns.ip.to_string(), text]);
+        let out = run_with_deadline(&mut cmd, None, CLI_DEADLINE).expect("borg broadcast");
+        assert!(
+            out.status.success(),
+            "broadcast via {name} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Wait until every node logged the delivery of a broadcast whose text is `text`.
+    pub fn wait_delivered(&self, text: &str, within: Duration) -> Result<Duration, Vec<String>> {
+        let start = Instant::now();
+        // The node logs "broadcast <id> from <key>: <text> cell=...".
+        let needle = format!(": {text} ");
+        let mut missing = Vec::new();
+        let ok = wait_for(within, Duration::from_millis(100), || {
+            missing = self
+                .nodes
+                .keys()
+                .filter(|n| {
+                    !self
+                        .log_of(n)
+                        .lines()
+                        .any(|l| l.contains(" broadcast ") && l.contains(&needle))
+                })
+                .cloned()
+                .collect();
+            missing.is_empty().then_some(())
+        });
+        ok.map(|_| start.elapsed()).ok_or(missing)
+    }
+}
+
+impl Drop for NsNodes {
+    fn drop(&mut self) {
+        for n in self.nodes.values_mut() {
+            let _ = n.child.kill();
+            let _ = n.child.wait();
+        }
+        if std::thread::panicking() {
+            let keep = std::env::temp_dir().join(format!("borg-test-logs-{}", self.tag));
+            let _ = std::fs::create_dir_all(&keep);
+            if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+                for e in entries.flatten() {
+                    if e.path().extension().is_some_and(|x| x == "log") {
+                        let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
+                    }
+                }
+            }
+            eprintln!("node logs kept in {}", keep.display());
+        }
+    }
+}
