@@ -6,10 +6,13 @@ use clap::Subcommand;
 pub enum BenchCommand {
     /// Tree figures: simulated nodes and real processes on loopback.
     Tree(crate::bench_tree::TreeBenchArgs),
+    /// Relay cost: connection setup, echo round trip and throughput, direct vs relayed.
+    Relay(crate::bench_relay::RelayBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Tree(args) => crate::bench_tree::run(args),
+        BenchCommand::Relay(args) => crate::bench_relay::run(args),
     }
 }

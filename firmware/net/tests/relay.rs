@@ -174,8 +174,16 @@ async fn a_relayed_connection_is_end_to_end_tls_with_the_target() {
     let mut c = conn::connect_via(relay, target_key.public(), &client_id, T)
         .await
         .unwrap();
-    assert_eq!(c.peer_key(), target_key.public(), "client pinned the target");
-    assert_eq!(seen.recv().await.unwrap(), client_key.public(), "target authenticated the client");
+    assert_eq!(
+        c.peer_key(),
+        target_key.public(),
+        "client pinned the target"
+    );
+    assert_eq!(
+        seen.recv().await.unwrap(),
+        client_key.public(),
+        "target authenticated the client"
+    );
     for i in 0..10u8 {
         let frame = vec![i; 1000 * (i as usize + 1)];
         c.send(&frame).await.unwrap();
@@ -194,7 +202,10 @@ async fn the_relay_forwards_only_ciphertext() {
     c.send(&secret).await.unwrap();
     assert_eq!(c.recv().await.unwrap().unwrap(), secret);
     let seen = tap.lock().unwrap().clone();
-    assert!(seen.len() > secret.len(), "the relay did forward the traffic");
+    assert!(
+        seen.len() > secret.len(),
+        "the relay did forward the traffic"
+    );
     assert!(
         !seen.windows(16).any(|w| w == &secret[..16]),
         "plaintext visible to the relay"
