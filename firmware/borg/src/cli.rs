@@ -231,6 +231,23 @@ pub fn status(args: StatusArgs) -> Result<()> {
     }
     println!("uptime      {} s", s("uptime_s"));
     println!("broadcasts  {} delivered", s("delivered_broadcasts"));
+    if let Some(role) = st["nat_role"].as_str() {
+        let reason = st["nat_reason"].as_str().unwrap_or("");
+        println!("nat role    {role} ({reason})");
+        let ext = st["external_addr"].as_str().unwrap_or("-");
+        println!("external    {ext}");
+        if let Some(r) = st["relay"]["addr"].as_str() {
+            println!("relay       {r}");
+        }
+        let m = &st["mapping"];
+        if let Some(state) = m["state"].as_str().filter(|s| *s != "none") {
+            let detail = m["external"]
+                .as_str()
+                .or(m["reason"].as_str())
+                .unwrap_or("");
+            println!("mapping     {state} {detail}");
+        }
+    }
     Ok(())
 }
 

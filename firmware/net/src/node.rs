@@ -122,6 +122,10 @@ pub struct Metrics {
     pub relay_registrations: u64,
     pub relay_refused: u64,
     pub relayed_dials: u64,
+    /// Connections this node spliced as a relay, failed relay requests, bytes forwarded.
+    pub relay_splices: u64,
+    pub relay_failed: u64,
+    pub relay_bytes: u64,
 }
 
 /// The state the monitor shows.
@@ -903,6 +907,10 @@ impl Actor {
                 false
             }
         });
+        use std::sync::atomic::Ordering::Relaxed;
+        self.metrics.relay_splices = self.relay_hub.spliced_total.load(Relaxed);
+        self.metrics.relay_failed = self.relay_hub.failed_total.load(Relaxed);
+        self.metrics.relay_bytes = self.relay_hub.bytes_total.load(Relaxed);
         let snap = Snapshot {
             status,
             tree: self.tree.stats.clone(),
@@ -1021,6 +1029,52 @@ pub fn render_metrics(s: &Snapshot) -> String {
         out.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
         ));
+    }
+    let relay_counters: [(&str, &str, u64); 6] = [
+        (
+            "borg_relay_splices_total",
+            "Connections spliced for relayed nodes.",
+            m.relay_splices,
+        ),
+        (
+            "borg_relay_failed_total",
+            "Relay requests whose node did not connect back.",
+            m.relay_failed,
+        ),
+        (
+            "borg_relay_bytes_total",
+            "Bytes forwarded for relayed nodes (closed splices).",
+            m.relay_bytes,
+        ),
+        (
+            "borg_relay_registrations_total",
+            "Nodes that registered with this node as their relay.",
+            m.relay_registrations,
+        ),
+        (
+            "borg_relay_refused_total",
+            "Relay registrations or requests refused.",
+            m.relay_refused,
+        ),
+        (
+            "borg_relayed_dials_total",
+            "Outbound connections made through a relay.",
+            m.relayed_dials,
+        ),
+    ];
+    for (name, help, v) in relay_counters {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+        ));
+    }
+    if let Some(role) = s.status.get("nat_role").and_then(|v| v.as_str()) {
+        out.push_str("# HELP borg_nat_role The node's NAT role (1 for the current one).\n# TYPE borg_nat_role gauge\n");
+        for r in ["probing", "public", "gateway", "relayed", "local"] {
+            out.push_str(&format!(
+                "borg_nat_role{{role=\"{r}\"}} {}\n",
+                u8::from(r == role)
+            ));
+        }
     }
     let size = s.status.get("size").and_then(|v| v.as_u64()).unwrap_or(0);
     out.push_str(&format!("# HELP borg_tree_size Tree size as this node knows it.\n# TYPE borg_tree_size gauge\nborg_tree_size {size}\n"));

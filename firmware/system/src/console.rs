@@ -54,7 +54,7 @@ commands:
   status     version, uptime, network and node state
   tree       this node's place in the base tree (peerTreeNet)
   cells      supervised cells: state, pid, restarts, last exit
-  net        interface, DHCP lease, router
+  net        interface, DHCP lease, router, NAT role, port mapping, relay
   log [N]    last N log lines (default 20)
   leds       LED state and backend
   reboot     orderly reboot
@@ -106,13 +106,50 @@ fn node_line(v: &serde_json::Value) -> String {
         Some(x) => x.to_string(),
     };
     format!(
-        "state={} position={} size={} depth={} children={}",
+        "state={} position={} size={} depth={} children={} nat={}",
         g("state"),
         g("position"),
         g("size"),
         g("depth"),
-        g("children")
+        g("children"),
+        g("nat_role")
     )
+}
+
+/// The reachability part of the base cell's status, for `net`.
+fn nat_lines(v: &serde_json::Value) -> String {
+    let g = |k: &str| match v.get(k) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Null) | None => "-".into(),
+        Some(x) => x.to_string(),
+    };
+    let m = &v["mapping"];
+    let ms = |k: &str| m.get(k).and_then(|x| x.as_str()).unwrap_or("-").to_string();
+    let mut o = String::new();
+    let _ = writeln!(o, "nat role:  {} ({})", g("nat_role"), g("nat_reason"));
+    let _ = writeln!(
+        o,
+        "external:  {}  nat type {}  advertised {}",
+        g("external_addr"),
+        g("nat_type"),
+        g("advertised_addr")
+    );
+    let _ = writeln!(
+        o,
+        "mapping:   {} {} {} {}",
+        ms("state"),
+        ms("protocol"),
+        ms("external"),
+        ms("reason")
+    );
+    let relay = v["relay"]["addr"].as_str().unwrap_or("-");
+    let lan = v["lan_peers"].as_array().map_or(0, |a| a.len());
+    let _ = write!(
+        o,
+        "relay:     {relay}  relaying for {}  LAN nodes heard {lan}",
+        g("relaying_for")
+    );
+    o
 }
 
 fn net_lines(s: &Snapshot) -> String {
@@ -248,7 +285,13 @@ pub fn execute(cmd: &Command, shared: &Shared, monitor: SocketAddr) -> (String, 
             Err(e) => (format!("tree unavailable: {e}"), Request::None),
         },
         Command::Cells => (cells_table(&s), Request::None),
-        Command::Net => (net_lines(&s), Request::None),
+        Command::Net => {
+            let nat = match query() {
+                Ok(v) => nat_lines(&v),
+                Err(e) => format!("nat role:  unavailable ({e})"),
+            };
+            (format!("{}{nat}", net_lines(&s)), Request::None)
+        }
         Command::Log(n) => (crate::logring::tail(*n).join("\n"), Request::None),
         Command::Leds => (
             format!(
