@@ -251,6 +251,7 @@ pub struct Lan {
     /// Whether a miniupnpd (UPnP-IGD, PCP, NAT-PMP) runs on the router.
     pub upnp: bool,
     bridge: String,
+    wan: String,
 }
 
 impl Lan {
@@ -261,6 +262,41 @@ impl Lan {
     /// The LAN's broadcast address, where nodes send their beacons.
     pub fn broadcast(&self) -> Ipv4Addr {
         host_in(self.subnet, 255)
+    }
+
+    /// Forward TCP `port` on the WAN address to `host` (the same port), as a user does by
+    /// hand in a router's web page.
+    pub fn forward_port(&self, port: u16, host: Ipv4Addr) {
+        let p = port.to_string();
+        let to = format!("{host}:{port}");
+        self.router.run(
+            "iptables-legacy",
+            &[
+                "-t",
+                "nat",
+                "-I",
+                "PREROUTING",
+                "1",
+                "-i",
+                &self.wan,
+                "-p",
+                "tcp",
+                "--dport",
+                &p,
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &to,
+            ],
+        );
+        let h = host.to_string();
+        self.router.run(
+            "iptables-legacy",
+            &[
+                "-I", "FORWARD", "1", "-i", &self.wan, "-p", "tcp", "-d", &h, "--dport", &p, "-j",
+                "ACCEPT",
+            ],
+        );
     }
 
     /// The TCP mappings miniupnpd holds, as (external port, internal address, internal port),
@@ -490,6 +526,7 @@ impl Topology {
             subnet: host_in(lan_subnet, 0),
             upnp,
             bridge,
+            wan: wan.clone(),
         };
         if upnp {
             self.start_miniupnpd(name, &lan, &wan);

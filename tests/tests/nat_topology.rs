@@ -283,3 +283,59 @@ fn a_lan_with_no_mapping_and_no_public_peer_runs_its_own_tree() {
     drop(nodes);
     drop(topo);
 }
+
+#[test]
+fn a_port_forwarded_by_hand_makes_its_node_the_gateway() {
+    if !netns::enabled() {
+        return;
+    }
+    let mut topo = Topology::new("natfwd");
+    topo.internet(Ipv4Addr::new(11, 0, 0, 0));
+    let p1 = topo.public_host("p1", Ipv4Addr::new(11, 0, 0, 100));
+    let p2 = topo.public_host("p2", Ipv4Addr::new(11, 0, 0, 101));
+    let lan = topo.home_lan(
+        "f",
+        Ipv4Addr::new(11, 0, 0, 5),
+        Ipv4Addr::new(10, 0, 4, 0),
+        false,
+    );
+    let f1 = topo.lan_host(&lan, "f1", 10);
+    let f2 = topo.lan_host(&lan, "f2", 11);
+    // What the seed asks of a user: forward one port to one node.
+    lan.forward_port(13300, f1.ip);
+    let mut nodes = NsNodes::new("natfwd", HB_MS, K);
+    borg_tests::borg_bin();
+    let contacts = vec![p1.ip.to_string(), p2.ip.to_string()];
+    nodes.spawn("p1", &p1, &[]);
+    wait_for(Duration::from_secs(20), Duration::from_millis(100), || {
+        nodes.status("p1")
+    })
+    .expect("p1 never answered");
+    nodes.spawn("p2", &p2, &contacts[..1]);
+    nodes.spawn("f1", &f1, &contacts);
+    nodes.spawn("f2", &f2, &contacts);
+    let want = |n: &str| match n {
+        "f1" => "gateway",
+        "f2" => "relayed",
+        _ => "public",
+    };
+    let took = nodes
+        .wait_roles(ROLE_WITHIN, want)
+        .unwrap_or_else(|roles| panic!("roles: {roles:?}"));
+    println!(
+        "roles with a hand-forwarded port settled in {:.1} s",
+        took.as_secs_f64()
+    );
+    let f1_status = nodes.status("f1").unwrap();
+    assert_eq!(f1_status["external_addr"], "11.0.0.5:13300");
+    assert_ne!(f1_status["mapping"]["state"], "mapped");
+    let f2_status = nodes.status("f2").unwrap();
+    assert_eq!(f2_status["relay"]["key"], f1_status["public_key"]);
+    nodes
+        .wait_tree(TREE_WITHIN)
+        .unwrap_or_else(|e| panic!("no tree: {e}"));
+    nodes.broadcast("p2", "through-the-forwarded-port");
+    nodes
+        .wait_delivered("through-the-forwarded-port", DELIVER_WITHIN)
+        .unwrap_or_else(|missing| panic!("not delivered at {missing:?}"));
+}

@@ -447,8 +447,8 @@ impl NatTask {
             Some(ip) => SocketAddr::new(ip, self.cfg.listen.port()),
             None => return,
         };
-        let external = match (d.role, &st.map) {
-            (Role::Gateway, MapState::Mapped { external, .. }) => Some(*external),
+        let external = match (d.role, d.advertise) {
+            (Role::Gateway, PeerAddr::Direct(a)) => Some(a),
             _ => None,
         };
         let map = match st.map {
@@ -617,8 +617,16 @@ impl NatTask {
         }
         // Dial-back: the mapping under test, else our own address (only a node with a public
         // address can be dialed back at it; observers refuse other IPs).
-        let dialback = match self.reach.map_state() {
-            MapState::Mapped { external, .. } => Some(*external),
+        // Behind NAT, ask to be dialed at the external IP on our own port: that reaches us only
+        // if the router forwards the port to this node (set up by hand).
+        let external_ip = self
+            .reach
+            .decide(now_ms(), self.cfg.fallback)
+            .external_ip
+            .filter(|ip| !net.is_mine(*ip));
+        let dialback = match (self.reach.map_state(), external_ip) {
+            (MapState::Mapped { external, .. }, _) => Some(*external),
+            (_, Some(ip)) => Some(SocketAddr::new(ip, self.cfg.listen.port())),
             _ => self
                 .my_lan_ip()
                 .map(|ip| SocketAddr::new(ip, self.cfg.listen.port())),

@@ -689,6 +689,22 @@ impl Reach {
                 return d;
             }
         }
+        // A port forwarded to us by hand: an outsider came in at the external IP on our own
+        // port (the dial-back token proves it was our request).
+        let forwarded = SocketAddr::new(ext_ip, self.cfg.listen_port);
+        let reached_forwarded = self
+            .observations
+            .iter()
+            .any(|o| matches!(o.evidence, Evidence::Reached { addr } if addr == forwarded));
+        if reached_forwarded && !lower_gateway && nat != NatKind::None {
+            d.role = Role::Gateway;
+            d.advertise = PeerAddr::Direct(forwarded);
+            d.reason = format!(
+                "the router forwards port {} to this node; relays for the LAN",
+                self.cfg.listen_port
+            );
+            return d;
+        }
         // A live gateway on our LAN (lowest key if there are several).
         if let Some(gw) = live
             .iter()

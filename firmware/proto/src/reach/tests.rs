@@ -441,3 +441,26 @@ fn r_with_gateway_mapping(me: PublicKey) -> Reach {
     assert_eq!(r.decide(3, FALLBACK).role, Role::Gateway);
     r
 }
+
+#[test]
+fn a_port_forwarded_by_hand_makes_a_gateway_without_any_mapping() {
+    let mut r = lan_node(key());
+    let ext = sock(203, 0, 113, 1, 40000);
+    seen(&mut r, 1, ip(198, 51, 100, 5), ext);
+    seen(&mut r, 1, ip(198, 51, 100, 6), ext);
+    r.set_map(MapState::Refused {
+        reason: "no IGD".into(),
+        at: 1,
+    });
+    let forwarded = sock(203, 0, 113, 1, 13300);
+    r.observe(
+        2,
+        key(),
+        ip(198, 51, 100, 5),
+        Evidence::Reached { addr: forwarded },
+    );
+    let d = r.decide(3, FALLBACK);
+    assert_eq!(d.role, Role::Gateway, "{d:?}");
+    assert_eq!(d.advertise, PeerAddr::Direct(forwarded));
+    assert!(!d.want_mapping);
+}
