@@ -9,7 +9,7 @@ if ! command -v curl >/dev/null; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq curl
 fi
-# The netns NAT tests (tests/tests/portmap_miniupnpd.rs) build home routers out of network
+# The netns NAT tests (tests/tests/portmap_miniupnpd.rs, nat_topology.rs) build home routers out of network
 # namespaces and run the real miniupnpd in each. Only the daemon package: the `miniupnpd` package
 # would add a debconf question and a system service that we do not want (the tests start their own
 # miniupnpd per namespace with a config file in a temp dir). The -iptables variant: it writes its

@@ -70,7 +70,7 @@ impl NatConfig {
 }
 
 /// What the rest of the node sees.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NatStatus {
     pub decision: Decision,
     pub map: MapState,
@@ -714,12 +714,25 @@ impl NatTask {
             map: self.reach.map_state().clone(),
             map_protocol: self.map_protocol.clone(),
             net: self.reach.net().clone(),
-            lan: self.reach.lan_peers(now).cloned().collect(),
+            // Without the time heard, so that a beacon that changes nothing wakes nobody.
+            lan: self
+                .reach
+                .lan_peers(now)
+                .map(|p| LanPeer { at: 0, ..p.clone() })
+                .collect(),
             decided_after_ms: self.decided_after_ms,
             probes_sent: self.probes_sent,
             probes_answered: self.probes_answered,
         };
-        self.status.send_replace(Arc::new(st));
+        // Wake the node actor only when something changed.
+        self.status.send_if_modified(|old| {
+            if **old != st {
+                *old = Arc::new(st);
+                true
+            } else {
+                false
+            }
+        });
     }
 }
 
@@ -807,8 +820,18 @@ async fn probe_one(
     dialback: Option<SocketAddr>,
     token: String,
 ) -> Result<(), ProbeError> {
+    // The fixed source port lets observers' reports be compared; if it is taken (another
+    // program, or a probe still closing), probe from any port rather than not at all.
     let (mut conn, local) =
-        conn::connect_probe(addr, key, Some(bind), &ctx.identity, PROBE_TIMEOUT).await?;
+        match conn::connect_probe(addr, key, Some(bind), &ctx.identity, PROBE_TIMEOUT).await {
+            Err(conn::TransportError::Connect { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrInUse
+                    || source.kind() == std::io::ErrorKind::AddrNotAvailable =>
+            {
+                conn::connect_probe(addr, key, None, &ctx.identity, PROBE_TIMEOUT).await?
+            }
+            other => other?,
+        };
     let observer = conn.peer_key();
     let my_addr = ctx.status.borrow().decision.advertise.to_string();
     let probe = ReachMsg::Probe {

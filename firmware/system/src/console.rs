@@ -397,10 +397,34 @@ mod tests {
     #[test]
     fn node_line_formats_the_contract_fields() {
         let v = serde_json::json!({"state":"root","position":1,"parent":null,"children":[],
-            "root":"k","size":1,"depth":0});
+            "root":"k","size":1,"depth":0,"nat_role":"gateway"});
         assert_eq!(
             node_line(&v),
-            "state=root position=1 size=1 depth=0 children=0"
+            "state=root position=1 size=1 depth=0 children=0 nat=gateway"
+        );
+    }
+
+    #[test]
+    fn nat_lines_show_role_mapping_and_relay() {
+        let v = serde_json::json!({"nat_role":"relayed","nat_reason":"relayed by the gateway of this LAN",
+            "external_addr":"11.0.0.2:13300/Akey","nat_type":"endpoint_independent",
+            "advertised_addr":"11.0.0.2:13300/Akey",
+            "mapping":{"state":"none","protocol":null,"external":null,"reason":null},
+            "relay":{"key":"Ag","addr":"11.0.0.2:13300","dial":"10.0.1.10:13300"},
+            "relaying_for":0,"lan_peers":[{"key":"Ag","addr":"10.0.1.10:13300","role":"gateway"}]});
+        let text = nat_lines(&v);
+        assert!(
+            text.contains("nat role:  relayed (relayed by the gateway of this LAN)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("external:  11.0.0.2:13300/Akey  nat type endpoint_independent"),
+            "{text}"
+        );
+        assert!(text.contains("mapping:   none"), "{text}");
+        assert!(
+            text.contains("relay:     11.0.0.2:13300  relaying for 0  LAN nodes heard 1"),
+            "{text}"
         );
     }
 }
