@@ -211,7 +211,12 @@ struct Actor {
     /// LAN nodes already handed to the tree, and when.
     met: HashMap<PublicKey, u64>,
     candidates: watch::Sender<Vec<(Option<PublicKey>, String)>>,
+    /// Join deferred until the NAT role is known, at the latest then.
+    join_after: Option<Instant>,
 }
+
+/// How long a node waits for its NAT role before joining anyway.
+const JOIN_WAIT_FOR_ROLE: Duration = Duration::from_secs(10);
 
 /// How long a relay registration lasts without renewal.
 const RELAY_REGISTRATION_MS: u64 = 30_000;
@@ -290,6 +295,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
         lan_addrs: HashMap::new(),
         met: HashMap::new(),
         candidates: candidates_tx,
+        join_after: None,
     };
     tokio::spawn(accept_loop(
         listener,
@@ -297,7 +303,18 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
         relay_hub.clone(),
         nat.as_ref().map(|n| n.probe_ctx.clone()),
     ));
-    actor.tree.start(now_ms());
+    // A node that will reach its contacts across the internet first learns how it is reached
+    // itself (bounded), so that it joins with the address others can use, not its LAN address.
+    let outside_contacts = actor
+        .cfg
+        .join
+        .iter()
+        .any(|c| !borg_proto::reach::is_private(c.ip()) && !c.ip().is_unspecified());
+    if actor.nat.is_some() && outside_contacts {
+        actor.join_after = Some(Instant::now() + JOIN_WAIT_FOR_ROLE);
+    } else {
+        actor.tree.start(now_ms());
+    }
     actor.carry_out();
     actor.publish();
     tokio::spawn(actor.run(rx));
@@ -444,7 +461,12 @@ impl Actor {
                     }
                 }
                 _ = ticker.tick() => {
-                    self.tree.tick(now_ms());
+                    if self.join_after.is_some_and(|t| Instant::now() >= t) {
+                        self.start_tree("no NAT role yet");
+                    }
+                    if self.join_after.is_none() {
+                        self.tree.tick(now_ms());
+                    }
                     self.relay_tick();
                 }
             }
@@ -509,6 +531,13 @@ impl Actor {
 
     /// The reachability task decided something: advertise the new address, follow the
     /// relay, and hand LAN nodes to the tree.
+    fn start_tree(&mut self, why: &str) {
+        if self.join_after.take().is_some() {
+            tracing::info!(cell = %self.cfg.cell, "joining as {} ({why})", self.my_addr);
+            self.tree.start(now_ms());
+        }
+    }
+
     fn on_nat_status(&mut self, st: Arc<NatStatus>) {
         let now = now_ms();
         let advertise = st.decision.advertise.to_string();
@@ -547,7 +576,11 @@ impl Actor {
                 );
             }
         }
+        let decided = st.decision.role != Role::Probing;
         self.nat_status = Some(st);
+        if decided {
+            self.start_tree("NAT role known");
+        }
     }
 
     /// Keep our registration with our relay fresh; forget expired ones we hold.
