@@ -256,19 +256,24 @@ impl Drop for Net {
             let _ = n.child.wait();
         }
         if std::thread::panicking() {
-            // Keep the node logs of a failed test for the developer (and CI output).
-            let keep = std::env::temp_dir().join(format!("borg-test-logs-{}", self.subnet));
-            let _ = std::fs::create_dir_all(&keep);
-            if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
-                for e in entries.flatten() {
-                    if e.path().extension().is_some_and(|x| x == "log") {
-                        let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
-                    }
-                }
-            }
-            eprintln!("node logs kept in {}", keep.display());
+            keep_logs(self.dir.path(), &self.subnet.to_string());
         }
     }
+}
+
+/// Copy the `*.log` files of a failed test to `/tmp/borg-test-logs-<tag>` (the temp dir goes
+/// away) for the developer and the CI output.
+pub fn keep_logs(dir: &Path, tag: &str) {
+    let keep = std::env::temp_dir().join(format!("borg-test-logs-{tag}"));
+    let _ = std::fs::create_dir_all(&keep);
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
+            }
+        }
+    }
+    eprintln!("node logs kept in {}", keep.display());
 }
 
 /// Check a live tree from its nodes' `/status` documents (`None`: the node did not answer):

@@ -204,16 +204,7 @@ impl Drop for NsNodes {
             let _ = n.child.wait();
         }
         if std::thread::panicking() {
-            let keep = std::env::temp_dir().join(format!("borg-test-logs-{}", self.tag));
-            let _ = std::fs::create_dir_all(&keep);
-            if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
-                for e in entries.flatten() {
-                    if e.path().extension().is_some_and(|x| x == "log") {
-                        let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
-                    }
-                }
-            }
-            eprintln!("node logs kept in {}", keep.display());
+            crate::keep_logs(self.dir.path(), &self.tag);
         }
     }
 }

@@ -210,14 +210,8 @@ pub async fn connect_via(
 ) -> Result<PeerConn, TransportError> {
     let connector = TlsConnector::from(identity.client_config(target));
     bounded(relay, timeout, async {
-        let mut tcp = tcp_connect(relay, None).await?;
         let line = format!("{RELAY_CONNECT} {}\n", target.to_b64());
-        tcp.write_all(line.as_bytes())
-            .await
-            .map_err(|source| TransportError::Connect {
-                addr: relay,
-                source,
-            })?;
+        let tcp = tcp_connect_with_line(relay, &line).await?;
         tls_client(tcp, relay, Some(target), connector, ALPN_PEER).await
     })
     .await
@@ -233,14 +227,7 @@ pub async fn accept_via(
 ) -> Result<PeerConn, TransportError> {
     let acceptor = TlsAcceptor::from(identity.server_config());
     bounded(relay, timeout, async {
-        let mut tcp = tcp_connect(relay, None).await?;
-        let line = format!("{RELAY_ACCEPT} {token}\n");
-        tcp.write_all(line.as_bytes())
-            .await
-            .map_err(|source| TransportError::Connect {
-                addr: relay,
-                source,
-            })?;
+        let tcp = tcp_connect_with_line(relay, &format!("{RELAY_ACCEPT} {token}\n")).await?;
         match tls_server(acceptor, tcp, relay).await? {
             (conn, Alpn::Peer) => Ok(conn),
             (_, Alpn::Probe) => Err(TransportError::Alpn { addr: relay }),
@@ -269,6 +256,15 @@ pub async fn connect_probe(
         Ok((conn, local))
     })
     .await
+}
+
+/// Connect and send one relay request line before anything else.
+async fn tcp_connect_with_line(addr: SocketAddr, line: &str) -> Result<TcpStream, TransportError> {
+    let mut tcp = tcp_connect(addr, None).await?;
+    tcp.write_all(line.as_bytes())
+        .await
+        .map_err(|source| TransportError::Connect { addr, source })?;
+    Ok(tcp)
 }
 
 async fn bounded<T>(

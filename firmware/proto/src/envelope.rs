@@ -444,6 +444,34 @@ impl ReplayCache {
     }
 }
 
+/// Split a message type serialized as `{"kind": .., "body": ..}` (serde's adjacent tagging)
+/// into an envelope's `kind` and `body`. Shared by the tree and reachability messages.
+pub fn split_kind_body<T: serde::Serialize>(msg: &T) -> (String, serde_json::Value) {
+    match serde_json::to_value(msg) {
+        Ok(serde_json::Value::Object(mut map)) => {
+            let kind = match map.remove("kind") {
+                Some(serde_json::Value::String(s)) => s,
+                _ => String::new(),
+            };
+            let body = map.remove("body").unwrap_or(serde_json::Value::Null);
+            (kind, body)
+        }
+        // Plain data types serialize to an object; anything else has no kind.
+        _ => (String::new(), serde_json::Value::Null),
+    }
+}
+
+/// The inverse of [`split_kind_body`]: decode `kind` + `body` strictly; the error is serde's.
+pub fn join_kind_body<T: serde::de::DeserializeOwned>(
+    kind: &str,
+    body: &serde_json::Value,
+) -> Result<T, String> {
+    let mut map = serde_json::Map::new();
+    map.insert("kind".into(), serde_json::Value::String(kind.to_string()));
+    map.insert("body".into(), body.clone());
+    serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -91,18 +91,7 @@ impl ReachMsg {
 
     /// Split into an envelope's `kind` and `body`.
     pub fn to_kind_body(&self) -> (String, Value) {
-        match serde_json::to_value(self) {
-            Ok(Value::Object(mut map)) => {
-                let kind = match map.remove("kind") {
-                    Some(Value::String(s)) => s,
-                    _ => String::new(),
-                };
-                let body = map.remove("body").unwrap_or(Value::Null);
-                (kind, body)
-            }
-            // Serializing these plain data types cannot fail or yield a non-object.
-            _ => (String::new(), Value::Null),
-        }
+        crate::envelope::split_kind_body(self)
     }
 
     /// Decode from an envelope's `kind` and `body`.
@@ -110,12 +99,9 @@ impl ReachMsg {
         if !Self::is_reach_kind(kind) {
             return Err(ReachMsgError::UnknownKind(kind.to_string()));
         }
-        let mut map = serde_json::Map::new();
-        map.insert("kind".into(), Value::String(kind.to_string()));
-        map.insert("body".into(), body.clone());
-        serde_json::from_value(Value::Object(map)).map_err(|e| ReachMsgError::Malformed {
+        crate::envelope::join_kind_body(kind, body).map_err(|reason| ReachMsgError::Malformed {
             kind: kind.to_string(),
-            reason: e.to_string(),
+            reason,
         })
     }
 }

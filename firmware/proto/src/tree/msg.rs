@@ -180,18 +180,7 @@ pub enum TreeMsgError {
 impl TreeMsg {
     /// Split into the envelope's `kind` and `body`.
     pub fn to_kind_body(&self) -> (String, Value) {
-        match serde_json::to_value(self) {
-            Ok(Value::Object(mut map)) => {
-                let kind = match map.remove("kind") {
-                    Some(Value::String(s)) => s,
-                    _ => String::new(),
-                };
-                let body = map.remove("body").unwrap_or(Value::Null);
-                (kind, body)
-            }
-            // Serializing these plain data types cannot fail or yield a non-object.
-            _ => (String::new(), Value::Null),
-        }
+        crate::envelope::split_kind_body(self)
     }
 
     /// Decode from an envelope's `kind` and `body`.
@@ -199,12 +188,9 @@ impl TreeMsg {
         if !KINDS.contains(&kind) {
             return Err(TreeMsgError::UnknownKind(kind.to_string()));
         }
-        let mut map = serde_json::Map::new();
-        map.insert("kind".into(), Value::String(kind.to_string()));
-        map.insert("body".into(), body.clone());
-        serde_json::from_value(Value::Object(map)).map_err(|e| TreeMsgError::Malformed {
+        crate::envelope::join_kind_body(kind, body).map_err(|reason| TreeMsgError::Malformed {
             kind: kind.to_string(),
-            reason: e.to_string(),
+            reason,
         })
     }
 
