@@ -389,16 +389,9 @@ impl std::fmt::Debug for Listener {
 
 impl Listener {
     pub async fn bind(addr: SocketAddr, identity: &TlsIdentity) -> Result<Self, TransportError> {
-        let err = |source| TransportError::Bind { addr, source };
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
-        }
-        .map_err(err)?;
-        socket.set_reuseaddr(true).map_err(err)?;
-        socket.bind(addr).map_err(err)?;
-        let tcp = socket.listen(1024).map_err(err)?;
+        let tcp = TcpListener::bind(addr)
+            .await
+            .map_err(|source| TransportError::Bind { addr, source })?;
         Ok(Self {
             tcp,
             acceptor: TlsAcceptor::from(identity.server_config()),

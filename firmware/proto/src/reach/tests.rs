@@ -63,20 +63,27 @@ fn seen(r: &mut Reach, now: u64, from: IpAddr, seen: SocketAddr) -> PublicKey {
     k
 }
 
+/// An observer at `from` reached us at `addr`; its (fresh) key.
+fn reached(r: &mut Reach, now: u64, from: IpAddr, addr: SocketAddr) -> PublicKey {
+    let k = key();
+    r.observe(now, k, from, Evidence::Reached { addr });
+    k
+}
+
 #[test]
 fn public_needs_two_independent_observers() {
     let mut r = public_node(key());
     let me = sock(198, 51, 100, 5, 13300);
-    r.observe(1, key(), ip(203, 0, 113, 9), Evidence::Reached { addr: me });
+    reached(&mut r, 1, ip(203, 0, 113, 9), me);
     assert_eq!(
         r.decide(2, FALLBACK).role,
         Role::Probing,
         "one observer is not enough"
     );
     // A second key from the same IP is not independent.
-    r.observe(3, key(), ip(203, 0, 113, 9), Evidence::Reached { addr: me });
+    reached(&mut r, 3, ip(203, 0, 113, 9), me);
     assert_eq!(r.decide(4, FALLBACK).role, Role::Probing);
-    r.observe(5, key(), ip(192, 0, 2, 7), Evidence::Reached { addr: me });
+    reached(&mut r, 5, ip(192, 0, 2, 7), me);
     let d = r.decide(6, FALLBACK);
     assert_eq!(d.role, Role::Public);
     assert_eq!(d.advertise, PeerAddr::Direct(me));
@@ -87,9 +94,9 @@ fn public_needs_two_independent_observers() {
 fn observers_on_our_own_private_lan_do_not_count() {
     let mut r = lan_node(key());
     let me = sock(10, 0, 1, 2, 13300);
-    r.observe(1, key(), ip(10, 0, 1, 3), Evidence::Reached { addr: me });
-    r.observe(1, key(), ip(10, 0, 1, 4), Evidence::Reached { addr: me });
-    r.observe(1, key(), ip(127, 0, 0, 1), Evidence::Reached { addr: me });
+    reached(&mut r, 1, ip(10, 0, 1, 3), me);
+    reached(&mut r, 1, ip(10, 0, 1, 4), me);
+    reached(&mut r, 1, ip(127, 0, 0, 1), me);
     assert_eq!(r.decide(2, FALLBACK).role, Role::Probing);
 }
 
@@ -97,18 +104,8 @@ fn observers_on_our_own_private_lan_do_not_count() {
 fn neighbours_on_a_public_subnet_are_witnesses() {
     let mut r = public_node(key());
     let me = sock(198, 51, 100, 5, 13300);
-    r.observe(
-        1,
-        key(),
-        ip(198, 51, 100, 6),
-        Evidence::Reached { addr: me },
-    );
-    r.observe(
-        1,
-        key(),
-        ip(198, 51, 100, 7),
-        Evidence::Reached { addr: me },
-    );
+    reached(&mut r, 1, ip(198, 51, 100, 6), me);
+    reached(&mut r, 1, ip(198, 51, 100, 7), me);
     assert_eq!(r.decide(2, FALLBACK).role, Role::Public);
 }
 
@@ -199,12 +196,7 @@ fn behind_nat_the_lowest_key_maps_and_becomes_gateway_once_reached() {
         Role::Probing,
         "not verified yet"
     );
-    r.observe(
-        t,
-        key(),
-        ip(198, 51, 100, 5),
-        Evidence::Reached { addr: mapped },
-    );
+    reached(&mut r, t, ip(198, 51, 100, 5), mapped);
     let d = r.decide(t, FALLBACK);
     assert_eq!(d.role, Role::Gateway);
     assert_eq!(d.advertise, PeerAddr::Direct(mapped));
@@ -352,8 +344,8 @@ fn symmetric_nat_is_recognised_from_one_local_port() {
 fn a_network_change_forgets_old_evidence() {
     let mut r = public_node(key());
     let me = sock(198, 51, 100, 5, 13300);
-    r.observe(1, key(), ip(203, 0, 113, 9), Evidence::Reached { addr: me });
-    r.observe(1, key(), ip(192, 0, 2, 7), Evidence::Reached { addr: me });
+    reached(&mut r, 1, ip(203, 0, 113, 9), me);
+    reached(&mut r, 1, ip(192, 0, 2, 7), me);
     assert_eq!(r.decide(2, FALLBACK).role, Role::Public);
     let mut net = r.net().clone();
     net.addrs[0].ip = ip(198, 51, 100, 50);
@@ -365,8 +357,8 @@ fn a_network_change_forgets_old_evidence() {
 fn evidence_expires() {
     let mut r = public_node(key());
     let me = sock(198, 51, 100, 5, 13300);
-    r.observe(1, key(), ip(203, 0, 113, 9), Evidence::Reached { addr: me });
-    r.observe(1, key(), ip(192, 0, 2, 7), Evidence::Reached { addr: me });
+    reached(&mut r, 1, ip(203, 0, 113, 9), me);
+    reached(&mut r, 1, ip(192, 0, 2, 7), me);
     let later = 2 + r.config().evidence_ttl_ms;
     r.expire(later);
     assert_ne!(r.decide(later, FALLBACK).role, Role::Public);
@@ -432,12 +424,7 @@ fn r_with_gateway_mapping(me: PublicKey) -> Reach {
         protocol: "pcp".into(),
         since: 1,
     });
-    r.observe(
-        2,
-        key(),
-        ip(198, 51, 100, 5),
-        Evidence::Reached { addr: mapped },
-    );
+    reached(&mut r, 2, ip(198, 51, 100, 5), mapped);
     assert_eq!(r.decide(3, FALLBACK).role, Role::Gateway);
     r
 }
@@ -453,12 +440,7 @@ fn a_port_forwarded_by_hand_makes_a_gateway_without_any_mapping() {
         at: 1,
     });
     let forwarded = sock(203, 0, 113, 1, 13300);
-    r.observe(
-        2,
-        key(),
-        ip(198, 51, 100, 5),
-        Evidence::Reached { addr: forwarded },
-    );
+    reached(&mut r, 2, ip(198, 51, 100, 5), forwarded);
     let d = r.decide(3, FALLBACK);
     assert_eq!(d.role, Role::Gateway, "{d:?}");
     assert_eq!(d.advertise, PeerAddr::Direct(forwarded));
