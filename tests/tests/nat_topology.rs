@@ -27,7 +27,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use borg_tests::natnet::NsNodes;
-use borg_tests::netns::{self, Topology};
+use borg_tests::netns::{self, Ns, Topology};
 use borg_tests::wait_for;
 
 const HB_MS: u64 = 500;
@@ -58,6 +58,16 @@ fn wait_lan_a_gateway(nodes: &NsNodes, a: &[&str], within: Duration) -> String {
         (gateways.len() == 1 && relayed == a.len() - 1).then(|| gateways[0].to_string())
     })
     .unwrap_or_else(|| panic!("LAN A roles never settled: {a:?} = {last:?}"))
+}
+
+/// Start the two public nodes: p1 alone, then p2 joining it (everyone else's contacts).
+fn start_publics(nodes: &mut NsNodes, p1: &Ns, p2: &Ns) {
+    nodes.spawn("p1", p1, &[]);
+    wait_for(Duration::from_secs(20), Duration::from_millis(100), || {
+        nodes.status("p1")
+    })
+    .expect("p1 never answered");
+    nodes.spawn("p2", p2, &[p1.ip.to_string()]);
 }
 
 fn key_of(nodes: &NsNodes, name: &str) -> String {
@@ -103,12 +113,7 @@ fn seven_nodes_across_two_nats_form_one_tree_and_survive_the_gateway() {
     borg_tests::borg_bin();
     let contacts = vec![p1.ip.to_string(), p2.ip.to_string()];
     let started = Instant::now();
-    nodes.spawn("p1", &p1, &[]);
-    wait_for(Duration::from_secs(20), Duration::from_millis(100), || {
-        nodes.status("p1")
-    })
-    .expect("p1 never answered");
-    nodes.spawn("p2", &p2, &contacts[..1]);
+    start_publics(&mut nodes, &p1, &p2);
     for (i, h) in hosts_a.iter().enumerate() {
         nodes.spawn(&format!("a{}", i + 1), h, &contacts);
     }
@@ -306,12 +311,7 @@ fn a_port_forwarded_by_hand_makes_its_node_the_gateway() {
     let mut nodes = NsNodes::new("natfwd", HB_MS, K);
     borg_tests::borg_bin();
     let contacts = vec![p1.ip.to_string(), p2.ip.to_string()];
-    nodes.spawn("p1", &p1, &[]);
-    wait_for(Duration::from_secs(20), Duration::from_millis(100), || {
-        nodes.status("p1")
-    })
-    .expect("p1 never answered");
-    nodes.spawn("p2", &p2, &contacts[..1]);
+    start_publics(&mut nodes, &p1, &p2);
     nodes.spawn("f1", &f1, &contacts);
     nodes.spawn("f2", &f2, &contacts);
     let want = |n: &str| match n {
