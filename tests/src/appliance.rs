@@ -13,6 +13,16 @@ pub fn skip(test: &str, why: &str) {
     let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
 }
 
+/// A test cannot run because something it needs is missing. On a developer's machine that is a
+/// SKIP line; under CI (`CI` set, as .ci/run is called) it is a failure, because there the setup
+/// scripts must have installed everything and a quiet skip would hide a missing install step.
+pub fn missing(test: &str, why: &str) {
+    if std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "0" && v != "false") {
+        panic!("{test}: {why} (a missing prerequisite fails under CI: fix ci/setup.sh)");
+    }
+    skip(test, why);
+}
+
 /// True when running as root (uid 0), read from /proc/self/status.
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -116,6 +126,7 @@ pub struct Console {
     stdin: Option<ChildStdin>,
     buf: Arc<Mutex<String>>,
     seen: usize,
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Console {
@@ -126,6 +137,7 @@ impl Console {
             .stderr(Stdio::piped());
         let mut child = cmd.spawn()?;
         let buf = Arc::new(Mutex::new(String::new()));
+        let mut readers = Vec::new();
         for stream in [
             child
                 .stdout
@@ -140,7 +152,7 @@ impl Console {
         .flatten()
         {
             let b = Arc::clone(&buf);
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 let mut stream = stream;
                 let mut chunk = [0u8; 4096];
                 let echo = std::env::var_os("BORG_TEST_ECHO").is_some();
@@ -156,7 +168,7 @@ impl Console {
                         g.push_str(&text);
                     }
                 }
-            });
+            }));
         }
         let stdin = child.stdin.take();
         Ok(Console {
@@ -164,6 +176,7 @@ impl Console {
             stdin,
             buf,
             seen: 0,
+            readers,
         })
     }
 
@@ -173,36 +186,58 @@ impl Console {
     }
 
     /// Wait until `needle` appears after the current read position; on success the position
-    /// moves past it and the text up to and including it is returned.
+    /// moves past it and the text up to and including it is returned. Fails at once (not at the
+    /// timeout) when the process has exited without printing `needle`, with its exit status and
+    /// its last output (e.g. QEMU's own error).
     pub fn expect(&mut self, needle: &str, timeout: Duration) -> Result<String, String> {
         let start = self.seen;
-        let found = wait_for(timeout, || {
-            let t = self.text();
+        let deadline = Instant::now() + timeout;
+        let find = |t: &str| {
             t.get(start..)
                 .and_then(|s| s.find(needle))
-                .map(|i| (start + i + needle.len(), t))
-        });
-        match found {
-            Some((end, t)) => {
+                .map(|i| start + i + needle.len())
+        };
+        let failure = loop {
+            let t = self.text();
+            if let Some(end) = find(&t) {
                 self.seen = end;
-                Ok(t[start..end].to_string())
+                return Ok(t[start..end].to_string());
             }
-            None => {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // The readers may still hold the process's last bytes: wait for both pipes to
+                // close (bounded) and look once more.
+                self.drain(Duration::from_secs(2));
                 let t = self.text();
-                let tail: String = t
-                    .get(start..)
-                    .unwrap_or_default()
-                    .chars()
-                    .rev()
-                    .take(3000)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect();
-                Err(format!(
-                    "timed out after {timeout:?} waiting for {needle:?}; output since then:\n{tail}"
-                ))
+                if let Some(end) = find(&t) {
+                    self.seen = end;
+                    return Ok(t[start..end].to_string());
+                }
+                break format!("the process exited ({status}) before printing {needle:?}");
             }
+            if Instant::now() >= deadline {
+                break format!("timed out after {timeout:?} waiting for {needle:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let t = self.text();
+        let tail: String = t
+            .get(start..)
+            .unwrap_or_default()
+            .chars()
+            .rev()
+            .take(3000)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        Err(format!("{failure}; output since then:\n{tail}"))
+    }
+
+    /// Wait (at most `bound`) until both output readers have seen end of file.
+    fn drain(&mut self, bound: Duration) {
+        let deadline = Instant::now() + bound;
+        while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
