@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use borg_tests::appliance::{
-    borg_bin, children_of, is_root, send_signal, skip, wait_exit, wait_for, which,
+    borg_bin, children_of, is_root, missing, send_signal, wait_exit, wait_for, which,
 };
 
 const CELL_SCRIPT: &str = r#"#!/bin/sh
@@ -133,21 +133,21 @@ fn starts_of(log: &[String], name: &str) -> Vec<u128> {
 
 fn prerequisites(test: &str, need_root: bool) -> Option<PathBuf> {
     if need_root && !is_root() {
-        skip(test, "needs root (PID namespaces, setuid to the cell user)");
+        missing(test, "needs root (PID namespaces, setuid to the cell user)");
         return None;
     }
     if need_root && which("unshare").is_none() {
-        skip(test, "needs `unshare` (util-linux)");
+        missing(test, "needs `unshare` (util-linux)");
         return None;
     }
     if which("date").is_none() || which("id").is_none() || which("sleep").is_none() {
-        skip(test, "needs date, id and sleep (coreutils)");
+        missing(test, "needs date, id and sleep (coreutils)");
         return None;
     }
     match borg_bin() {
         Some(b) => Some(b),
         None => {
-            skip(
+            missing(
                 test,
                 "no borg binary: run `cargo build -p borg` first or set BORG_BIN",
             );
@@ -378,7 +378,7 @@ fn up_shows_node_state_on_leds_and_console() {
         return;
     };
     if which("python3").is_none() {
-        skip(test, "needs python3 for the stand-in monitor");
+        missing(test, "needs python3 for the stand-in monitor");
         return;
     }
     let s = setup();

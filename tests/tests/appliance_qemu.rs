@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use borg_tests::appliance::{borg_bin, skip, which, workspace_root, Console};
+use borg_tests::appliance::{borg_bin, missing, skip, which, workspace_root, Console};
 
 const BOOT: Duration = Duration::from_secs(120);
 const STEP: Duration = Duration::from_secs(60);
@@ -243,7 +243,7 @@ fn qemu_guest_joins_a_host_node() {
         return;
     }
     let Some(borg) = borg_bin() else {
-        skip(test, "no host borg binary");
+        missing(test, "no host borg binary");
         return;
     };
     // Host node on 127.0.0.1: the guest reaches it as 10.0.2.2 through slirp. Tree links are
@@ -324,7 +324,7 @@ fn qemu_pi_image_kernel_and_initramfs_boot() {
     let test = "qemu_pi_image_kernel_and_initramfs_boot";
     let Some(img) = enabled(test) else { return };
     if !img.join("rpi4-Image").is_file() {
-        skip(
+        missing(
             test,
             "no Pi image: run image/build-pi (BORG_PI_IMAGE=1 image/build)",
         );
