@@ -200,12 +200,12 @@ pub fn hostname_for(key: &borg_proto::identity::PublicKey) -> String {
     format!("borg-{hex}")
 }
 
-/// Log panics instead of dying silently; PID 1 code paths also avoid unwrap entirely.
+/// Log panics instead of dying silently; PID 1 code paths also avoid unwrap entirely. Only
+/// through the log (never a direct, blocking write to a console that may be stuck).
 pub fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
         let msg = info.to_string();
         tracing::error!(panic = %msg, "BUG: panic (PID 1 carries on)");
-        eprintln!("borg: panic: {msg}");
     }));
 }
 
@@ -343,9 +343,6 @@ pub fn run(mut cfg: InitConfig) -> Result<(), InitError> {
         // A panic in one round (a bug) must not unwind out of PID 1: catch it, log it (the
         // panic hook did), pause briefly and go on with the same supervisor state.
         let round = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            if std::mem::take(&mut inject_panic) {
-                panic!("injected panic in PID 1's main loop (--inject-panic)");
-            }
             let now = Instant::now();
             if let Some(live) = &cfg.liveness {
                 let last_ok = shared.lock().monitor_ok_at;
@@ -353,6 +350,9 @@ pub fn run(mut cfg: InitConfig) -> Result<(), InitError> {
             }
             let next = sup.tick(now);
             publish(&shared, &sup, &cfg, &mut last_reports);
+            if std::mem::take(&mut inject_panic) {
+                panic!("injected panic in PID 1's main loop (--inject-panic)");
+            }
             let wait = next
                 .map_or(Duration::from_millis(500), |t| {
                     t.saturating_duration_since(Instant::now())
