@@ -215,19 +215,26 @@ fn parse_dropped(text: &str) -> Option<(u64, u64)> {
 
 fn up_command(borg: &Path, dir: &Path, script: &Path, mon_ip: &str) -> Command {
     let mut cmd = Command::new(borg);
-    cmd.args(["up", "--console", "--cell-user", "root", "--cells", "peerTreeNet"])
-        .arg("--data")
-        .arg(dir.join("data"))
-        .arg("--cell-program")
-        .arg(script)
-        .arg("--state-file")
-        .arg(dir.join("state.json"))
-        .args(["--leds", "none", "--backoff-base-ms", "200"])
-        .args(["--backoff-max-ms", "800", "--grace-ms", "1500"])
-        .arg("--monitor")
-        .arg(format!("{mon_ip}:13310"))
-        .env("BORG_TEST_MON_IP", mon_ip)
-        .env("BORG_LOG", "info");
+    cmd.args([
+        "up",
+        "--console",
+        "--cell-user",
+        "root",
+        "--cells",
+        "peerTreeNet",
+    ])
+    .arg("--data")
+    .arg(dir.join("data"))
+    .arg("--cell-program")
+    .arg(script)
+    .arg("--state-file")
+    .arg(dir.join("state.json"))
+    .args(["--leds", "none", "--backoff-base-ms", "200"])
+    .args(["--backoff-max-ms", "800", "--grace-ms", "1500"])
+    .arg("--monitor")
+    .arg(format!("{mon_ip}:13310"))
+    .env("BORG_TEST_MON_IP", mon_ip)
+    .env("BORG_LOG", "info");
     cmd
 }
 
@@ -293,8 +300,10 @@ fn flooding_cell_on_a_slow_console_keeps_answering_and_pid1_counts_drops() {
          PID 1 dropped {counts:?} (console, rate), PID 1 peak RSS {peak_rss} KiB"
     );
     let written = flood_done.unwrap_or_else(|| {
-        panic!("the flooding cell stopped (monitor frozen or too slow); log head:\n{}",
-            &log[..log.len().min(3000)])
+        panic!(
+            "the flooding cell stopped (monitor frozen or too slow); log head:\n{}",
+            &log[..log.len().min(3000)]
+        )
     });
     assert!(written >= want_bytes);
     assert!(
@@ -496,12 +505,17 @@ fn pid1_survives_a_panic_on_its_main_thread() {
     let text = init.err_text();
     assert!(panicked.is_some(), "no panic was caught; log:\n{text}");
     assert!(alive, "PID 1 exited after the panic; log:\n{text}");
-    assert!(restarts.is_some(), "no restarts after the panic; log:\n{text}");
+    assert!(
+        restarts.is_some(),
+        "no restarts after the panic; log:\n{text}"
+    );
     assert!(st.is_some(), "console silent after the panic");
     assert!(fault, "console does not show the panic as a fault");
     assert!(pid1.is_some(), "init not found in the namespace");
     assert!(
-        std::fs::read_to_string(&log).unwrap().contains("stop steady"),
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("stop steady"),
         "steady cell was not stopped in order"
     );
     let exit = exit.expect("init did not exit after SIGTERM");
@@ -530,7 +544,10 @@ fn pid1_config_error_keeps_reaping_and_handling_signals() {
         children_of(init.child.id()).first().map(|c| c.0)
     });
     let text = init.err_text();
-    assert!(guarded.is_some(), "PID 1 did not enter its guard; log:\n{text}");
+    assert!(
+        guarded.is_some(),
+        "PID 1 did not enter its guard; log:\n{text}"
+    );
     let pid1 = pid1.expect("PID 1 left the namespace");
     // An orphan inside the namespace is adopted by PID 1 and reaped.
     let orphan = Command::new("nsenter")
@@ -540,23 +557,40 @@ fn pid1_config_error_keeps_reaping_and_handling_signals() {
         .unwrap();
     assert!(orphan.success());
     let adopted = wait_for(Duration::from_secs(5), || {
-        children_of(pid1).iter().any(|c| c.2 == "sleep").then_some(())
+        children_of(pid1)
+            .iter()
+            .any(|c| c.2 == "sleep")
+            .then_some(())
     });
     let reaped = adopted.and_then(|_| {
         wait_for(Duration::from_secs(10), || {
-            children_of(pid1).iter().all(|c| c.2 != "sleep").then_some(())
+            children_of(pid1)
+                .iter()
+                .all(|c| c.2 != "sleep")
+                .then_some(())
         })
     });
     let still_up = init.child.try_wait().unwrap().is_none();
     send_signal(pid1, "TERM");
     let exit = wait_exit(&mut init.child, Duration::from_secs(10));
     let text = init.err_text();
-    assert!(adopted.is_some(), "orphan not adopted by PID 1: {:?}", children_of(pid1));
-    assert!(reaped.is_some(), "orphan left as a zombie: {:?}", children_of(pid1));
+    assert!(
+        adopted.is_some(),
+        "orphan not adopted by PID 1: {:?}",
+        children_of(pid1)
+    );
+    assert!(
+        reaped.is_some(),
+        "orphan left as a zombie: {:?}",
+        children_of(pid1)
+    );
     assert!(still_up, "PID 1 exited on the configuration error");
     assert!(text.contains("--led-gpio"), "error not logged:\n{text}");
     // No cell ran (the configuration was refused), and SIGTERM ended the guard.
     assert_eq!(starts_of(&log, "steady"), 0);
     let exit = exit.expect("guard ignored SIGTERM");
-    assert!(!exit.success(), "the configuration error is still the exit status");
+    assert!(
+        !exit.success(),
+        "the configuration error is still the exit status"
+    );
 }

@@ -738,7 +738,9 @@ impl Actor {
                     origin,
                     payload,
                 } => self.deliver(id, origin, payload),
-                Action::Event(e @ borg_proto::tree::TreeEvent::Rejected { .. }) => tracing::debug!(cell = %self.cfg.cell, "tree: {e:?}"),
+                Action::Event(e @ borg_proto::tree::TreeEvent::Rejected { .. }) => {
+                    tracing::debug!(cell = %self.cfg.cell, "tree: {e:?}")
+                }
                 Action::Event(e) => tracing::info!(cell = %self.cfg.cell, "tree: {e:?}"),
             }
         }

@@ -504,7 +504,7 @@ impl Client {
             (
                 State::Requesting | State::Rebooting | State::Renewing | State::Rebinding,
                 MessageType::Ack | MessageType::Nak,
-            ) if !self.from_expected_server(m) => vec![],
+            ) if !self.is_expected_answer(m) => vec![],
             (
                 State::Requesting | State::Rebooting | State::Renewing | State::Rebinding,
                 MessageType::Ack,
@@ -526,7 +526,7 @@ impl Client {
     /// RENEWING (a unicast to our lease's server) only that server. REBOOTING and REBINDING
     /// are broadcasts any server may answer (RFC 2131 4.3.2). The xid and hardware address
     /// were checked before.
-    fn from_expected_server(&self, m: &Message) -> bool {
+    fn is_expected_answer(&self, m: &Message) -> bool {
         match self.state {
             State::Requesting => self.offer.as_ref().is_some_and(|o| {
                 o.server_id.is_some()

@@ -375,10 +375,7 @@ mod tests {
         s.feed(b"\nshort\n", |l, c| out.push((l.len(), c)));
         s.feed(b"tail", |l, c| out.push((l.len(), c)));
         s.finish(|l, c| out.push((l.len(), c)));
-        assert_eq!(
-            out,
-            vec![(MAX_LINE_BYTES, true), (5, false), (4, false)]
-        );
+        assert_eq!(out, vec![(MAX_LINE_BYTES, true), (5, false), (4, false)]);
     }
 
     #[test]
