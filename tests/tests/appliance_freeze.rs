@@ -206,6 +206,16 @@ impl Drop for Supervised {
     }
 }
 
+/// Kills a helper process when the test ends, whatever way it ends.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `log:   dropped A (console too slow) B (cell over rate)` -> (A, B).
 fn parse_dropped(text: &str) -> Option<(u64, u64)> {
     let l = text.lines().find(|l| l.starts_with("log:   dropped "))?;
@@ -593,4 +603,152 @@ fn pid1_config_error_keeps_reaping_and_handling_signals() {
         !exit.success(),
         "the configuration error is still the exit status"
     );
+}
+
+/// Broadcasts an outsider sends to a real node under the supervisor.
+const OUTSIDER_BROADCASTS: usize = 300;
+/// Text length of each: 300 x 2 KB is ten times what the two pipes between the cell and a
+/// stuck console hold, and a minute of a 115200-baud line.
+const OUTSIDER_TEXT_BYTES: usize = 2000;
+/// All of them are accepted within this. Here they take about 1.3 s; a node whose log writes
+/// wait for the serial line needs 40 s or more (600 KB at 11.5 KB/s, less the pipe buffers).
+const OUTSIDER_ACCEPT_WITHIN: Duration = Duration::from_secs(20);
+/// The real cell's resident memory during the flood stays below this.
+const NODE_RSS_LIMIT_KIB: u64 = 96 * 1024;
+
+#[test]
+fn real_node_under_a_broadcast_flood_on_a_slow_console_keeps_working() {
+    let test = "real_node_under_a_broadcast_flood_on_a_slow_console_keeps_working";
+    let Some(borg) = borg_bin() else {
+        skip(test, "no borg binary: run `cargo build -p borg` first");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ip = "127.61.0.2";
+    let mon: SocketAddr = format!("{ip}:13310").parse().unwrap();
+    let recp: SocketAddr = format!("{ip}:13305").parse().unwrap();
+    let mut cmd = Command::new(&borg);
+    cmd.args(["up", "--cell-user", "root", "--cells", "peerTreeNet"])
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .arg("--state-file")
+        .arg(dir.path().join("state.json"))
+        .args(["--leds", "none", "--listen", ip, "--monitor"])
+        .arg(mon.to_string())
+        .env("BORG_LOG", "info");
+    let mut sup = Supervised::spawn(cmd, SERIAL_BYTES_PER_SEC);
+    let up = wait_for(Duration::from_secs(30), || {
+        status(mon, Duration::from_secs(1))
+    });
+    assert!(
+        up.is_some(),
+        "node never answered; log:\n{}",
+        sup.err_text()
+    );
+    let cell_pid = wait_for(Duration::from_secs(5), || {
+        let st = read_state(&dir.path().join("state.json"))?;
+        cell(&st, "peerTreeNet")?["pid"].as_u64()
+    })
+    .expect("cell pid") as u32;
+
+    // The outsider: its own fresh key, many broadcasts with long texts, as fast as the node
+    // takes them, on one thread, while this thread polls the monitor.
+    let sender = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let key = borg_proto::identity::SecretKey::generate();
+        let text = "b".repeat(OUTSIDER_TEXT_BYTES);
+        let start = Instant::now();
+        let mut ok = 0;
+        for _ in 0..OUTSIDER_BROADCASTS {
+            let env = borg_proto::envelope::seal(
+                &key,
+                "broadcast",
+                None,
+                borg_net::node::now_ms(),
+                serde_json::json!({ "text": text }),
+            );
+            if let Ok((200, _)) = rt.block_on(borg_net::client::receptor_post(recp, env.to_bytes()))
+            {
+                ok += 1;
+            }
+        }
+        (ok, start.elapsed())
+    });
+    let mut worst_gap = Duration::ZERO;
+    let mut last_ok = Instant::now();
+    let mut peak_rss = 0;
+    let done = wait_for(Duration::from_secs(120), || {
+        peak_rss = peak_rss.max(rss_kib(cell_pid).unwrap_or(0));
+        if status(mon, Duration::from_secs(2)).is_some() {
+            worst_gap = worst_gap.max(last_ok.elapsed());
+            last_ok = Instant::now();
+        }
+        sender.is_finished().then_some(())
+    });
+    assert!(done.is_some(), "the outsider's broadcasts never finished");
+    let (accepted, took) = sender.join().unwrap();
+    let delivered = wait_for(Duration::from_secs(20), || {
+        let d = status(mon, Duration::from_secs(2))?["delivered_broadcasts"].as_u64()?;
+        (d >= accepted as u64).then_some(d)
+    });
+
+    // A newcomer still joins: the tree of two is whole.
+    let k = u64::from(borg_proto::dna::PEER_TREE_NET.max_children);
+    let new_ip = "127.61.0.3";
+    let new_mon: SocketAddr = format!("{new_ip}:13310").parse().unwrap();
+    let new_log = std::fs::File::create(dir.path().join("newcomer.log")).unwrap();
+    let newcomer = Command::new(&borg)
+        .args(["node", "--listen", new_ip, "--join", ip])
+        .arg("--data")
+        .arg(dir.path().join("newcomer"))
+        .args(["--max-children", &k.to_string(), "--heartbeat-ms", "1000"])
+        .stdout(Stdio::null())
+        .stderr(new_log)
+        .spawn()
+        .unwrap();
+    let _newcomer = KillOnDrop(newcomer);
+    let join_start = Instant::now();
+    let whole = wait_for(Duration::from_secs(30), || {
+        borg_tests::check_tree_statuses(
+            k,
+            [
+                (
+                    "supervised".to_string(),
+                    status(mon, Duration::from_secs(2)),
+                ),
+                (
+                    "newcomer".to_string(),
+                    status(new_mon, Duration::from_secs(2)),
+                ),
+            ]
+            .into_iter(),
+        )
+        .ok()
+    });
+    let joined_in = join_start.elapsed();
+    send_signal(sup.child.id(), "TERM");
+    let exit = wait_exit(&mut sup.child, Duration::from_secs(20));
+    eprintln!(
+        "broadcast flood: {accepted}/{OUTSIDER_BROADCASTS} accepted in {took:?}, worst monitor \
+         gap {worst_gap:?}, cell peak RSS {peak_rss} KiB, delivered {delivered:?}, newcomer \
+         joined in {joined_in:?}"
+    );
+    assert_eq!(
+        accepted, OUTSIDER_BROADCASTS,
+        "receptor refused or timed out"
+    );
+    assert!(
+        worst_gap < Duration::from_secs(3),
+        "monitor unanswered for {worst_gap:?} during the flood"
+    );
+    assert!(delivered.is_some(), "not every broadcast was delivered");
+    assert!(
+        peak_rss < NODE_RSS_LIMIT_KIB,
+        "cell RSS {peak_rss} KiB >= {NODE_RSS_LIMIT_KIB} KiB"
+    );
+    assert_eq!(whole, Some((2, 1)), "newcomer did not join a whole tree");
+    assert!(exit.expect("borg up did not stop").success());
 }
