@@ -192,7 +192,10 @@ fn config(data: PathBuf, flags: &CellFlags) -> anyhow::Result<InitConfig> {
         max: flags.backoff_max_ms.map_or(d.max, Duration::from_millis),
         healthy_after: d.healthy_after,
     };
-    if let Some(m) = flags.monitor {
+    if let Some(m) = flags
+        .monitor
+        .or_else(|| flags.listen.as_deref().and_then(init::monitor_for_listen))
+    {
         cfg.monitor = m;
     }
     let live = cfg.liveness.unwrap_or_default();

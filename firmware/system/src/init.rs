@@ -10,7 +10,9 @@
 //!    node runs on a RAM disk with the fault LED);
 //! 4. node key -> host name; start the network, LED, console and node-watch threads;
 //! 5. start the cells and loop: wait for signals, reap every child with `waitpid(-1)`, hand
-//!    statuses to the supervisor, restart cells when their backoff passes.
+//!    statuses to the supervisor, restart cells when their backoff passes, and kill the base
+//!    cell when its monitor stays silent past the liveness bound (it then restarts). Each
+//!    round runs under `catch_unwind`: a bug that panics costs a round, not PID 1.
 //!
 //! SIGTERM/SIGPWR power off, SIGINT (Ctrl-Alt-Del) reboots: TERM cells in reverse order,
 //! grace, KILL, TERM/KILL everything else, sync, unmount (or remount read-only), `reboot(2)`.
@@ -135,6 +137,9 @@ impl InitConfig {
         self.join.extend(c.join.iter().cloned());
         if let Some(l) = &c.listen {
             self.listen = Some(l.clone());
+            if let Some(m) = monitor_for_listen(l) {
+                self.monitor = m;
+            }
         }
         if let Some(l) = &c.leds {
             self.leds = l.clone();
@@ -152,6 +157,14 @@ impl InitConfig {
             self.network = false;
         }
     }
+}
+
+/// Where the base cell's monitor answers when the cell listens on `listen` (an IP): that IP,
+/// unless it is unspecified (0.0.0.0 / ::, then loopback, the default). The node-watch and
+/// the liveness check must poll the monitor where it is, or a healthy cell looks frozen.
+pub fn monitor_for_listen(listen: &str) -> Option<SocketAddr> {
+    let ip: std::net::IpAddr = listen.parse().ok()?;
+    (!ip.is_unspecified()).then(|| SocketAddr::new(ip, borg_proto::dna::PEER_TREE_NET.mon_port))
 }
 
 /// The mkfs command for a blank data partition: e2fsprogs' mkfs.ext4 if the image has it
@@ -785,6 +798,17 @@ mod tests {
         assert_eq!(cfg.led_gpio, (5, 6));
         assert!(!cfg.network);
         assert_eq!(cfg.grace, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn monitor_follows_the_listen_address() {
+        let mut cfg = InitConfig::new("/data".into(), "/init".into());
+        assert_eq!(cfg.monitor, monitor::base_monitor());
+        cfg.apply_cmdline(&cmdline::parse("borg.listen=0.0.0.0"));
+        assert_eq!(cfg.monitor, monitor::base_monitor());
+        cfg.apply_cmdline(&cmdline::parse("borg.listen=10.1.2.3"));
+        assert_eq!(cfg.monitor, "10.1.2.3:13310".parse().unwrap());
+        assert_eq!(monitor_for_listen("not an ip"), None);
     }
 
     #[test]
