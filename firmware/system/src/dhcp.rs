@@ -1008,6 +1008,36 @@ mod tests {
     }
 
     proptest! {
+        /// In REQUESTING, a crafted ACK binds exactly when it carries our xid, our MAC, the
+        /// chosen server's identifier and the offered address; anything else changes nothing.
+        #[test]
+        fn only_the_chosen_servers_ack_binds(
+            xid_flip in prop_oneof![Just(0u32), any::<u32>()],
+            server in prop_oneof![Just(Some(SERVER)), Just(None), any::<[u8; 4]>().prop_map(|o| Some(Ipv4Addr::from(o)))],
+            addr in prop_oneof![Just(ADDR), any::<[u8; 4]>().prop_map(Ipv4Addr::from)],
+            nak in any::<bool>(),
+        ) {
+            let now = Instant::now();
+            let mut c = requesting(now);
+            let kind = if nak { MessageType::Nak } else { MessageType::Ack };
+            let mut m = reply(c.xid ^ xid_flip, kind, 600);
+            m.server_id = server;
+            m.yiaddr = addr;
+            let m = Message::decode(&m.encode()).unwrap();
+            let a = c.on_packet(&m, now);
+            let ours = xid_flip == 0 && server == Some(SERVER);
+            if ours && nak {
+                prop_assert_eq!(c.state(), State::Selecting);
+            } else if ours && addr == ADDR {
+                prop_assert_eq!(c.state(), State::Bound);
+                prop_assert!(c.lease().is_some_and(|l| l.addr == ADDR && l.server == SERVER));
+            } else {
+                prop_assert!(a.is_empty(), "{:?}", a);
+                prop_assert_eq!(c.state(), State::Requesting);
+                prop_assert!(c.lease().is_none());
+            }
+        }
+
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
             let _ = Message::decode(&bytes);
