@@ -562,7 +562,7 @@ fn pid1_config_error_keeps_reaping_and_handling_signals() {
     // An orphan inside the namespace is adopted by PID 1 and reaped.
     let orphan = Command::new("nsenter")
         .args(["--target", &pid1.to_string(), "--pid", "--"])
-        .args(["sh", "-c", "(sleep 1 &); exit 0"])
+        .args(["sh", "-c", "(sleep 2 &); exit 0"])
         .status()
         .unwrap();
     assert!(orphan.success());
