@@ -756,3 +756,53 @@ fn real_node_under_a_broadcast_flood_on_a_slow_console_keeps_working() {
     assert_eq!(whole, Some((2, 1)), "newcomer did not join a whole tree");
     assert!(exit.expect("borg up did not stop").success());
 }
+
+/// The same main loop runs `borg up`: a panic there is survived too (no root needed, so this
+/// also runs where the PID-namespace tests skip).
+#[test]
+fn up_survives_a_panic_in_its_main_loop() {
+    let test = "up_survives_a_panic_in_its_main_loop";
+    let Some(borg) = borg_bin() else {
+        skip(test, "no borg binary: run `cargo build -p borg` first");
+        return;
+    };
+    let (dir, script, log) = ns_setup();
+    let mut cmd = Command::new(&borg);
+    cmd.args(["up", "--console", "--cell-user", "root", "--inject-panic"])
+        .args(["--cells", "steady,crasher", "--data"])
+        .arg(dir.path().join("data"))
+        .arg("--cell-program")
+        .arg(&script)
+        .args(["--leds", "none", "--backoff-base-ms", "100"])
+        .args(["--backoff-max-ms", "200", "--grace-ms", "1500"])
+        .args(["--monitor", "127.60.0.5:13310"])
+        .env("BORG_TEST_LOG", &log)
+        .env("BORG_LOG", "info");
+    let mut up = Supervised::spawn(cmd, 1 << 20);
+    let panicked = wait_for(Duration::from_secs(20), || {
+        up.err_text()
+            .contains("PID 1 main loop caught a panic")
+            .then_some(())
+    });
+    let before = starts_of(&log, "crasher");
+    let restarts = wait_for(Duration::from_secs(20), || {
+        (starts_of(&log, "crasher") >= before + 3).then_some(())
+    });
+    let alive = up.child.try_wait().unwrap().is_none();
+    send_signal(up.child.id(), "TERM");
+    let exit = wait_exit(&mut up.child, Duration::from_secs(20));
+    let text = up.err_text();
+    assert!(panicked.is_some(), "no panic was caught; log:\n{text}");
+    assert!(alive, "borg up exited after the panic; log:\n{text}");
+    assert!(
+        restarts.is_some(),
+        "no restarts after the panic; log:\n{text}"
+    );
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("stop steady"),
+        "steady cell was not stopped in order"
+    );
+    assert!(exit.expect("borg up did not stop").success());
+}
