@@ -52,6 +52,16 @@ pub struct CellFlags {
     /// Monitor address of the base cell (default 127.0.0.1:13310).
     #[arg(long, value_name = "IP:PORT", hide = true)]
     pub monitor: Option<std::net::SocketAddr>,
+    /// Liveness: ms a fresh base cell has to answer on its monitor before it is restarted
+    /// (0 turns the liveness check off).
+    #[arg(long, value_name = "MS", hide = true)]
+    pub liveness_startup_ms: Option<u64>,
+    /// Liveness: ms the base cell's monitor may stay silent before the cell is restarted.
+    #[arg(long, value_name = "MS", hide = true)]
+    pub liveness_silence_ms: Option<u64>,
+    /// For tests: panic once in PID 1's main loop (PID 1 must carry on).
+    #[arg(long, hide = true)]
+    pub inject_panic: bool,
 }
 
 /// `borg init`: PID 1 of the appliance.
@@ -182,36 +192,60 @@ fn config(data: PathBuf, flags: &CellFlags) -> anyhow::Result<InitConfig> {
         max: flags.backoff_max_ms.map_or(d.max, Duration::from_millis),
         healthy_after: d.healthy_after,
     };
-    if let Some(m) = flags.monitor {
+    if let Some(m) = flags
+        .monitor
+        .or_else(|| flags.listen.as_deref().and_then(init::monitor_for_listen))
+    {
         cfg.monitor = m;
     }
+    let live = cfg.liveness.unwrap_or_default();
+    cfg.liveness = match flags.liveness_startup_ms {
+        Some(0) => None,
+        s => Some(borg_system::supervisor::Liveness {
+            startup: s.map_or(live.startup, Duration::from_millis),
+            silence: flags
+                .liveness_silence_ms
+                .map_or(live.silence, Duration::from_millis),
+        }),
+    };
+    cfg.inject_panic = flags.inject_panic;
     Ok(cfg)
 }
 
-/// `borg init`. As PID 1 in system mode this never returns.
+/// `borg init`. As PID 1 in system mode this never returns: a configuration error, an error
+/// from [`init::run`] or a panic anywhere in it ends in [`init::guard`], which keeps reaping
+/// and handling signals (PID 1 exiting panics the kernel).
 pub fn run_init(args: InitArgs) -> anyhow::Result<()> {
     setup_tracing(&std::env::var("BORG_LOG").unwrap_or_else(|_| "info".into()));
     init::install_panic_hook();
-    let mut cfg = config(args.data.clone(), &args.cells)?;
-    cfg.system = !args.no_system;
-    cfg.console = if args.console {
-        ConsoleIo::Stdio
-    } else if cfg.system {
-        ConsoleIo::Device(PathBuf::from("/dev/console"))
-    } else {
-        ConsoleIo::Off
-    };
-    if cfg.system && args.cells.leds.is_none() {
-        cfg.leds = "auto".into();
-    }
-    let result = init::run(cfg);
-    if std::process::id() == 1 && !args.no_system {
-        // Unreachable in practice (run never returns in system mode), but PID 1 must not exit.
-        loop {
-            std::thread::sleep(Duration::from_secs(3600));
+    let pid1 = std::process::id() == 1;
+    let system = !args.no_system;
+    let result = std::panic::catch_unwind(|| -> anyhow::Result<()> {
+        let mut cfg = config(args.data.clone(), &args.cells).context("configuration")?;
+        cfg.system = system;
+        cfg.console = if args.console {
+            ConsoleIo::Stdio
+        } else if cfg.system {
+            ConsoleIo::Device(PathBuf::from("/dev/console"))
+        } else {
+            ConsoleIo::Off
+        };
+        if cfg.system && args.cells.leds.is_none() {
+            cfg.leds = "auto".into();
         }
+        init::run(cfg)?;
+        Ok(())
+    })
+    .unwrap_or_else(|_| Err(anyhow::anyhow!("init panicked")));
+    // PID 1 must not exit: in system mode never, and after a failure not even in a test
+    // namespace (where an orderly SIGTERM stop may end it).
+    if pid1 && (system || result.is_err()) {
+        if let Err(e) = &result {
+            tracing::error!("borg init: {e:#}; PID 1 stays up");
+        }
+        init::guard(system);
     }
-    result.map_err(Into::into)
+    result
 }
 
 /// `borg up`: the supervisor without system duties (no mounts, networking or reboot).

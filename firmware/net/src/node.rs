@@ -738,6 +738,9 @@ impl Actor {
                     origin,
                     payload,
                 } => self.deliver(id, origin, payload),
+                Action::Event(e @ borg_proto::tree::TreeEvent::Rejected { .. }) => {
+                    tracing::debug!(cell = %self.cfg.cell, "tree: {e:?}")
+                }
                 Action::Event(e) => tracing::info!(cell = %self.cfg.cell, "tree: {e:?}"),
             }
         }
@@ -757,7 +760,7 @@ impl Actor {
             self.metrics.broadcast_origin_invalid += 1;
         }
         let text = payload.get("text").and_then(|t| t.as_str()).unwrap_or("");
-        tracing::info!(cell = %self.cfg.cell, "broadcast {id} from {}: {text}", origin.short());
+        tracing::debug!(cell = %self.cfg.cell, "broadcast {id:.64} from {}: {text:.80}", origin.short());
     }
 
     fn seal(&self, msg: &TreeMsg) -> Vec<u8> {

@@ -208,6 +208,9 @@ fn cells_table(s: &Snapshot) -> String {
         if let Some(err) = &c.last_error {
             let _ = write!(last, " [{err}]");
         }
+        if c.hung_kills > 0 {
+            let _ = write!(last, " (killed {}x: monitor silent)", c.hung_kills);
+        }
         let _ = write!(
             o,
             "\n{:<14} {:<8} {:>7} {:>6} {:>8}  {}",
@@ -237,8 +240,9 @@ pub fn execute(cmd: &Command, shared: &Shared, monitor: SocketAddr) -> (String, 
                 Ok(v) => node_line(&v),
                 Err(e) => format!("unavailable ({e})"),
             };
+            let dropped = crate::logring::dropped();
             let text = format!(
-                "borg {} pid {} rss {} KiB uptime {} host {}\nnet:   {} via {} (link {}, dhcp {})\ndata:  {} {}\nleds:  {} ({})\nnode:  {}{}",
+                "borg {} pid {} rss {} KiB uptime {} host {}\nnet:   {} via {} (link {}, dhcp {})\ndata:  {} {}\nleds:  {} ({})\nlog:   dropped {} (console too slow) {} (cell over rate)\nnode:  {}{}",
                 env!("CARGO_PKG_VERSION"),
                 crate::sys::getpid(),
                 rss_kib().map_or("?".into(), |k| k.to_string()),
@@ -252,6 +256,8 @@ pub fn execute(cmd: &Command, shared: &Shared, monitor: SocketAddr) -> (String, 
                 s.data_note,
                 s.led.name(),
                 s.led_backend,
+                dropped.console,
+                dropped.rate,
                 node,
                 if s.faults.is_empty() {
                     String::new()
@@ -391,6 +397,7 @@ mod tests {
         assert!(text.contains("(no cells)"));
         assert!(text.contains("node:  unavailable"));
         assert!(text.contains("host borg-test"));
+        assert!(text.contains("log:   dropped "), "{text}");
         assert_eq!(*reqs.lock().unwrap(), vec![Request::Reboot]);
     }
 

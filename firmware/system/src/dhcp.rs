@@ -503,6 +503,10 @@ impl Client {
             }
             (
                 State::Requesting | State::Rebooting | State::Renewing | State::Rebinding,
+                MessageType::Ack | MessageType::Nak,
+            ) if !self.is_expected_answer(m) => vec![],
+            (
+                State::Requesting | State::Rebooting | State::Renewing | State::Rebinding,
                 MessageType::Ack,
             ) => self.bind(m, now),
             (
@@ -514,6 +518,26 @@ impl Client {
                 a
             }
             _ => vec![],
+        }
+    }
+
+    /// May this ACK/NAK be acted on? In REQUESTING only the server whose offer we chose may
+    /// answer (its server identifier), and an ACK must grant the address it offered; in
+    /// RENEWING (a unicast to our lease's server) only that server. REBOOTING and REBINDING
+    /// are broadcasts any server may answer (RFC 2131 4.3.2). The xid and hardware address
+    /// were checked before.
+    fn is_expected_answer(&self, m: &Message) -> bool {
+        match self.state {
+            State::Requesting => self.offer.as_ref().is_some_and(|o| {
+                o.server_id.is_some()
+                    && m.server_id == o.server_id
+                    && (m.msg_type != MessageType::Ack || m.yiaddr == o.yiaddr)
+            }),
+            State::Renewing => match self.lease.as_ref().map(|l| l.server) {
+                Some(s) if s != Ipv4Addr::BROADCAST => m.server_id == Some(s),
+                _ => true,
+            },
+            _ => true,
         }
     }
 
@@ -739,6 +763,83 @@ mod tests {
         assert_eq!(c.state(), State::Selecting);
     }
 
+    const ROGUE: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 66);
+
+    /// A client in REQUESTING for SERVER's offer.
+    fn requesting(now: Instant) -> Client {
+        let mut c = Client::new(MAC, None, 11);
+        c.link_up(now);
+        c.on_packet(&reply(c.xid, MessageType::Offer, 600), now);
+        assert_eq!(c.state(), State::Requesting);
+        c
+    }
+
+    #[test]
+    fn ack_only_from_the_chosen_server() {
+        let now = Instant::now();
+        let mut c = requesting(now);
+        // A rogue server's ACK (same xid and MAC: it saw our broadcast) is ignored ...
+        let mut rogue = reply(c.xid, MessageType::Ack, 600);
+        rogue.server_id = Some(ROGUE);
+        rogue.yiaddr = Ipv4Addr::new(10, 0, 2, 99);
+        rogue.routers = vec![ROGUE];
+        assert!(c.on_packet(&rogue, now).is_empty());
+        // ... as is one without a server identifier ...
+        rogue.server_id = None;
+        assert!(c.on_packet(&rogue, now).is_empty());
+        // ... and one that claims to be our server but grants another address.
+        let mut odd = reply(c.xid, MessageType::Ack, 600);
+        odd.yiaddr = Ipv4Addr::new(10, 0, 2, 99);
+        assert!(c.on_packet(&odd, now).is_empty());
+        assert_eq!(c.state(), State::Requesting);
+        assert!(c.lease().is_none());
+        // A rogue NAK does not make us start over either.
+        let mut nak = reply(c.xid, MessageType::Nak, 0);
+        nak.server_id = Some(ROGUE);
+        assert!(c.on_packet(&nak, now).is_empty());
+        assert_eq!(c.state(), State::Requesting);
+        // The chosen server's ACK binds.
+        let a = c.on_packet(&reply(c.xid, MessageType::Ack, 600), now);
+        assert!(matches!(&a[..], [Action::Configure(l)] if l.addr == ADDR && l.server == SERVER));
+    }
+
+    #[test]
+    fn ack_with_another_xid_is_ignored() {
+        let now = Instant::now();
+        let mut c = requesting(now);
+        let a = reply(c.xid ^ 1, MessageType::Ack, 600);
+        assert!(c.on_packet(&a, now).is_empty());
+        assert_eq!(c.state(), State::Requesting);
+    }
+
+    #[test]
+    fn renewal_ack_only_from_the_lease_server() {
+        let t0 = Instant::now();
+        let mut c = bound(t0, 1000);
+        let t1 = c.lease().unwrap().t1;
+        c.on_timeout(t1);
+        assert_eq!(c.state(), State::Renewing);
+        let mut rogue = reply(c.xid, MessageType::Ack, 1000);
+        rogue.server_id = Some(ROGUE);
+        rogue.yiaddr = Ipv4Addr::new(10, 0, 2, 99);
+        assert!(c.on_packet(&rogue, t1).is_empty());
+        assert_eq!(c.state(), State::Renewing);
+        assert_eq!(c.lease().unwrap().addr, ADDR);
+    }
+
+    #[test]
+    fn different_seeds_give_different_xids() {
+        let now = Instant::now();
+        let xids: std::collections::BTreeSet<u32> = (0..64u64)
+            .map(|seed| {
+                let mut c = Client::new(MAC, None, seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                c.link_up(now);
+                c.xid
+            })
+            .collect();
+        assert!(xids.len() >= 60, "{} distinct of 64", xids.len());
+    }
+
     #[test]
     fn discover_backs_off() {
         let t0 = Instant::now();
@@ -907,6 +1008,36 @@ mod tests {
     }
 
     proptest! {
+        /// In REQUESTING, a crafted ACK binds exactly when it carries our xid, our MAC, the
+        /// chosen server's identifier and the offered address; anything else changes nothing.
+        #[test]
+        fn only_the_chosen_servers_ack_binds(
+            xid_flip in prop_oneof![Just(0u32), any::<u32>()],
+            server in prop_oneof![Just(Some(SERVER)), Just(None), any::<[u8; 4]>().prop_map(|o| Some(Ipv4Addr::from(o)))],
+            addr in prop_oneof![Just(ADDR), any::<[u8; 4]>().prop_map(Ipv4Addr::from)],
+            nak in any::<bool>(),
+        ) {
+            let now = Instant::now();
+            let mut c = requesting(now);
+            let kind = if nak { MessageType::Nak } else { MessageType::Ack };
+            let mut m = reply(c.xid ^ xid_flip, kind, 600);
+            m.server_id = server;
+            m.yiaddr = addr;
+            let m = Message::decode(&m.encode()).unwrap();
+            let a = c.on_packet(&m, now);
+            let ours = xid_flip == 0 && server == Some(SERVER);
+            if ours && nak {
+                prop_assert_eq!(c.state(), State::Selecting);
+            } else if ours && addr == ADDR {
+                prop_assert_eq!(c.state(), State::Bound);
+                prop_assert!(c.lease().is_some_and(|l| l.addr == ADDR && l.server == SERVER));
+            } else {
+                prop_assert!(a.is_empty(), "{:?}", a);
+                prop_assert_eq!(c.state(), State::Requesting);
+                prop_assert!(c.lease().is_none());
+            }
+        }
+
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
             let _ = Message::decode(&bytes);

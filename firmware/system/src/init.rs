@@ -10,7 +10,9 @@
 //!    node runs on a RAM disk with the fault LED);
 //! 4. node key -> host name; start the network, LED, console and node-watch threads;
 //! 5. start the cells and loop: wait for signals, reap every child with `waitpid(-1)`, hand
-//!    statuses to the supervisor, restart cells when their backoff passes.
+//!    statuses to the supervisor, restart cells when their backoff passes, and kill the base
+//!    cell when its monitor stays silent past the liveness bound (it then restarts). Each
+//!    round runs under `catch_unwind`: a bug that panics costs a round, not PID 1.
 //!
 //! SIGTERM/SIGPWR power off, SIGINT (Ctrl-Alt-Del) reboots: TERM cells in reverse order,
 //! grace, KILL, TERM/KILL everything else, sync, unmount (or remount read-only), `reboot(2)`.
@@ -23,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use crate::leds::{self, LedDriver, NodeState};
 use crate::state::Shared;
-use crate::supervisor::{self, CellReport, CellSpec, RestartPolicy, Supervisor};
+use crate::supervisor::{self, CellReport, CellSpec, Liveness, RestartPolicy, Supervisor};
 use crate::sys::{self, signals, ExitStatus, RebootCmd, SignalSet};
 use crate::{cmdline, console, monitor, mounts, net};
 
@@ -89,7 +91,16 @@ pub struct InitConfig {
     pub mkfs: Vec<String>,
     /// Monitor address of the base cell.
     pub monitor: SocketAddr,
+    /// Restart the base cell when its monitor stops answering (None: never).
+    pub liveness: Option<Liveness>,
+    /// For tests: panic once in the main loop after the cells started, to show that PID 1
+    /// survives a panic on its main thread.
+    pub inject_panic: bool,
 }
+
+/// How long the main loop pauses after a caught panic before its next round, so a bug that
+/// panics on every round costs a few log lines a second instead of a busy CPU.
+pub const PANIC_PAUSE: Duration = Duration::from_millis(200);
 
 impl InitConfig {
     /// Defaults for a data directory.
@@ -116,6 +127,8 @@ impl InitConfig {
             data_device: None,
             mkfs: default_mkfs(),
             monitor: monitor::base_monitor(),
+            liveness: Some(Liveness::default()),
+            inject_panic: false,
         }
     }
 
@@ -124,6 +137,9 @@ impl InitConfig {
         self.join.extend(c.join.iter().cloned());
         if let Some(l) = &c.listen {
             self.listen = Some(l.clone());
+            if let Some(m) = monitor_for_listen(l) {
+                self.monitor = m;
+            }
         }
         if let Some(l) = &c.leds {
             self.leds = l.clone();
@@ -141,6 +157,14 @@ impl InitConfig {
             self.network = false;
         }
     }
+}
+
+/// Where the base cell's monitor answers when the cell listens on `listen` (an IP): that IP,
+/// unless it is unspecified (0.0.0.0 / ::, then loopback, the default). The node-watch and
+/// the liveness check must poll the monitor where it is, or a healthy cell looks frozen.
+pub fn monitor_for_listen(listen: &str) -> Option<SocketAddr> {
+    let ip: std::net::IpAddr = listen.parse().ok()?;
+    (!ip.is_unspecified()).then(|| SocketAddr::new(ip, borg_proto::dna::PEER_TREE_NET.mon_port))
 }
 
 /// The mkfs command for a blank data partition: e2fsprogs' mkfs.ext4 if the image has it
@@ -189,12 +213,12 @@ pub fn hostname_for(key: &borg_proto::identity::PublicKey) -> String {
     format!("borg-{hex}")
 }
 
-/// Log panics instead of dying silently; PID 1 code paths also avoid unwrap entirely.
+/// Log panics instead of dying silently; PID 1 code paths also avoid unwrap entirely. Only
+/// through the log (never a direct, blocking write to a console that may be stuck).
 pub fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
         let msg = info.to_string();
         tracing::error!(panic = %msg, "BUG: panic (PID 1 carries on)");
-        eprintln!("borg: panic: {msg}");
     }));
 }
 
@@ -326,23 +350,55 @@ pub fn run(mut cfg: InitConfig) -> Result<(), InitError> {
     shared.lock().booted = true;
     tracing::info!(cells = ?cfg.cells, "starting cells");
 
+    let base = borg_proto::dna::PEER_TREE_NET.name;
+    let mut inject_panic = cfg.inject_panic;
     let request = loop {
-        let now = Instant::now();
-        let next = sup.tick(now);
-        publish(&shared, &sup, &cfg, &mut last_reports);
-        let wait = next
-            .map_or(Duration::from_millis(500), |t| {
-                t.saturating_duration_since(Instant::now())
-            })
-            .clamp(Duration::from_millis(1), Duration::from_millis(500));
-        let sig = signals.wait(wait);
-        reap_all(&mut sup);
-        match sig {
-            Some(s) if s == signals::SIGTERM || s == signals::SIGPWR => break RebootCmd::PowerOff,
-            Some(s) if s == signals::SIGINT => break RebootCmd::Restart,
-            Some(s) if s == signals::SIGCHLD || s == signals::SIGHUP => {}
-            Some(s) => tracing::debug!(signal = s, "ignored signal"),
-            None => {}
+        // A panic in one round (a bug) must not unwind out of PID 1: catch it, log it (the
+        // panic hook did), pause briefly and go on with the same supervisor state.
+        let round = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let now = Instant::now();
+            if let Some(live) = &cfg.liveness {
+                let last_ok = shared.lock().monitor_ok_at;
+                sup.check_liveness(base, last_ok, live, now);
+            }
+            let next = sup.tick(now);
+            publish(&shared, &sup, &cfg, &mut last_reports);
+            if std::mem::take(&mut inject_panic) {
+                panic!("injected panic in PID 1's main loop (--inject-panic)");
+            }
+            let wait = next
+                .map_or(Duration::from_millis(500), |t| {
+                    t.saturating_duration_since(Instant::now())
+                })
+                .clamp(Duration::from_millis(1), Duration::from_millis(500));
+            let sig = signals.wait(wait);
+            reap_all(&mut sup);
+            match sig {
+                Some(s) if s == signals::SIGTERM || s == signals::SIGPWR => {
+                    Some(RebootCmd::PowerOff)
+                }
+                Some(s) if s == signals::SIGINT => Some(RebootCmd::Restart),
+                Some(s) if s == signals::SIGCHLD || s == signals::SIGHUP => None,
+                Some(s) => {
+                    tracing::debug!(signal = s, "ignored signal");
+                    None
+                }
+                None => None,
+            }
+        }));
+        match round {
+            Ok(Some(req)) => break req,
+            Ok(None) => {}
+            Err(_) => {
+                tracing::error!("PID 1 main loop caught a panic; carrying on");
+                let fault = "PID 1 main loop panicked (see log)";
+                let mut s = shared.lock();
+                if !s.faults.iter().any(|f| f == fault) {
+                    s.faults.push(fault.into());
+                }
+                drop(s);
+                std::thread::sleep(PANIC_PAUSE);
+            }
         }
     };
 
@@ -394,6 +450,48 @@ pub fn run(mut cfg: InitConfig) -> Result<(), InitError> {
         tracing::info!("init (no-system) exiting");
     }
     Ok(())
+}
+
+/// The never-exit guard of PID 1, for when [`run`] could not run or returned with an error:
+/// keep reaping every child and keep handling signals. SIGTERM/SIGPWR power off and SIGINT
+/// reboots (with `system`: sync and `reboot(2)`, staying here if that fails). Without
+/// `system` (PID 1 of a test namespace) those signals return, which ends the namespace.
+pub fn guard(system: bool) {
+    let signals = SignalSet::init_set();
+    if let Err(e) = signals.block() {
+        tracing::error!(error = %e, "guard: cannot block signals");
+    }
+    sys::ignore_sigpipe();
+    tracing::error!(system, "PID 1 guard: reaping and handling signals only");
+    loop {
+        // A panic here (a bug) must not end PID 1 either.
+        let sig = std::panic::catch_unwind(|| {
+            let sig = signals.wait(Duration::from_secs(1));
+            for (pid, status) in drain() {
+                tracing::debug!(pid, %status, "guard reaped");
+            }
+            sig
+        })
+        .unwrap_or_else(|_| {
+            std::thread::sleep(PANIC_PAUSE);
+            None
+        });
+        let request = match sig {
+            Some(s) if s == signals::SIGTERM || s == signals::SIGPWR => RebootCmd::PowerOff,
+            Some(s) if s == signals::SIGINT => RebootCmd::Restart,
+            _ => continue,
+        };
+        if !system {
+            tracing::info!(action = ?request, "guard: leaving (no system duties)");
+            return;
+        }
+        let _ = sys::kill(-1, signals::SIGTERM);
+        sys::sync();
+        tracing::info!(action = ?request, "guard: reboot(2)");
+        if let Err(e) = sys::reboot(request) {
+            tracing::error!(error = %e, "guard: reboot(2) failed; staying up");
+        }
+    }
 }
 
 fn cell_user(cfg: &InitConfig) -> Option<(u32, u32)> {
@@ -571,6 +669,13 @@ fn start_leds(cfg: &InitConfig, shared: &Shared, net_enabled: bool) {
     });
 }
 
+/// How often the node-watch thread polls the base cell's monitor.
+pub const NODE_WATCH_EVERY: Duration = Duration::from_millis(1000);
+
+/// Timeout of one monitor poll: a loopback HTTP answer takes milliseconds; a cell that needs
+/// longer counts as not answering this round (the liveness bound allows many such rounds).
+pub const NODE_WATCH_TIMEOUT: Duration = Duration::from_millis(800);
+
 /// Poll the base cell's monitor and log node-state transitions (the console shows when the
 /// node becomes root or joins).
 fn start_node_watch(shared: &Shared, addr: SocketAddr) {
@@ -578,7 +683,7 @@ fn start_node_watch(shared: &Shared, addr: SocketAddr) {
     spawn_thread("node-watch", move || {
         let mut last: Option<NodeState> = None;
         loop {
-            let st = monitor::status(addr, Duration::from_millis(800)).ok();
+            let st = monitor::status(addr, NODE_WATCH_TIMEOUT).ok();
             let node = st
                 .as_ref()
                 .and_then(|v| v.get("state"))
@@ -597,8 +702,14 @@ fn start_node_watch(shared: &Shared, addr: SocketAddr) {
                 }
                 last = node;
             }
-            sh.lock().node = node;
-            std::thread::sleep(Duration::from_millis(1000));
+            {
+                let mut s = sh.lock();
+                s.node = node;
+                if st.is_some() {
+                    s.monitor_ok_at = Some(Instant::now());
+                }
+            }
+            std::thread::sleep(NODE_WATCH_EVERY);
         }
     });
 }
@@ -687,6 +798,17 @@ mod tests {
         assert_eq!(cfg.led_gpio, (5, 6));
         assert!(!cfg.network);
         assert_eq!(cfg.grace, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn monitor_follows_the_listen_address() {
+        let mut cfg = InitConfig::new("/data".into(), "/init".into());
+        assert_eq!(cfg.monitor, monitor::base_monitor());
+        cfg.apply_cmdline(&cmdline::parse("borg.listen=0.0.0.0"));
+        assert_eq!(cfg.monitor, monitor::base_monitor());
+        cfg.apply_cmdline(&cmdline::parse("borg.listen=10.1.2.3"));
+        assert_eq!(cfg.monitor, "10.1.2.3:13310".parse().unwrap());
+        assert_eq!(monitor_for_listen("not an ip"), None);
     }
 
     #[test]

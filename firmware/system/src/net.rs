@@ -67,6 +67,27 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(out)
 }
 
+/// The DHCP transaction-id seed of this boot: 64 bits from the kernel's RNG (getrandom(2)),
+/// so a LAN device cannot predict our xids from the MAC (the old seed was the MAC plus a
+/// time that was always about zero, the same every boot). Without a working RNG (it never
+/// fails on Linux >= 3.17 once seeded) the MAC, pid and the wall clock's nanoseconds are
+/// mixed instead.
+pub fn boot_seed(mac: [u8; 6]) -> u64 {
+    let mut b = [0u8; 8];
+    match getrandom::getrandom(&mut b) {
+        Ok(()) => u64::from_le_bytes(b),
+        Err(e) => {
+            tracing::warn!(error = %e, "getrandom failed; DHCP xids seeded from the clock");
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            u64::from_le_bytes([mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0])
+                ^ (u64::from(std::process::id()) << 48)
+                ^ nanos
+        }
+    }
+}
+
 fn apply(ctl: &IfCtl, ifname: &str, lease: &Lease) -> Result<(), NetError> {
     ctl.set_addr(ifname, lease.addr, lease.mask)
         .map_err(io(format!(
@@ -144,9 +165,7 @@ pub fn run(shared: Shared, hostname: String) {
     if let Err(e) = ctl.up(&ifname) {
         tracing::error!(iface = %ifname, error = %e, "cannot bring interface up");
     }
-    let seed = u64::from_le_bytes([mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0])
-        ^ (std::process::id() as u64) << 48
-        ^ Instant::now().elapsed().as_nanos() as u64;
+    let seed = boot_seed(mac);
     let mut client = Client::new(mac, Some(hostname), seed);
     let mut sock: Option<UdpSocket> = None;
     let mut link = false;
@@ -263,6 +282,15 @@ fn publish(shared: &Shared, client: &Client, link: bool, now: Instant) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn boot_seed_differs_per_boot() {
+        // Same MAC, as after every reboot of one board: the seeds must still differ.
+        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        let seeds: std::collections::BTreeSet<u64> =
+            (0..16).map(|_| super::boot_seed(mac)).collect();
+        assert_eq!(seeds.len(), 16);
+    }
+
     use super::*;
 
     #[test]

@@ -52,6 +52,8 @@ pub struct Snapshot {
     pub cells: Vec<CellReport>,
     /// Last node state from the base cell's monitor.
     pub node: Option<NodeState>,
+    /// When the base cell's monitor last answered (for the liveness check).
+    pub monitor_ok_at: Option<Instant>,
     /// LED state shown.
     pub led: LedState,
     /// LED backend name.
@@ -80,6 +82,7 @@ impl Shared {
             net: NetInfo::default(),
             cells: vec![],
             node: None,
+            monitor_ok_at: None,
             led: LedState::Booting,
             led_backend: "none".into(),
             faults: vec![],

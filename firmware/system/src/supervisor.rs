@@ -8,7 +8,7 @@
 //! The restart policy is the pure function [`restart_delay`] (with [`RestartPolicy`]).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -86,6 +86,49 @@ pub fn restart_delay(policy: &RestartPolicy, failures: u32) -> Duration {
         .map_or(policy.max, |d| d.min(policy.max))
 }
 
+/// Bounds of the liveness check on a cell's monitor: a cell whose monitor stops answering is
+/// frozen (blocked in write(2), deadlocked, stopped) and is killed so the normal restart path
+/// brings it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    /// Time a freshly started cell has to answer for the first time.
+    pub startup: Duration,
+    /// Longest a running cell may go without answering once it has answered.
+    pub silence: Duration,
+}
+
+/// Default [`Liveness::startup`]: the base cell waits up to 60 s for a DHCP address before it
+/// opens its monitor (borg-cells `wait_for_primary_ip`), plus 30 s for a slow Pi.
+pub const LIVENESS_STARTUP: Duration = Duration::from_secs(90);
+
+/// Default [`Liveness::silence`]: the monitor is polled every second with an 800 ms timeout,
+/// so this is 30 missed polls in a row; a node merely busy with a flood still answers within
+/// that, a frozen one never does.
+pub const LIVENESS_SILENCE: Duration = Duration::from_secs(30);
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            startup: LIVENESS_STARTUP,
+            silence: LIVENESS_SILENCE,
+        }
+    }
+}
+
+/// Is a cell started at `started_at` hung at `now`, given the last time its monitor answered
+/// (`last_ok`, possibly from an earlier run of the cell)? Pure, for tests.
+pub fn is_hung(
+    live: &Liveness,
+    started_at: Instant,
+    last_ok: Option<Instant>,
+    now: Instant,
+) -> bool {
+    match last_ok.filter(|t| *t >= started_at) {
+        Some(t) => now.saturating_duration_since(t) > live.silence,
+        None => now.saturating_duration_since(started_at) > live.startup,
+    }
+}
+
 /// What to run for one cell.
 #[derive(Debug, Clone)]
 pub struct CellSpec {
@@ -136,6 +179,8 @@ pub struct CellReport {
     pub next_start_in_ms: Option<u64>,
     /// The last start error, if spawning failed.
     pub last_error: Option<String>,
+    /// Times the cell was killed because its monitor stopped answering.
+    pub hung_kills: u32,
 }
 
 struct Cell {
@@ -149,6 +194,9 @@ struct Cell {
     last_exit: Option<ExitStatus>,
     next_start: Option<Instant>,
     last_error: Option<String>,
+    hung_kills: u32,
+    /// SIGKILL already sent to the current run (for being hung).
+    killed: bool,
 }
 
 /// The supervisor of all cells.
@@ -175,6 +223,8 @@ impl Supervisor {
                 last_exit: None,
                 next_start: None,
                 last_error: None,
+                hung_kills: 0,
+                killed: false,
             })
             .collect();
         Supervisor {
@@ -224,6 +274,7 @@ impl Supervisor {
                 }
                 cell.next_start = None;
                 cell.last_error = None;
+                cell.killed = false;
                 self.by_pid.insert(pid, i);
                 tracing::info!(cell = %cell.spec.name, pid, "cell started");
             }
@@ -265,6 +316,32 @@ impl Supervisor {
         Some(cell.spec.name.clone())
     }
 
+    /// Liveness check of cell `name`, whose monitor last answered at `last_ok`: if it is
+    /// running and [`is_hung`], SIGKILL its process group (once per run) and return the pid.
+    /// The exit then arrives through PID 1's reaper and the cell restarts with backoff.
+    pub fn check_liveness(
+        &mut self,
+        name: &str,
+        last_ok: Option<Instant>,
+        live: &Liveness,
+        now: Instant,
+    ) -> Option<i32> {
+        if self.stopping {
+            return None;
+        }
+        let cell = self.cells.iter_mut().find(|c| c.spec.name == name)?;
+        let (pid, started) = (cell.pid?, cell.started_at?);
+        if cell.phase != Phase::Running || cell.killed || !is_hung(live, started, last_ok, now) {
+            return None;
+        }
+        cell.killed = true;
+        cell.hung_kills = cell.hung_kills.saturating_add(1);
+        tracing::error!(cell = %name, pid, silent_ms = now.saturating_duration_since(last_ok.filter(|t| *t >= started).unwrap_or(started)).as_millis() as u64,
+            "cell monitor stopped answering; killing the cell to restart it");
+        signal_group(pid, sys::signals::SIGKILL);
+        Some(pid)
+    }
+
     /// Reports for every cell, in start order.
     pub fn report(&self, now: Instant) -> Vec<CellReport> {
         self.cells
@@ -284,6 +361,7 @@ impl Supervisor {
                     _ => None,
                 },
                 last_error: c.last_error.clone(),
+                hung_kills: c.hung_kills,
             })
             .collect()
     }
@@ -387,18 +465,13 @@ fn spawn(spec: &CellSpec) -> Result<i32, SupervisorError> {
     Ok(pid)
 }
 
-/// Forward a cell's output to our log, one line at a time, tagged with the cell name.
+/// Forward a cell's output to our log on a thread of its own (see
+/// [`crate::logring::forward_cell_output`]: bounded lines, rate-limited, never blocked by a
+/// slow console).
 fn forward_lines(name: String, stream: impl Read + Send + 'static) {
     let spawned = std::thread::Builder::new()
         .name(format!("log-{name}"))
-        .spawn(move || {
-            let reader = BufReader::new(stream);
-            for line in reader.split(b'\n') {
-                let Ok(line) = line else { break };
-                let text = String::from_utf8_lossy(&line);
-                tracing::info!(target: "cell", "[{name}] {}", text.trim_end());
-            }
-        });
+        .spawn(move || crate::logring::forward_cell_output(&name, stream));
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start log forwarder thread");
     }
@@ -463,6 +536,25 @@ mod tests {
             assert!(d >= last && d <= p.max);
             last = d;
         }
+    }
+
+    #[test]
+    fn liveness_bounds() {
+        let l = Liveness {
+            startup: Duration::from_secs(10),
+            silence: Duration::from_secs(3),
+        };
+        let t0 = Instant::now();
+        let s = |x: u64| t0 + Duration::from_secs(x);
+        // Never answered: hung only after the startup allowance.
+        assert!(!is_hung(&l, t0, None, s(10)));
+        assert!(is_hung(&l, t0, None, s(11)));
+        // An answer from an earlier run does not count for this one.
+        assert!(is_hung(&l, s(5), Some(s(4)), s(16)));
+        assert!(!is_hung(&l, s(5), Some(s(4)), s(15)));
+        // Answered: hung after the silence bound.
+        assert!(!is_hung(&l, t0, Some(s(2)), s(5)));
+        assert!(is_hung(&l, t0, Some(s(2)), s(6)));
     }
 
     #[test]
