@@ -133,6 +133,7 @@ fn attacks_are_rejected_counted_and_the_network_keeps_working() {
             order: Routed::Attach {
                 pos: pos * 2 + 1,
                 peer: me.clone(),
+                via: None,
             },
         };
         c.send(&tree_frame(&attacker, &attach, now_ms()))

@@ -246,3 +246,146 @@ fn broadcasts_from_outside_the_tree_are_not_delivered_or_kept() {
     let invalid = metric(&net.metrics(0), "borg_broadcast_origin_invalid_total").unwrap();
     assert_eq!(invalid, 0, "a real broadcast's origin envelope verifies");
 }
+
+/// Item 3: a joining node is sent welcomes by the outsider (a parent and a tree of its own
+/// making) while its first contact does not answer, and probes naming an address of the
+/// outsider's choosing reach every node. The newcomer joins the real tree through its
+/// second contact, and no node dials the address a probe names.
+#[test]
+fn welcomes_not_through_our_contact_and_probes_naming_an_address_are_ignored() {
+    use borg_proto::tree::Peer;
+    let mut net = start_tree(43, 3);
+    let root = root_key(&net);
+    let before = rss_ok(&net, "before the attack");
+    // The address probes name: the outsider listens there and counts who dials it.
+    let scan = std::net::TcpListener::bind("127.43.250.251:0").unwrap();
+    let scan_addr = scan.local_addr().unwrap();
+    scan.set_nonblocking(true).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let o = Outsider::new("127.43.250.250:13300");
+    let newcomer = 3usize;
+    let newcomer_addr: std::net::SocketAddr =
+        format!("{}:13300", net.ip(newcomer)).parse().unwrap();
+    let (stop2, me) = (stop.clone(), o.peer.clone());
+    let welcomer = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut sent = 0u64;
+            for _ in 0..outsider::MAX_ATTACK_ROUNDS {
+                if stop2.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(mut c) = borg_net::conn::connect_unpinned(
+                    newcomer_addr,
+                    &o.identity,
+                    Duration::from_millis(500),
+                )
+                .await
+                else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                };
+                let them = Peer {
+                    key: c.peer_key(),
+                    addr: newcomer_addr.to_string(),
+                    mon: String::new(),
+                };
+                // (A raw body: the same bytes before and after the fix.)
+                let me_v = serde_json::to_value(&me).unwrap();
+                let welcome = json!({
+                    "your_pos": 2,
+                    "parent": me_v,
+                    "info": {
+                        "pos": 1,
+                        "root": me_v,
+                        "size": 2,
+                        "grandparent": null,
+                        "siblings": [{"pos": 2, "peer": serde_json::to_value(&them).unwrap()}],
+                        "root_children": [],
+                    },
+                });
+                for _ in 0..50 {
+                    if c.send(&o.frame("tree.welcome", welcome.clone()))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    sent += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            sent
+        })
+    });
+    // The probes: to every node of the tree, naming the scanner's address.
+    let probe_peer = Peer {
+        key: borg_proto::identity::SecretKey::generate().public(),
+        addr: scan_addr.to_string(),
+        mon: String::new(),
+    };
+    let prober = outsider::attack(
+        Outsider::new("127.43.250.252:13300"),
+        outsider::targets(&net),
+        EVERY,
+        stop.clone(),
+        move |o, _t, round| {
+            let peer = serde_json::to_value(&probe_peer).unwrap();
+            vec![
+                o.frame("tree.probe", json!({"peer": peer})),
+                o.frame("tree.probe", json!({"peer": peer, "nonce": round})),
+            ]
+        },
+    );
+    // The newcomer's first contact is an address where nobody answers; its second is node 1.
+    let data = net.dir.path().join(format!("n{newcomer}"));
+    let log = net.dir.path().join(format!("n{newcomer}.log"));
+    let child = std::process::Command::new(borg_tests::borg_bin())
+        .arg("node")
+        .args(["--listen", &net.ip(newcomer).to_string()])
+        .arg("--data")
+        .arg(&data)
+        .args(["--max-children", &K.to_string()])
+        .args(["--heartbeat-ms", &HB_MS.to_string()])
+        .args(["--join", "127.43.250.253"])
+        .args(["--join", &net.ip(1).to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .env("BORG_LOG", "info")
+        .spawn()
+        .unwrap();
+    net.nodes.insert(
+        newcomer,
+        borg_tests::NodeProc {
+            ip: net.ip(newcomer),
+            child,
+            data,
+            log,
+        },
+    );
+    net.wait_tree(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("newcomer did not join the real tree: {e}"));
+    assert_eq!(root_key(&net), root);
+    stays_whole(&net, &root, WATCH);
+    let during = rss_ok(&net, "during the attack");
+    stop.store(true, Ordering::Relaxed);
+    let welcomes = welcomer.join().unwrap();
+    let probes = prober.join().unwrap();
+    assert!(
+        welcomes > 0 && probes > 0,
+        "welcomes {welcomes}, probes {probes}"
+    );
+    newcomer_joins(&mut net, newcomer + 1, &root);
+    let after = rss_ok(&net, "after the attack");
+    let mut dialed = 0;
+    while scan.accept().is_ok() {
+        dialed += 1;
+    }
+    assert_eq!(dialed, 0, "nodes dialed the address a probe named");
+    eprintln!(
+        "subnet 43: {welcomes} welcomes, {probes} probes; max RSS before/during/after: {before}/{during}/{after} KiB"
+    );
+}

@@ -515,6 +515,7 @@ impl Actor {
             } => {
                 self.links.insert(key, Link { id, writer });
                 if let Some(addr) = dialed_addr {
+                    self.tree.contact_answered(&addr, key);
                     self.dialing.remove(&addr);
                     if let Some(q) = self.pending_addr.remove(&addr) {
                         for f in q {

@@ -371,6 +371,93 @@ fn a_full_tree_refuses_joins_instead_of_wrapping() {
     assert_eq!(sim.nodes[0].node.view().size, u64::MAX);
 }
 
+// ----- item 3: welcomes and probes ----------------------------------------------------------
+
+#[test]
+fn a_newcomer_takes_a_welcome_only_through_the_contact_it_asked() {
+    let key = sim_key(7, 1);
+    let me = Peer {
+        key: key.public(),
+        addr: "sim:1".into(),
+        mon: String::new(),
+    };
+    let mut node = TreeNode::new(
+        TreeConfig::new(2, HB),
+        me.clone(),
+        vec!["sim:contact".into()],
+        Box::new(SimSeal {
+            signer: key.public(),
+        }),
+        1,
+    );
+    node.start(0);
+    assert_eq!(node.state(), TreeState::Joining);
+    let contact = sim_key(7, 2).public();
+    let (okey, outsider) = outsider();
+    let welcome = |via| TreeMsg::Welcome {
+        your_pos: 2,
+        parent: outsider.clone(),
+        info: DownInfo {
+            pos: 1,
+            root: outsider.clone(),
+            size: 2,
+            grandparent: None,
+            siblings: vec![],
+            root_children: vec![],
+        },
+        via,
+    };
+    // No seal, or the outsider's own seal: refused.
+    node.handle(1, outsider.key, welcome(None));
+    let own = Voucher {
+        signer: okey.public(),
+        seal: SimSeal {
+            signer: okey.public(),
+        }
+        .seal(&join_seal_bytes(&me.key)),
+    };
+    node.handle(2, outsider.key, welcome(Some(own)));
+    assert_eq!(node.state(), TreeState::Joining);
+    // The contact's seal, but we never reached that contact: refused.
+    let by_contact = Voucher {
+        signer: contact,
+        seal: SimSeal { signer: contact }.seal(&join_seal_bytes(&me.key)),
+    };
+    node.handle(3, outsider.key, welcome(Some(by_contact.clone())));
+    assert_eq!(node.state(), TreeState::Joining);
+    // Once our dial to the contact showed its key, a welcome it vouches for is taken.
+    node.contact_answered("sim:contact", contact);
+    node.handle(4, outsider.key, welcome(Some(by_contact)));
+    assert_eq!(node.state(), TreeState::Joined);
+}
+
+#[test]
+fn a_probe_is_answered_over_its_own_connection_not_at_the_address_it_names() {
+    let mut sim = settled(3, 2);
+    let (_, mut me) = outsider();
+    me.addr = "sim:2".into(); // names another node's address
+    sim.nodes[0].node.handle(
+        sim.now,
+        me.key,
+        TreeMsg::Probe {
+            peer: me.clone(),
+            nonce: 9,
+        },
+    );
+    let sends: Vec<Action> = sim.nodes[0].node.drain();
+    assert!(sends.iter().all(|a| match a {
+        Action::Send { to, .. } => *to == Target::Key(me.key),
+        _ => true,
+    }));
+    assert!(sends.iter().any(|a| matches!(
+        a,
+        Action::Send {
+            msg: TreeMsg::ProbeAck { re: 9, .. },
+            ..
+        }
+    )));
+}
+
 // ----- item 4: broadcasts ----------------------------------------------------------------
 
 #[test]

@@ -38,7 +38,8 @@ use geometry::{child_range, in_subtree, next_hop_down, parent_of, root_child_of}
 use merge::{ForeignClaim, ProbeOut};
 pub use merge::{MAX_SIZE_GROWTH_PER_S, MAX_TREE_SIZE};
 pub use msg::{
-    adopt_seal_bytes, move_seal_bytes, DownInfo, Peer, Placed, Routed, TreeMsg, Voucher,
+    adopt_seal_bytes, join_seal_bytes, move_seal_bytes, DownInfo, Peer, Placed, Routed, TreeMsg,
+    Voucher,
 };
 
 /// Timing and shape parameters. Every timeout derives from the heartbeat period.
@@ -264,6 +265,9 @@ pub struct TreeNode {
     seal: Box<dyn OrderSeal + Send>,
     phase: Phase,
     contacts: Vec<String>,
+    /// The keys that answered our dials to contact addresses (learned from the TLS handshake
+    /// by the I/O layer): a welcome is taken only through one of them.
+    contact_keys: Vec<(String, PublicKey)>,
     next_contact: usize,
     lost: Vec<LostPeer>,
     pos: Pos,
@@ -351,6 +355,7 @@ impl TreeNode {
                 attempts: 0,
             },
             contacts,
+            contact_keys: Vec::new(),
             next_contact: 0,
             lost: Vec::new(),
             pos: 0,
@@ -405,6 +410,19 @@ impl TreeNode {
         }
         let old = std::mem::replace(&mut self.me.addr, addr);
         self.contacts.retain(|c| *c != self.me.addr && *c != old);
+    }
+
+    /// Our dial to `addr` reached `key` (the TLS handshake showed it). Recorded for contact
+    /// addresses only: a joining node takes a welcome only through a contact it asked.
+    pub fn contact_answered(&mut self, addr: &str, key: PublicKey) {
+        if !self.contacts.iter().any(|c| c == addr) {
+            return;
+        }
+        self.contact_keys.retain(|(a, _)| a != addr);
+        if self.contact_keys.len() >= MAX_CONTACTS {
+            self.contact_keys.remove(0);
+        }
+        self.contact_keys.push((addr.to_string(), key));
     }
 
     /// `key` now advertises `addr` (taken from an envelope that key signed): update every
@@ -543,7 +561,8 @@ impl TreeNode {
                 your_pos,
                 parent,
                 info,
-            } => self.on_welcome(now, from, your_pos, parent, info),
+                via,
+            } => self.on_welcome(now, from, your_pos, parent, info, via),
             TreeMsg::Hello {
                 pos,
                 ticket,
@@ -801,9 +820,32 @@ impl TreeNode {
         }
         if !self.is_member() {
             let root = self.root.clone();
-            return self.send(Target::Peer(peer), TreeMsg::Retry { root });
+            // (Over the connection the join came on: never dial an address a stranger names.)
+            return self.send(Target::Key(from), TreeMsg::Retry { root });
         }
-        self.route(now, 1, Routed::JoinReq { peer });
+        // Our seal tells the newcomer that its welcome comes from the tree it asked us into.
+        let via = Voucher {
+            signer: self.me.key,
+            seal: self.seal.seal(&join_seal_bytes(&peer.key)),
+        };
+        self.route(
+            now,
+            1,
+            Routed::JoinReq {
+                peer,
+                via: Some(via),
+            },
+        );
+    }
+
+    /// Whether `via` is the seal of a contact we asked, over our own join.
+    fn via_our_contact(&self, via: Option<&Voucher>) -> bool {
+        via.is_some_and(|v| {
+            self.contact_keys.iter().any(|(_, k)| *k == v.signer)
+                && self
+                    .seal
+                    .check(&v.signer, &join_seal_bytes(&self.me.key), &v.seal)
+        })
     }
 
     fn on_welcome(
@@ -813,12 +855,13 @@ impl TreeNode {
         your_pos: Pos,
         parent: Peer,
         info: DownInfo,
+        via: Option<Voucher>,
     ) {
         if parent.key != from || parent_of(your_pos, self.cfg.max_children) != Some(info.pos) {
             return self.reject_invalid("inconsistent welcome");
         }
         match self.phase.clone() {
-            Phase::Joining { .. } => {}
+            Phase::Joining { .. } if self.via_our_contact(via.as_ref()) => {}
             Phase::Moving {
                 to_pos, new_parent, ..
             } if new_parent.key == from && to_pos == your_pos => {}
@@ -991,17 +1034,17 @@ impl TreeNode {
         let from_above = from.map(|f| self.is_from_above(&f)).unwrap_or(true);
         let from_below = from.map(|f| self.is_from_below(&f)).unwrap_or(true);
         match order {
-            Routed::JoinReq { peer } => {
+            Routed::JoinReq { peer, via } => {
                 if self.pos != 1 {
-                    return self.route(now, 1, Routed::JoinReq { peer });
+                    return self.route(now, 1, Routed::JoinReq { peer, via });
                 }
-                self.root_assign(now, peer);
+                self.root_assign(now, peer, via);
             }
-            Routed::Attach { pos, peer } => {
+            Routed::Attach { pos, peer, via } => {
                 if !from_above {
                     return self.reject_unauthorized("attach not from parent");
                 }
-                self.on_attach(now, pos, peer);
+                self.on_attach(now, pos, peer, via);
             }
             Routed::Move {
                 from_pos,
@@ -1095,7 +1138,7 @@ impl TreeNode {
 
     // ----- root duties --------------------------------------------------------------------
 
-    fn root_assign(&mut self, now: u64, peer: Peer) {
+    fn root_assign(&mut self, now: u64, peer: Peer, via: Option<Voucher>) {
         if peer.key == self.me.key {
             return;
         }
@@ -1110,7 +1153,7 @@ impl TreeNode {
         self.stats.joins_assigned += 1;
         self.root_announce(false);
         let parent = parent_of(pos, k).unwrap_or(1);
-        self.route(now, parent, Routed::Attach { pos, peer });
+        self.route(now, parent, Routed::Attach { pos, peer, via });
     }
 
     /// Root only: after a size or root-children change, tell the children at once (the
@@ -1173,7 +1216,7 @@ impl TreeNode {
         );
     }
 
-    fn on_attach(&mut self, now: u64, pos: Pos, peer: Peer) {
+    fn on_attach(&mut self, now: u64, pos: Pos, peer: Peer, via: Option<Voucher>) {
         let k = self.cfg.max_children;
         // (A stale second join request of ours can come back as our own child: the slot
         // stays empty and is reported and filled like any vacancy.)
@@ -1193,6 +1236,7 @@ impl TreeNode {
                 your_pos: pos,
                 parent: self.me.clone(),
                 info,
+                via,
             },
         );
         self.flush_queue(pos);
@@ -1411,6 +1455,7 @@ impl TreeNode {
                         your_pos: pos,
                         parent: self.me.clone(),
                         info: self.down_info(),
+                        via: None,
                     },
                 );
             }

@@ -58,12 +58,16 @@ pub enum TreeMsg {
     /// A routed message: forwarded hop by hop along tree links to position `dest`.
     #[serde(rename = "tree.route")]
     Route { dest: Pos, order: Routed },
-    /// Parent to newcomer (after an attach): your position and surroundings.
+    /// Parent to newcomer (after an attach): your position and surroundings. `via` is the
+    /// seal of the contact the newcomer asked (see [`join_seal_bytes`]), passed along with
+    /// the join request and the attach: the newcomer takes a welcome only with it.
     #[serde(rename = "tree.welcome")]
     Welcome {
         your_pos: Pos,
         parent: Peer,
         info: DownInfo,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        via: Option<Voucher>,
     },
     /// Child to parent: take me at `pos`. `ticket` proves a root-issued move; `voucher`
     /// proves an adoption (the seal of whoever told us to adopt this parent, see
@@ -143,10 +147,20 @@ pub enum TreeMsg {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Routed {
-    /// Up to the root: a newcomer asks for a position.
-    JoinReq { peer: Peer },
+    /// Up to the root: a newcomer asks for a position; `via` is the seal of the contact it
+    /// asked, over [`join_seal_bytes`].
+    JoinReq {
+        peer: Peer,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        via: Option<Voucher>,
+    },
     /// Root down to the parent of `pos`: welcome `peer` as your child at `pos`.
-    Attach { pos: Pos, peer: Peer },
+    Attach {
+        pos: Pos,
+        peer: Peer,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        via: Option<Voucher>,
+    },
     /// Root (or, when the root failed, the coordinating root child) down to the node at
     /// `from_pos`: move to `to_pos`. It first visits the parent of `to_pos`, which records
     /// the ticket and names itself `new_parent`.
@@ -196,6 +210,11 @@ pub fn adopt_seal_bytes(child_pos: Pos, child: &PublicKey, parent: &PublicKey) -
         parent.to_b64()
     )
     .into_bytes()
+}
+
+/// The bytes a contact's seal over a join request signs: it forwarded the join of `newcomer`.
+pub fn join_seal_bytes(newcomer: &PublicKey) -> Vec<u8> {
+    format!("borg-tree-join-v1|{}", newcomer.to_b64()).into_bytes()
 }
 
 /// Longest broadcast id accepted: ids are `<key short>-<16 hex digits>` (about 30 bytes);

@@ -332,6 +332,11 @@ impl Sim {
         let Some(j) = target else {
             return;
         };
+        if let Target::Addr(a) = &to {
+            // (What the TLS handshake of a dial to an address shows.)
+            let key = self.nodes[j].key;
+            self.nodes[from].node.contact_answered(a, key);
+        }
         let from_key = self.nodes[from].key;
         if !self.nodes[j].alive {
             if self.cfg.loud_crashes {
