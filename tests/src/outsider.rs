@@ -87,12 +87,14 @@ pub const MAX_ATTACK_ROUNDS: u64 = 2_000;
 
 /// Run an attack in the background until `stop` is set: every `every`, one round, which
 /// sends each target the frames `frames(outsider, target, round)` over a connection kept
-/// per target (re-opened when the node closes it). Returns the frames sent.
+/// per target (re-opened when the node closes it). Counts the frames sent in `sent` as it
+/// goes, and returns the total.
 pub fn attack(
     outsider: Outsider,
     targets: Vec<Target>,
     every: Duration,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
     frames: impl Fn(&Outsider, &Target, u64) -> Vec<Vec<u8>> + Send + 'static,
 ) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
@@ -118,6 +120,7 @@ pub fn attack(
                             break;
                         }
                         sent += 1;
+                        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
                 tokio::time::sleep(every).await;

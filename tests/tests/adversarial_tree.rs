@@ -10,7 +10,7 @@
 //! names, not because the decoder became stricter.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -92,6 +92,12 @@ fn rss_ok(net: &Net, when: &str) -> u64 {
     rss
 }
 
+/// The nodes saw the attack and refused it (and counted the refusals).
+fn refused(net: &Net) {
+    let refused: u64 = net.nodes.keys().map(|&i| forbidden(net, i)).sum();
+    assert!(refused >= 10, "refusals counted: {refused}");
+}
+
 fn forbidden(net: &Net, i: usize) -> u64 {
     metric(&net.metrics(i), "borg_rejected_total{reason=\"forbidden\"}").unwrap_or(0)
         + metric(&net.metrics(i), "borg_rejected_total{reason=\"malformed\"}").unwrap_or(0)
@@ -107,18 +113,20 @@ fn under_attack(
     let root = root_key(&net);
     let before = rss_ok(&net, "before the attack");
     let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
     let attacker = outsider::attack(
         Outsider::new(&format!("127.{subnet}.250.250:13300")),
         outsider::targets(&net),
         EVERY,
         stop.clone(),
+        sent.clone(),
         frames,
     );
-    // The attack reaches the nodes (they count what they refuse).
-    let refused = wait_for(Duration::from_secs(10), Duration::from_millis(20), || {
-        (net.nodes.keys().map(|&i| forbidden(&net, i)).sum::<u64>() >= 10).then_some(())
+    // The attack is under way (frames went out over TLS to the nodes).
+    let going = wait_for(Duration::from_secs(10), Duration::from_millis(20), || {
+        (sent.load(Ordering::Relaxed) >= 20).then_some(())
     });
-    assert!(refused.is_some(), "the attack never reached the nodes");
+    assert!(going.is_some(), "the attack never got under way");
     stays_whole(&net, &root, WATCH);
     newcomer_joins(&mut net, n, &root);
     stays_whole(&net, &root, Duration::from_secs(1));
@@ -138,7 +146,7 @@ fn under_attack(
 /// outsider or a made-up key as root.
 #[test]
 fn unsolicited_probe_answers_do_not_dissolve_the_tree() {
-    under_attack(40, 4, |o, _t, round| {
+    let net = under_attack(40, 4, |o, _t, round| {
         let me = serde_json::to_value(&o.peer).unwrap();
         let other = outsider::Outsider::new("127.40.250.251:13300");
         let fake_root = serde_json::to_value(&other.peer).unwrap();
@@ -158,13 +166,14 @@ fn unsolicited_probe_answers_do_not_dissolve_the_tree() {
             ),
         ]
     });
+    refused(&net);
 }
 
 /// Item 2: hellos into empty child slots (no ticket, a made-up ticket), then reports that
 /// would push the root's size to 2^64-1 (`route{taken}`, `max`, `up`), to every node.
 #[test]
 fn hellos_without_a_ticket_and_inflated_reports_do_not_take_a_slot_or_the_size() {
-    under_attack(41, 4, |o, t, round| {
+    let net = under_attack(41, 4, |o, t, round| {
         let k = K;
         // The children of the target's position: the first may be held, the rest are empty
         // in a tree of 4 (k=2: node 2 has slot 5 free, node 3 has 6 and 7).
@@ -191,6 +200,7 @@ fn hellos_without_a_ticket_and_inflated_reports_do_not_take_a_slot_or_the_size()
         ));
         frames
     });
+    refused(&net);
 }
 
 /// Item 4: broadcasts from the outsider, not a tree link: without an origin envelope, with
@@ -245,6 +255,7 @@ fn broadcasts_from_outside_the_tree_are_not_delivered_or_kept() {
     assert!(once.is_some(), "delivered: {:?}", net.delivered());
     let invalid = metric(&net.metrics(0), "borg_broadcast_origin_invalid_total").unwrap();
     assert_eq!(invalid, 0, "a real broadcast's origin envelope verifies");
+    refused(&net);
 }
 
 /// Item 3: a joining node is sent welcomes by the outsider (a parent and a tree of its own
@@ -332,6 +343,7 @@ fn welcomes_not_through_our_contact_and_probes_naming_an_address_are_ignored() {
         outsider::targets(&net),
         EVERY,
         stop.clone(),
+        Arc::new(AtomicU64::new(0)),
         move |o, _t, round| {
             let peer = serde_json::to_value(&probe_peer).unwrap();
             vec![

@@ -416,6 +416,28 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Decode-time bounds: a broadcast id is taken up to MAX_BCAST_ID_BYTES and refused
+        /// beyond, and so is a list of placed peers beyond MAX_PLACED_LIST.
+        #[test]
+        fn decode_bounds_hold(id_len in 0usize..200, list_len in 0usize..1100) {
+            let origin = SecretKey::generate().public();
+            let bcast = TreeMsg::Bcast { id: "i".repeat(id_len), origin, payload: Value::Null };
+            let (k, b) = bcast.to_kind_body();
+            proptest::prop_assert_eq!(
+                TreeMsg::from_kind_body(&k, &b).is_ok(),
+                id_len <= MAX_BCAST_ID_BYTES
+            );
+            let one = Placed { pos: 2, peer: peer() };
+            let up = TreeMsg::Up { pos: 1, max_pos: 1, children: vec![one; list_len] };
+            let (k, b) = up.to_kind_body();
+            proptest::prop_assert_eq!(
+                TreeMsg::from_kind_body(&k, &b).is_ok(),
+                list_len <= MAX_PLACED_LIST
+            );
+        }
+    }
+
     #[test]
     fn unknown_kind_and_fields_are_rejected() {
         assert!(matches!(
