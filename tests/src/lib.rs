@@ -6,6 +6,7 @@
 pub mod appliance;
 pub mod natnet;
 pub mod netns;
+pub mod outsider;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

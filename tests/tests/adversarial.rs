@@ -72,7 +72,10 @@ fn attacks_are_rejected_counted_and_the_network_keeps_working() {
         let mut c = conn::connect(target_addr, target_key, &identity, Duration::from_secs(5))
             .await
             .unwrap();
-        let probe = TreeMsg::Probe { peer: me.clone() };
+        let probe = TreeMsg::Probe {
+            peer: me.clone(),
+            nonce: 1,
+        };
 
         // Forged signature: valid envelope, signature of another message.
         let good = envelope::seal(
@@ -130,6 +133,7 @@ fn attacks_are_rejected_counted_and_the_network_keeps_working() {
             order: Routed::Attach {
                 pos: pos * 2 + 1,
                 peer: me.clone(),
+                via: None,
             },
         };
         c.send(&tree_frame(&attacker, &attach, now_ms()))
@@ -138,6 +142,7 @@ fn attacks_are_rejected_counted_and_the_network_keeps_working() {
         let adopt = TreeMsg::Adopt {
             parent_pos: 1,
             parent: me.clone(),
+            seal: None,
         };
         c.send(&tree_frame(&attacker, &adopt, now_ms()))
             .await

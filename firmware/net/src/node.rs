@@ -162,6 +162,32 @@ impl OrderSeal for EcdsaSeal {
             Err(_) => false,
         }
     }
+    fn check_broadcast(&self, _origin: &PublicKey, payload: &Value) -> bool {
+        broadcast_origin_ok(payload)
+    }
+}
+
+/// Whether a broadcast payload is `{text, origin_env}` where `origin_env` is a validly
+/// signed `broadcast` request envelope whose `body.text` is the payload's text.
+pub fn broadcast_origin_ok(payload: &Value) -> bool {
+    let Some(obj) = payload.as_object() else {
+        return false;
+    };
+    let (Some(text), Some(env)) = (
+        obj.get("text").and_then(|t| t.as_str()),
+        obj.get("origin_env").and_then(|e| e.as_str()),
+    ) else {
+        return false;
+    };
+    if obj.len() != 2 {
+        return false;
+    }
+    match envelope::verify_signature_only(env.as_bytes()) {
+        Ok(env) => {
+            env.kind == "broadcast" && env.body.get("text").and_then(|t| t.as_str()) == Some(text)
+        }
+        Err(_) => false,
+    }
 }
 
 /// Milliseconds since the Unix epoch (network time is the system clock until cronoTree).
@@ -489,6 +515,7 @@ impl Actor {
             } => {
                 self.links.insert(key, Link { id, writer });
                 if let Some(addr) = dialed_addr {
+                    self.tree.contact_answered(&addr, key);
                     self.dialing.remove(&addr);
                     if let Some(q) = self.pending_addr.remove(&addr) {
                         for f in q {
@@ -748,17 +775,7 @@ impl Actor {
 
     fn deliver(&mut self, id: String, origin: PublicKey, payload: Value) {
         self.last_broadcast = Some((id.clone(), now_ms()));
-        // The broadcast's text is vouched for by its originator's own envelope.
-        let ok = payload
-            .get("origin_env")
-            .and_then(|v| v.as_str())
-            .and_then(|s| envelope::verify_signature_only(s.as_bytes()).ok())
-            .map(|env| env.from != origin || env.kind != "broadcast")
-            .map(|bad| !bad)
-            .unwrap_or(payload.get("origin_env").is_none());
-        if !ok {
-            self.metrics.broadcast_origin_invalid += 1;
-        }
+        // (The tree checked the origin envelope before delivering or forwarding it.)
         let text = payload.get("text").and_then(|t| t.as_str()).unwrap_or("");
         tracing::debug!(cell = %self.cfg.cell, "broadcast {id:.64} from {}: {text:.80}", origin.short());
     }
@@ -1058,7 +1075,7 @@ pub fn render_metrics(s: &Snapshot) -> String {
         (
             "borg_broadcast_origin_invalid_total",
             "Broadcasts whose origin envelope did not verify.",
-            m.broadcast_origin_invalid,
+            t.rejected_broadcast_origin,
         ),
     ];
     for (name, help, v) in counters {

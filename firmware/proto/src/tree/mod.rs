@@ -24,6 +24,7 @@
 //!   the root (or coordinator), reports only from below.
 
 pub mod geometry;
+mod merge;
 pub mod msg;
 pub mod sim;
 
@@ -33,8 +34,13 @@ use serde_json::Value;
 
 use crate::identity::PublicKey;
 pub use geometry::Pos;
-use geometry::{child_range, next_hop_down, parent_of, root_child_of};
-pub use msg::{move_seal_bytes, DownInfo, Peer, Placed, Routed, TreeMsg};
+use geometry::{child_range, in_subtree, next_hop_down, parent_of, root_child_of};
+use merge::{ForeignClaim, ProbeOut};
+pub use merge::{MAX_SIZE_GROWTH_PER_S, MAX_TREE_SIZE};
+pub use msg::{
+    adopt_seal_bytes, join_seal_bytes, move_seal_bytes, DownInfo, Peer, Placed, Routed, TreeMsg,
+    Voucher,
+};
 
 /// Timing and shape parameters. Every timeout derives from the heartbeat period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,10 +150,14 @@ impl TreeState {
     }
 }
 
-/// Signs and checks move orders (ECDSA in the node, a cheap stand-in in simulation).
+/// Signs and checks move and adopt orders, and checks a broadcast's origin proof (ECDSA and
+/// the originator's envelope in the node, a cheap stand-in in simulation).
 pub trait OrderSeal {
     fn seal(&self, bytes: &[u8]) -> String;
     fn check(&self, signer: &PublicKey, bytes: &[u8], seal: &str) -> bool;
+    /// Whether a broadcast `payload` from `origin` carries a valid proof of its origin.
+    /// Called before a received broadcast is delivered or forwarded.
+    fn check_broadcast(&self, origin: &PublicKey, payload: &Value) -> bool;
 }
 
 /// Counters for metrics and the benchmark.
@@ -163,6 +173,8 @@ pub struct TreeStats {
     pub joins_assigned: u64,
     pub repairs_ordered: u64,
     pub dropped_queued: u64,
+    /// Received broadcasts refused because their origin proof did not verify.
+    pub rejected_broadcast_origin: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -204,6 +216,9 @@ struct Vacancy {
     since: u64,
     last_report: Option<u64>,
     grandchildren: Vec<Placed>,
+    /// Who held (or, for a new root, is expected back at) this position: the one key taken
+    /// back here without a ticket or voucher.
+    former: Option<PublicKey>,
 }
 
 #[derive(Debug, Clone)]
@@ -221,13 +236,27 @@ struct Coordination {
 }
 
 const MAX_QUEUE_PER_POS: usize = 4096;
+/// Hellos held while moving: at most our future children (k), with room for repeats.
+const MAX_HELD_HELLOS: usize = 64;
 const MAX_CONTACTS: usize = 16;
 const MAX_LOST: usize = 16;
 const MAX_PROBE_TRIES: u32 = 40;
 const SEEN_CAPACITY: usize = 100_000;
+/// How far a root believes reports (`taken`, `max`, `up`) of positions beyond its own size:
+/// a root that took over from a failed one may have missed the joins of about one heartbeat
+/// of a join storm (its coordinator hears every size change at once). Reports beyond this
+/// are refused, so no report can push the size toward `u64::MAX`.
+pub const MAX_SIZE_CATCHUP: u64 = 4096;
 
-/// A hello kept while moving: sender, position, ticket, peer, its children.
-type HeldHello = (PublicKey, Pos, Option<u64>, Peer, Vec<Placed>);
+/// A hello kept while moving: sender, position, ticket, peer, its children, voucher.
+type HeldHello = (
+    PublicKey,
+    Pos,
+    Option<u64>,
+    Peer,
+    Vec<Placed>,
+    Option<Voucher>,
+);
 
 /// One node's view of one cell's tree.
 pub struct TreeNode {
@@ -236,6 +265,9 @@ pub struct TreeNode {
     seal: Box<dyn OrderSeal + Send>,
     phase: Phase,
     contacts: Vec<String>,
+    /// The keys that answered our dials to contact addresses (learned from the TLS handshake
+    /// by the I/O layer): a welcome is taken only through one of them.
+    contact_keys: Vec<(String, PublicKey)>,
     next_contact: usize,
     lost: Vec<LostPeer>,
     pos: Pos,
@@ -266,6 +298,10 @@ pub struct TreeNode {
     coordinating: Option<Coordination>,
     seen: HashSet<String>,
     seen_order: VecDeque<String>,
+    /// Probes we sent and wait an answer for (nonce, expected key).
+    probes_out: Vec<ProbeOut>,
+    /// What foreign roots last claimed about their tree's size.
+    foreign: BTreeMap<PublicKey, ForeignClaim>,
     rng: u64,
     now: u64,
     last_down_at: u64,
@@ -319,6 +355,7 @@ impl TreeNode {
                 attempts: 0,
             },
             contacts,
+            contact_keys: Vec::new(),
             next_contact: 0,
             lost: Vec::new(),
             pos: 0,
@@ -340,6 +377,8 @@ impl TreeNode {
             coordinating: None,
             seen: HashSet::new(),
             seen_order: VecDeque::new(),
+            probes_out: Vec::new(),
+            foreign: BTreeMap::new(),
             rng: seed ^ 0x9e37_79b9_7f4a_7c15,
             now: 0,
             last_down_at: 0,
@@ -371,6 +410,19 @@ impl TreeNode {
         }
         let old = std::mem::replace(&mut self.me.addr, addr);
         self.contacts.retain(|c| *c != self.me.addr && *c != old);
+    }
+
+    /// Our dial to `addr` reached `key` (the TLS handshake showed it). Recorded for contact
+    /// addresses only: a joining node takes a welcome only through a contact it asked.
+    pub fn contact_answered(&mut self, addr: &str, key: PublicKey) {
+        if !self.contacts.iter().any(|c| c == addr) {
+            return;
+        }
+        self.contact_keys.retain(|(a, _)| a != addr);
+        if self.contact_keys.len() >= MAX_CONTACTS {
+            self.contact_keys.remove(0);
+        }
+        self.contact_keys.push((addr.to_string(), key));
     }
 
     /// `key` now advertises `addr` (taken from an envelope that key signed): update every
@@ -509,13 +561,15 @@ impl TreeNode {
                 your_pos,
                 parent,
                 info,
-            } => self.on_welcome(now, from, your_pos, parent, info),
+                via,
+            } => self.on_welcome(now, from, your_pos, parent, info, via),
             TreeMsg::Hello {
                 pos,
                 ticket,
                 peer,
                 children,
-            } => self.on_hello(now, from, pos, ticket, peer, children),
+                voucher,
+            } => self.on_hello(now, from, pos, ticket, peer, children, voucher),
             TreeMsg::Down { info } | TreeMsg::Announce { info } => self.on_down(now, from, info),
             TreeMsg::Max { pos, max_pos } => self.on_max(now, from, pos, max_pos),
             TreeMsg::Up {
@@ -523,12 +577,21 @@ impl TreeNode {
                 children,
                 max_pos,
             } => self.on_up(now, from, pos, children, max_pos),
-            TreeMsg::Adopt { parent_pos, parent } => self.on_adopt(now, from, parent_pos, parent),
+            TreeMsg::Adopt {
+                parent_pos,
+                parent,
+                seal,
+            } => self.on_adopt(now, from, parent_pos, parent, seal),
             TreeMsg::Orphan { pos, peer } => self.on_orphan(from, pos, peer),
             TreeMsg::Evict { pos } => self.on_evict(now, from, pos),
             TreeMsg::InPlace { pos, peer } => self.on_in_place(now, from, pos, peer),
-            TreeMsg::Probe { peer } => self.on_probe(peer),
-            TreeMsg::ProbeAck { root, size, peer } => self.on_probe_ack(from, root, size, peer),
+            TreeMsg::Probe { nonce, .. } => self.on_probe(from, nonce),
+            TreeMsg::ProbeAck {
+                root,
+                size,
+                peer,
+                re,
+            } => self.on_probe_ack(from, root, size, peer, re),
             TreeMsg::Dissolve { contact } => self.on_dissolve(now, from, contact),
             msg @ TreeMsg::Bcast { .. } => self.accept_broadcast(Some(from), msg),
         }
@@ -566,6 +629,9 @@ impl TreeNode {
     }
 
     fn on_max(&mut self, now: u64, from: PublicKey, pos: Pos, max_pos: Pos) {
+        if !in_subtree(pos, max_pos, self.cfg.max_children) {
+            return self.reject_invalid("subtree maximum outside the subtree");
+        }
         if let Some(slot) = self.children.get_mut(&pos) {
             if slot.peer.key == from {
                 slot.last_heard = now;
@@ -588,6 +654,9 @@ impl TreeNode {
 
     fn learn_tree_end(&mut self, now: u64, max_pos: Pos) {
         if self.pos == 1 && max_pos > self.size {
+            if max_pos > self.size.saturating_add(MAX_SIZE_CATCHUP) || max_pos > MAX_TREE_SIZE {
+                return self.reject_invalid("reported position far beyond the tree");
+            }
             self.vacated.retain(|_, until| *until > now);
             if !self.vacated.contains_key(&max_pos) {
                 self.size = max_pos;
@@ -751,9 +820,32 @@ impl TreeNode {
         }
         if !self.is_member() {
             let root = self.root.clone();
-            return self.send(Target::Peer(peer), TreeMsg::Retry { root });
+            // (Over the connection the join came on: never dial an address a stranger names.)
+            return self.send(Target::Key(from), TreeMsg::Retry { root });
         }
-        self.route(now, 1, Routed::JoinReq { peer });
+        // Our seal tells the newcomer that its welcome comes from the tree it asked us into.
+        let via = Voucher {
+            signer: self.me.key,
+            seal: self.seal.seal(&join_seal_bytes(&peer.key)),
+        };
+        self.route(
+            now,
+            1,
+            Routed::JoinReq {
+                peer,
+                via: Some(via),
+            },
+        );
+    }
+
+    /// Whether `via` is the seal of a contact we asked, over our own join.
+    fn via_our_contact(&self, via: Option<&Voucher>) -> bool {
+        via.is_some_and(|v| {
+            self.contact_keys.iter().any(|(_, k)| *k == v.signer)
+                && self
+                    .seal
+                    .check(&v.signer, &join_seal_bytes(&self.me.key), &v.seal)
+        })
     }
 
     fn on_welcome(
@@ -763,12 +855,13 @@ impl TreeNode {
         your_pos: Pos,
         parent: Peer,
         info: DownInfo,
+        via: Option<Voucher>,
     ) {
         if parent.key != from || parent_of(your_pos, self.cfg.max_children) != Some(info.pos) {
             return self.reject_invalid("inconsistent welcome");
         }
         match self.phase.clone() {
-            Phase::Joining { .. } => {}
+            Phase::Joining { .. } if self.via_our_contact(via.as_ref()) => {}
             Phase::Moving {
                 to_pos, new_parent, ..
             } if new_parent.key == from && to_pos == your_pos => {}
@@ -800,8 +893,8 @@ impl TreeNode {
             self.event(TreeEvent::Joined { pos: your_pos });
         }
         self.send_up(now);
-        for (from, pos, ticket, peer, children) in std::mem::take(&mut self.held_hellos) {
-            self.on_hello(now, from, pos, ticket, peer, children);
+        for (from, pos, ticket, peer, children, voucher) in std::mem::take(&mut self.held_hellos) {
+            self.on_hello(now, from, pos, ticket, peer, children, voucher);
         }
     }
 
@@ -941,17 +1034,17 @@ impl TreeNode {
         let from_above = from.map(|f| self.is_from_above(&f)).unwrap_or(true);
         let from_below = from.map(|f| self.is_from_below(&f)).unwrap_or(true);
         match order {
-            Routed::JoinReq { peer } => {
+            Routed::JoinReq { peer, via } => {
                 if self.pos != 1 {
-                    return self.route(now, 1, Routed::JoinReq { peer });
+                    return self.route(now, 1, Routed::JoinReq { peer, via });
                 }
-                self.root_assign(now, peer);
+                self.root_assign(now, peer, via);
             }
-            Routed::Attach { pos, peer } => {
+            Routed::Attach { pos, peer, via } => {
                 if !from_above {
                     return self.reject_unauthorized("attach not from parent");
                 }
-                self.on_attach(now, pos, peer);
+                self.on_attach(now, pos, peer, via);
             }
             Routed::Move {
                 from_pos,
@@ -1020,6 +1113,9 @@ impl TreeNode {
             }
             Routed::Taken { pos } => {
                 if self.pos == 1 && pos > self.size {
+                    if pos > self.size.saturating_add(MAX_SIZE_CATCHUP) || pos > MAX_TREE_SIZE {
+                        return self.reject_invalid("taken position far beyond the tree");
+                    }
                     self.size = pos;
                 }
             }
@@ -1033,12 +1129,8 @@ impl TreeNode {
                     && contact.key == their_root
                     && self.should_merge_into(their_size, &their_root)
                 {
-                    self.send(
-                        Target::Peer(contact),
-                        TreeMsg::Probe {
-                            peer: self.me.clone(),
-                        },
-                    );
+                    // (Witnessed: a member of our tree checked this root's answer.)
+                    self.send_probe(now, Target::Peer(contact), true);
                 }
             }
         }
@@ -1046,17 +1138,22 @@ impl TreeNode {
 
     // ----- root duties --------------------------------------------------------------------
 
-    fn root_assign(&mut self, now: u64, peer: Peer) {
+    fn root_assign(&mut self, now: u64, peer: Peer, via: Option<Voucher>) {
         if peer.key == self.me.key {
             return;
         }
         let k = self.cfg.max_children;
-        let pos = self.size + 1;
+        let Some(pos) = self.size.checked_add(1).filter(|p| *p <= MAX_TREE_SIZE) else {
+            // Full (or a corrupted size): refuse rather than wrap.
+            self.reject_invalid("tree full");
+            let root = self.root.clone();
+            return self.send(Target::Peer(peer), TreeMsg::Retry { root });
+        };
         self.size = pos;
         self.stats.joins_assigned += 1;
         self.root_announce(false);
         let parent = parent_of(pos, k).unwrap_or(1);
-        self.route(now, parent, Routed::Attach { pos, peer });
+        self.route(now, parent, Routed::Attach { pos, peer, via });
     }
 
     /// Root only: after a size or root-children change, tell the children at once (the
@@ -1119,7 +1216,7 @@ impl TreeNode {
         );
     }
 
-    fn on_attach(&mut self, now: u64, pos: Pos, peer: Peer) {
+    fn on_attach(&mut self, now: u64, pos: Pos, peer: Peer, via: Option<Voucher>) {
         let k = self.cfg.max_children;
         // (A stale second join request of ours can come back as our own child: the slot
         // stays empty and is reported and filled like any vacancy.)
@@ -1139,6 +1236,7 @@ impl TreeNode {
                 your_pos: pos,
                 parent: self.me.clone(),
                 info,
+                via,
             },
         );
         self.flush_queue(pos);
@@ -1233,6 +1331,7 @@ impl TreeNode {
                 ticket: Some(ticket),
                 peer: self.me.clone(),
                 children,
+                voucher: None,
             },
         );
     }
@@ -1254,7 +1353,7 @@ impl TreeNode {
         self.reset_membership();
         self.phase = Phase::Member;
         self.pos = 1;
-        self.size = size.max(1);
+        self.size = size.clamp(1, MAX_TREE_SIZE);
         // Our old position is vacated: caches up the tree may still report it for a while.
         let hold = self.vacated_hold(now, old);
         self.vacated.insert(old, hold);
@@ -1270,6 +1369,7 @@ impl TreeNode {
                         since: now,
                         last_report: Some(now),
                         grandchildren: Vec::new(),
+                        former: Some(rc.peer.key),
                     },
                 );
             }
@@ -1284,6 +1384,7 @@ impl TreeNode {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_hello(
         &mut self,
         now: u64,
@@ -1292,6 +1393,7 @@ impl TreeNode {
         ticket: Option<u64>,
         peer: Peer,
         children: Vec<Placed>,
+        voucher: Option<Voucher>,
     ) {
         let k = self.cfg.max_children;
         if peer.key != from {
@@ -1300,8 +1402,9 @@ impl TreeNode {
         if let Phase::Moving { to_pos, .. } = self.phase {
             // An orphan adopted on our behalf can say hello before our own welcome arrives:
             // hold it until we are in place.
-            if parent_of(pos, k) == Some(to_pos) && self.held_hellos.len() < 64 {
-                self.held_hellos.push((from, pos, ticket, peer, children));
+            if parent_of(pos, k) == Some(to_pos) && self.held_hellos.len() < MAX_HELD_HELLOS {
+                self.held_hellos
+                    .push((from, pos, ticket, peer, children, voucher));
             }
             return;
         }
@@ -1323,14 +1426,18 @@ impl TreeNode {
                 }
                 ok
             }
-            // An adopted orphan or a returning root child: only into an empty or dead slot.
-            // (Lenient on purpose: the orphan list may be stale; a live holder is never
-            // displaced this way.)
-            (None, None) => true,
-            (Some((_, down)), None) => down.is_some(),
+            // An adopted orphan or a returning root child: only into an empty or dead slot,
+            // and only the position's former holder or one whom the entitled node told to
+            // adopt us (its voucher). A live holder is never displaced this way.
+            (existing, None) => {
+                existing.is_none_or(|(_, down)| down.is_some())
+                    && (self.vacant.get(&pos).and_then(|v| v.former) == Some(from)
+                        || self.voucher_ok(pos, &from, voucher.as_ref()))
+            }
         };
         if !accepted {
-            return self.send(Target::Peer(peer), TreeMsg::Evict { pos });
+            self.reject_unauthorized("hello without a ticket or voucher");
+            return self.send(Target::Key(from), TreeMsg::Evict { pos });
         }
         let is_new_holder = existing.map(|(key, _)| key != from).unwrap_or(true);
         let root_child_changed = is_new_holder && self.pos == 1;
@@ -1348,19 +1455,15 @@ impl TreeNode {
                         your_pos: pos,
                         parent: self.me.clone(),
                         info: self.down_info(),
+                        via: None,
                     },
                 );
             }
             // Tell the orphans of this position who their parent is now.
             for gc in adoptees {
                 if gc.peer.key != peer.key {
-                    self.send(
-                        Target::Peer(gc.peer),
-                        TreeMsg::Adopt {
-                            parent_pos: pos,
-                            parent: peer.clone(),
-                        },
-                    );
+                    let msg = self.adopt_msg(gc.pos, &gc.peer.key, pos, peer.clone());
+                    self.send(Target::Peer(gc.peer), msg);
                 }
             }
         }
@@ -1372,7 +1475,53 @@ impl TreeNode {
         }
     }
 
-    fn on_adopt(&mut self, now: u64, from: PublicKey, parent_pos: Pos, parent: Peer) {
+    /// Whether `voucher` proves that `child` (saying hello at `pos`) was told to adopt us by
+    /// a node entitled to: our parent (the grandparent of `pos`), or for the root, one of its
+    /// children or expected children (the coordinator of a root repair and its siblings).
+    fn voucher_ok(&self, pos: Pos, child: &PublicKey, voucher: Option<&Voucher>) -> bool {
+        let Some(v) = voucher else {
+            return false;
+        };
+        let entitled = v.signer == self.me.key
+            || self.is_parent(&v.signer)
+            || (self.pos == 1
+                && (self.children.values().any(|c| c.peer.key == v.signer)
+                    || self.vacant.values().any(|x| x.former == Some(v.signer))));
+        entitled
+            && self.seal.check(
+                &v.signer,
+                &adopt_seal_bytes(pos, child, &self.me.key),
+                &v.seal,
+            )
+    }
+
+    /// An adopt order for the orphan `child` at `child_pos`: its new parent is `parent`,
+    /// sealed by us so that the parent can check who sent the orphan.
+    fn adopt_msg(
+        &self,
+        child_pos: Pos,
+        child: &PublicKey,
+        parent_pos: Pos,
+        parent: Peer,
+    ) -> TreeMsg {
+        let seal = self
+            .seal
+            .seal(&adopt_seal_bytes(child_pos, child, &parent.key));
+        TreeMsg::Adopt {
+            parent_pos,
+            parent,
+            seal: Some(seal),
+        }
+    }
+
+    fn on_adopt(
+        &mut self,
+        now: u64,
+        from: PublicKey,
+        parent_pos: Pos,
+        parent: Peer,
+        seal: Option<String>,
+    ) {
         let k = self.cfg.max_children;
         if !self.is_member() || parent_of(self.pos, k) != Some(parent_pos) {
             return;
@@ -1417,6 +1566,14 @@ impl TreeNode {
         });
         // (The root itself is learned from the new parent's answer, which then passes the
         // news on down at once; setting it here would hide the change from that path.)
+        let seal = match seal {
+            Some(s) => s,
+            None if from_self => {
+                self.seal
+                    .seal(&adopt_seal_bytes(self.pos, &self.me.key, &parent.key))
+            }
+            None => String::new(),
+        };
         self.send(
             Target::Peer(parent),
             TreeMsg::Hello {
@@ -1424,6 +1581,7 @@ impl TreeNode {
                 ticket: None,
                 peer: self.me.clone(),
                 children: self.child_list(),
+                voucher: Some(Voucher { signer: from, seal }),
             },
         );
     }
@@ -1441,10 +1599,7 @@ impl TreeNode {
             // one (our parent link is live again).
             if let Some(p) = self.parent.clone() {
                 if p.failed_at.is_none() && p.down_since.is_none() && p.peer.key != from {
-                    let msg = TreeMsg::Adopt {
-                        parent_pos: 1,
-                        parent: p.peer,
-                    };
+                    let msg = self.adopt_msg(pos, &from, 1, p.peer);
                     self.send(Target::Peer(peer), msg);
                 }
             }
@@ -1455,8 +1610,8 @@ impl TreeNode {
         }
         if let Some(slot) = self.children.get(&parent_pos) {
             if slot.down_since.is_none() && slot.peer.key != from {
-                let parent = slot.peer.clone();
-                return self.send(Target::Peer(peer), TreeMsg::Adopt { parent_pos, parent });
+                let msg = self.adopt_msg(pos, &from, parent_pos, slot.peer.clone());
+                return self.send(Target::Peer(peer), msg);
             }
         }
         // Still vacant (or never known): remember the orphan so the filler adopts it.
@@ -1465,8 +1620,11 @@ impl TreeNode {
             since: now,
             last_report: None,
             grandchildren: Vec::new(),
+            former: None,
         });
-        if !v.grandchildren.iter().any(|g| g.peer.key == from) {
+        if !v.grandchildren.iter().any(|g| g.peer.key == from)
+            && v.grandchildren.len() < msg::MAX_PLACED_LIST
+        {
             v.grandchildren.push(Placed { pos, peer });
         }
     }
@@ -1493,15 +1651,10 @@ impl TreeNode {
             if s.peer.key == self.me.key {
                 continue;
             }
-            self.send(
-                Target::Peer(s.peer),
-                TreeMsg::Adopt {
-                    parent_pos: 1,
-                    parent: new_root.clone(),
-                },
-            );
+            let msg = self.adopt_msg(s.pos, &s.peer.key, 1, new_root.clone());
+            self.send(Target::Peer(s.peer), msg);
         }
-        self.on_adopt(now, self.me.key, 1, new_root);
+        self.on_adopt(now, self.me.key, 1, new_root, None);
     }
 
     fn on_dissolve(&mut self, now: u64, from: PublicKey, contact: Peer) {
@@ -1568,6 +1721,9 @@ impl TreeNode {
     }
 
     fn on_up(&mut self, now: u64, from: PublicKey, pos: Pos, children: Vec<Placed>, max_pos: Pos) {
+        if !in_subtree(pos, max_pos, self.cfg.max_children) {
+            return self.reject_invalid("subtree maximum outside the subtree");
+        }
         match self.children.get_mut(&pos) {
             Some(slot) if slot.peer.key == from => {
                 slot.last_heard = now;
@@ -1610,6 +1766,7 @@ impl TreeNode {
                         since: now,
                         last_report: None,
                         grandchildren: slot.grandchildren,
+                        former: Some(slot.peer.key),
                     },
                 );
                 self.event(TreeEvent::ChildFailed { pos });
@@ -1637,6 +1794,7 @@ impl TreeNode {
                         since: now,
                         last_report: None,
                         grandchildren: Vec::new(),
+                        former: None,
                     },
                 );
             } else {
@@ -1800,13 +1958,8 @@ impl TreeNode {
                 .collect();
             self.become_root_by_move(now, size.saturating_sub(1).max(1), others.clone(), None);
             for s in others {
-                self.send(
-                    Target::Peer(s.peer),
-                    TreeMsg::Adopt {
-                        parent_pos: 1,
-                        parent: me.clone(),
-                    },
-                );
+                let msg = self.adopt_msg(s.pos, &s.peer.key, 1, me.clone());
+                self.send(Target::Peer(s.peer), msg);
             }
             return;
         }
@@ -1858,6 +2011,7 @@ impl TreeNode {
                 ticket: None,
                 peer: self.me.clone(),
                 children: self.child_list(),
+                voucher: None,
             }
         } else {
             TreeMsg::Up {
@@ -1895,120 +2049,6 @@ impl TreeNode {
             .collect()
     }
 
-    // ----- merges -------------------------------------------------------------------------
-
-    fn remember_lost(&mut self, peer: Option<Peer>, addr: String, now: u64) {
-        if addr.is_empty() || addr == self.me.addr {
-            return;
-        }
-        self.lost.retain(|l| l.addr != addr);
-        if self.lost.len() >= MAX_LOST {
-            self.lost.remove(0);
-        }
-        self.lost.push(LostPeer {
-            peer,
-            addr,
-            next_probe: now + self.cfg.probe_every_ms(),
-            tries: 0,
-        });
-    }
-
-    fn probe_tick(&mut self, now: u64) {
-        if !self.is_member() {
-            return;
-        }
-        let base = self.cfg.probe_every_ms();
-        let mut sends = Vec::new();
-        for l in self.lost.iter_mut() {
-            if now >= l.next_probe {
-                l.tries += 1;
-                let backoff = base.saturating_mul(1u64 << l.tries.min(3));
-                l.next_probe = now + backoff;
-                let target = match &l.peer {
-                    Some(p) => Target::Peer(p.clone()),
-                    None => Target::Addr(l.addr.clone()),
-                };
-                sends.push(target);
-            }
-        }
-        self.lost.retain(|l| l.tries < MAX_PROBE_TRIES);
-        for t in sends {
-            self.send(
-                t,
-                TreeMsg::Probe {
-                    peer: self.me.clone(),
-                },
-            );
-        }
-    }
-
-    fn on_probe(&mut self, peer: Peer) {
-        let root = if self.is_member() {
-            self.root.clone()
-        } else {
-            None
-        };
-        self.send(
-            Target::Peer(peer),
-            TreeMsg::ProbeAck {
-                root,
-                size: self.size,
-                peer: self.me.clone(),
-            },
-        );
-    }
-
-    fn on_probe_ack(&mut self, from: PublicKey, root: Option<Peer>, size: u64, peer: Peer) {
-        if peer.key != from || !self.is_member() {
-            return;
-        }
-        let Some(their_root) = root else {
-            return;
-        };
-        let my_root = self.root.as_ref().map(|r| r.key);
-        if my_root == Some(their_root.key) {
-            // Same tree: nothing to merge; stop probing this one.
-            self.lost.retain(|l| l.addr != peer.addr);
-            return;
-        }
-        if peer.key != their_root.key {
-            // Only a root speaks for its tree's size; ask it (a stale answer naming a dead
-            // root simply goes unanswered).
-            if their_root.key != self.me.key {
-                self.send(
-                    Target::Peer(their_root),
-                    TreeMsg::Probe {
-                        peer: self.me.clone(),
-                    },
-                );
-            }
-            return;
-        }
-        if !self.should_merge_into(size, &their_root.key) {
-            return;
-        }
-        let now = self.now;
-        if self.pos == 1 {
-            return self.dissolve(now, peer);
-        }
-        let order = Routed::Merge {
-            contact: peer,
-            their_size: size,
-            their_root: their_root.key,
-        };
-        self.route(now, 1, order);
-    }
-
-    /// Whether our tree is the smaller one and must merge into theirs. Ties in size are
-    /// broken by the root keys, so of two trees exactly one merges.
-    fn should_merge_into(&self, their_size: u64, their_root: &PublicKey) -> bool {
-        let my_root = self.root.as_ref().map(|r| r.key);
-        if my_root == Some(*their_root) || *their_root == self.me.key {
-            return false;
-        }
-        (their_size, Some(*their_root)) > (self.size, my_root)
-    }
-
     // ----- broadcast ----------------------------------------------------------------------
 
     fn accept_broadcast(&mut self, from: Option<PublicKey>, msg: TreeMsg) {
@@ -2020,11 +2060,21 @@ impl TreeNode {
         else {
             return;
         };
-        // Accepted from anyone: the payload carries its origin's own signature (checked by
-        // the application), and de-duplication stops loops.
+        // Accepted only over tree links (the parent, a child, or the grandparent or a
+        // grandchild routing around a failed node), and only with a valid origin proof,
+        // checked before anything is kept or forwarded. De-duplication stops loops.
+        if let Some(f) = from {
+            if !(self.is_from_above(&f) || self.is_from_below(&f)) {
+                return self.reject_unauthorized("broadcast not from a tree link");
+            }
+        }
         if self.seen.contains(id) {
             self.stats.duplicate_broadcasts += 1;
             return;
+        }
+        if from.is_some() && !self.seal.check_broadcast(origin, payload) {
+            self.stats.rejected_broadcast_origin += 1;
+            return self.reject_invalid("broadcast without a valid origin proof");
         }
         self.seen.insert(id.clone());
         self.seen_order.push_back(id.clone());
@@ -2172,5 +2222,7 @@ impl TreeNode {
     }
 }
 
+#[cfg(test)]
+mod adversary_tests;
 #[cfg(test)]
 mod tests;

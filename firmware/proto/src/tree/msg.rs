@@ -58,20 +58,28 @@ pub enum TreeMsg {
     /// A routed message: forwarded hop by hop along tree links to position `dest`.
     #[serde(rename = "tree.route")]
     Route { dest: Pos, order: Routed },
-    /// Parent to newcomer (after an attach): your position and surroundings.
+    /// Parent to newcomer (after an attach): your position and surroundings. `via` is the
+    /// seal of the contact the newcomer asked (see [`join_seal_bytes`]), passed along with
+    /// the join request and the attach: the newcomer takes a welcome only with it.
     #[serde(rename = "tree.welcome")]
     Welcome {
         your_pos: Pos,
         parent: Peer,
         info: DownInfo,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        via: Option<Voucher>,
     },
-    /// Child to parent: take me at `pos` (`ticket` proves a root-issued move).
+    /// Child to parent: take me at `pos`. `ticket` proves a root-issued move; `voucher`
+    /// proves an adoption (the seal of whoever told us to adopt this parent, see
+    /// [`adopt_seal_bytes`]). Without either, only the position's own holder is taken back.
     #[serde(rename = "tree.hello")]
     Hello {
         pos: Pos,
         ticket: Option<u64>,
         peer: Peer,
         children: Vec<Placed>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        voucher: Option<Voucher>,
     },
     /// Parent to child, every heartbeat.
     #[serde(rename = "tree.down")]
@@ -92,9 +100,15 @@ pub enum TreeMsg {
         /// Highest position in the sender's subtree (lets a new root learn the true size).
         max_pos: Pos,
     },
-    /// Parent of a failed position to its orphaned children: your new parent.
+    /// Parent of a failed position to its orphaned children: your new parent. `seal` is the
+    /// sender's seal over [`adopt_seal_bytes`]; the orphan shows it to the new parent.
     #[serde(rename = "tree.adopt")]
-    Adopt { parent_pos: Pos, parent: Peer },
+    Adopt {
+        parent_pos: Pos,
+        parent: Peer,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seal: Option<String>,
+    },
     /// Orphan to its grandparent: who holds my parent's position now?
     #[serde(rename = "tree.orphan")]
     Orphan { pos: Pos, peer: Peer },
@@ -104,14 +118,18 @@ pub enum TreeMsg {
     /// A mover that became root, to the root child that coordinated the repair.
     #[serde(rename = "tree.in_place")]
     InPlace { pos: Pos, peer: Peer },
-    /// Liveness and tree identity probe (used to find other trees to merge with).
+    /// Liveness and tree identity probe (used to find other trees to merge with). The
+    /// answer goes back over the connection the probe came on and repeats `nonce`.
     #[serde(rename = "tree.probe")]
-    Probe { peer: Peer },
+    Probe { peer: Peer, nonce: u64 },
+    /// The answer to a probe: `re` is the probe's nonce (an answer to nothing we asked is
+    /// dropped).
     #[serde(rename = "tree.probe_ack")]
     ProbeAck {
         root: Option<Peer>,
         size: u64,
         peer: Peer,
+        re: u64,
     },
     /// Parent to children, passed down the whole tree: leave and join the tree at `contact`.
     #[serde(rename = "tree.dissolve")]
@@ -129,10 +147,20 @@ pub enum TreeMsg {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Routed {
-    /// Up to the root: a newcomer asks for a position.
-    JoinReq { peer: Peer },
+    /// Up to the root: a newcomer asks for a position; `via` is the seal of the contact it
+    /// asked, over [`join_seal_bytes`].
+    JoinReq {
+        peer: Peer,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        via: Option<Voucher>,
+    },
     /// Root down to the parent of `pos`: welcome `peer` as your child at `pos`.
-    Attach { pos: Pos, peer: Peer },
+    Attach {
+        pos: Pos,
+        peer: Peer,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        via: Option<Voucher>,
+    },
     /// Root (or, when the root failed, the coordinating root child) down to the node at
     /// `from_pos`: move to `to_pos`. It first visits the parent of `to_pos`, which records
     /// the ticket and names itself `new_parent`.
@@ -163,6 +191,41 @@ pub enum Routed {
     },
 }
 
+/// Proof, carried in a hello, that the sender was told to adopt this parent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Voucher {
+    /// Who gave the adopt order (the parent's parent, or a root child for the root).
+    pub signer: PublicKey,
+    /// `signer`'s seal over [`adopt_seal_bytes`].
+    pub seal: String,
+}
+
+/// The bytes an adopt order's seal signs: the orphan at `child_pos` with key `child` is to
+/// say hello to `parent`.
+pub fn adopt_seal_bytes(child_pos: Pos, child: &PublicKey, parent: &PublicKey) -> Vec<u8> {
+    format!(
+        "borg-tree-adopt-v1|{child_pos}|{}|{}",
+        child.to_b64(),
+        parent.to_b64()
+    )
+    .into_bytes()
+}
+
+/// The bytes a contact's seal over a join request signs: it forwarded the join of `newcomer`.
+pub fn join_seal_bytes(newcomer: &PublicKey) -> Vec<u8> {
+    format!("borg-tree-join-v1|{}", newcomer.to_b64()).into_bytes()
+}
+
+/// Longest broadcast id accepted: ids are `<key short>-<16 hex digits>` (about 30 bytes);
+/// 64 leaves room and keeps the de-duplication set's entries small.
+pub const MAX_BCAST_ID_BYTES: usize = 64;
+
+/// Longest list of placed peers a message may carry (children, siblings, root children):
+/// a node has at most `max_children` children, and cells use k well below this; a longer
+/// list is hostile and would only cost memory on every node that keeps it.
+pub const MAX_PLACED_LIST: usize = 1024;
+
 /// The bytes a move order's seal signs: everything the mover acts on.
 pub fn move_seal_bytes(from_pos: Pos, to_pos: Pos, ticket: u64, size: u64) -> Vec<u8> {
     format!("borg-tree-move-v1|{from_pos}|{to_pos}|{ticket}|{size}").into_bytes()
@@ -188,10 +251,41 @@ impl TreeMsg {
         if !KINDS.contains(&kind) {
             return Err(TreeMsgError::UnknownKind(kind.to_string()));
         }
-        crate::envelope::join_kind_body(kind, body).map_err(|reason| TreeMsgError::Malformed {
-            kind: kind.to_string(),
-            reason,
-        })
+        let msg: Self = crate::envelope::join_kind_body(kind, body).map_err(|reason| {
+            TreeMsgError::Malformed {
+                kind: kind.to_string(),
+                reason,
+            }
+        })?;
+        msg.check_bounds()
+            .map_err(|reason| TreeMsgError::Malformed {
+                kind: kind.to_string(),
+                reason: reason.to_string(),
+            })?;
+        Ok(msg)
+    }
+
+    /// Size bounds checked at decode time, before anything keeps a copy.
+    fn check_bounds(&self) -> Result<(), &'static str> {
+        let long = |l: &[Placed]| l.len() > MAX_PLACED_LIST;
+        match self {
+            TreeMsg::Bcast { id, .. } if id.len() > MAX_BCAST_ID_BYTES => {
+                Err("broadcast id too long")
+            }
+            TreeMsg::Hello { children, .. } | TreeMsg::Up { children, .. } if long(children) => {
+                Err("too many children")
+            }
+            TreeMsg::Welcome { info, .. } | TreeMsg::Down { info } | TreeMsg::Announce { info }
+                if long(&info.siblings) || long(&info.root_children) =>
+            {
+                Err("too many siblings")
+            }
+            TreeMsg::Route {
+                order: Routed::Move { root_children, .. },
+                ..
+            } if long(root_children) => Err("too many root children"),
+            _ => Ok(()),
+        }
     }
 
     /// The envelope kind of this message.
@@ -319,6 +413,28 @@ mod tests {
                 let (k, b) = msg.to_kind_body();
                 proptest::prop_assert_eq!(TreeMsg::from_kind_body(&k, &b).unwrap(), msg);
             }
+        }
+    }
+
+    proptest::proptest! {
+        /// Decode-time bounds: a broadcast id is taken up to MAX_BCAST_ID_BYTES and refused
+        /// beyond, and so is a list of placed peers beyond MAX_PLACED_LIST.
+        #[test]
+        fn decode_bounds_hold(id_len in 0usize..200, list_len in 0usize..1100) {
+            let origin = SecretKey::generate().public();
+            let bcast = TreeMsg::Bcast { id: "i".repeat(id_len), origin, payload: Value::Null };
+            let (k, b) = bcast.to_kind_body();
+            proptest::prop_assert_eq!(
+                TreeMsg::from_kind_body(&k, &b).is_ok(),
+                id_len <= MAX_BCAST_ID_BYTES
+            );
+            let one = Placed { pos: 2, peer: peer() };
+            let up = TreeMsg::Up { pos: 1, max_pos: 1, children: vec![one; list_len] };
+            let (k, b) = up.to_kind_body();
+            proptest::prop_assert_eq!(
+                TreeMsg::from_kind_body(&k, &b).is_ok(),
+                list_len <= MAX_PLACED_LIST
+            );
         }
     }
 

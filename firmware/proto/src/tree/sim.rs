@@ -68,6 +68,20 @@ impl OrderSeal for SimSeal {
     fn check(&self, signer: &PublicKey, bytes: &[u8], seal: &str) -> bool {
         sim_seal_text(signer, bytes) == seal
     }
+    /// Stand-in origin proof: a payload that carries `origin_env` must carry
+    /// [`sim_origin_proof`] of its origin there; other payloads pass (the node's check
+    /// requires the real envelope, and the multi-process tests exercise it).
+    fn check_broadcast(&self, origin: &PublicKey, payload: &Value) -> bool {
+        match payload.get("origin_env") {
+            None => true,
+            Some(v) => v.as_str() == Some(sim_origin_proof(origin).as_str()),
+        }
+    }
+}
+
+/// The simulation's stand-in for a broadcast's origin envelope, for tests of the check.
+pub fn sim_origin_proof(origin: &PublicKey) -> String {
+    sim_seal_text(origin, b"broadcast-origin")
 }
 
 #[allow(clippy::large_enum_variant)] // queued events are mostly deliveries anyway
@@ -318,6 +332,11 @@ impl Sim {
         let Some(j) = target else {
             return;
         };
+        if let Target::Addr(a) = &to {
+            // (What the TLS handshake of a dial to an address shows.)
+            let key = self.nodes[j].key;
+            self.nodes[from].node.contact_answered(a, key);
+        }
         let from_key = self.nodes[from].key;
         if !self.nodes[j].alive {
             if self.cfg.loud_crashes {
@@ -556,6 +575,14 @@ impl Sim {
         let now = self.now;
         let peer = self.nodes[j].node.me().clone();
         self.nodes[i].node.meet(now, peer);
+        self.dispatch(i);
+    }
+
+    /// A message from a key outside the simulation (an attacker) reaches node `i` now; what
+    /// node `i` sends back to such a key goes nowhere.
+    pub fn inject(&mut self, i: usize, from: PublicKey, msg: TreeMsg) {
+        let now = self.now;
+        self.nodes[i].node.handle(now, from, msg);
         self.dispatch(i);
     }
 
