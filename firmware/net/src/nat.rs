@@ -13,12 +13,13 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use borg_proto::envelope::{self, ReplayCache};
 use borg_proto::identity::{PublicKey, SecretKey};
-use borg_proto::reach::msg::{BeaconMap, ReachMsg, Referral, MAX_REFERRALS};
+use borg_proto::reach::msg::{peek_beacon, BeaconMap, ReachMsg, Referral, MAX_REFERRALS};
 use borg_proto::reach::{
     is_private, Decision, Evidence, LanPeer, LocalNet, MapState, PeerAddr, Reach, ReachConfig, Role,
 };
@@ -208,7 +209,19 @@ pub(crate) struct ProbeCtx {
     /// Recent probers that came from the address they advertise (so are directly
     /// reachable there): referred to other probers. At most [`MAX_KNOWN_PROBERS`].
     probers: Mutex<Vec<(Referral, Instant)>>,
+    /// Datagrams on the beacon port dropped before a signature check (not in [`NatStatus`],
+    /// so that a flood of them does not wake the node actor).
+    pub(crate) beacons_dropped: AtomicU64,
 }
+
+/// Beacon sources whose rate is tracked: a /24 LAN has at most 254 hosts.
+const MAX_BEACON_SOURCES: usize = 256;
+/// A source's beacons are verified at most this often: nodes beacon once a second (each cell
+/// on its own port), so a faster sender is flooding.
+const BEACON_MIN_GAP: Duration = Duration::from_millis(500);
+/// Beacon signature checks per second in total (against spoofed source addresses): two per
+/// second from each of 32 LAN nodes; an ECDSA verification costs about 0.1-0.5 ms on a Pi.
+const MAX_BEACON_VERIFIES_PER_SEC: u32 = 64;
 
 /// Direct probers an observer remembers for referral. A small network has a handful; a big
 /// one has witnesses enough without referrals, so the oldest simply make room.
@@ -248,6 +261,7 @@ pub fn spawn(
         events: events_tx.clone(),
         candidates: candidates.clone(),
         probers: Mutex::new(Vec::new()),
+        beacons_dropped: AtomicU64::new(0),
     });
     let net = crate::localnet::read();
     let now = now_ms();
@@ -267,6 +281,8 @@ pub fn spawn(
         next_probe: Instant::now(),
         tokens: HashMap::new(),
         referred: Vec::new(),
+        beacon_sources: HashMap::new(),
+        beacon_window: (Instant::now(), 0),
         last: None,
         probes_sent: 0,
         probes_answered: 0,
@@ -299,6 +315,11 @@ struct NatTask {
     tokens: HashMap<String, (SocketAddr, Instant)>,
     /// Witnesses observers referred us to (at most [`MAX_REFERRED`]), with when.
     referred: Vec<(Referral, Instant)>,
+    /// Beacon sources by IP: when we last checked one's signature (at most
+    /// [`MAX_BEACON_SOURCES`]).
+    beacon_sources: HashMap<IpAddr, Instant>,
+    /// This second's signature checks of beacons: (start, count).
+    beacon_window: (Instant, u32),
     last: Option<Decision>,
     probes_sent: u64,
     probes_answered: u64,
@@ -464,7 +485,53 @@ impl NatTask {
         }
     }
 
+    /// Whether a datagram deserves a signature check: cheap checks first (issue 9 item 8).
+    /// From our own LAN only (a subnet of ours, not our own address), of our cell, speaking
+    /// for the address it came from, and within the per-source and total rates.
+    fn beacon_admitted(&mut self, bytes: &[u8], from: SocketAddr) -> bool {
+        let ip = from.ip();
+        let on_lan = self
+            .reach
+            .net()
+            .addrs
+            .iter()
+            .any(|a| !a.ip.is_loopback() && a.contains(ip) && a.ip != ip);
+        if !on_lan {
+            return false;
+        }
+        match peek_beacon(bytes) {
+            Some((cell, lan)) if cell == self.cfg.cell && lan.ip() == ip => {}
+            _ => return false,
+        }
+        let now = Instant::now();
+        if now.saturating_duration_since(self.beacon_window.0) >= Duration::from_secs(1) {
+            self.beacon_window = (now, 0);
+        }
+        if self.beacon_window.1 >= MAX_BEACON_VERIFIES_PER_SEC {
+            return false;
+        }
+        if let Some(last) = self.beacon_sources.get(&ip) {
+            if now.saturating_duration_since(*last) < BEACON_MIN_GAP {
+                return false;
+            }
+        } else if self.beacon_sources.len() >= MAX_BEACON_SOURCES {
+            let ttl = Duration::from_millis(self.cfg.rules.beacon_ttl_ms);
+            self.beacon_sources
+                .retain(|_, at| now.saturating_duration_since(*at) < ttl);
+            if self.beacon_sources.len() >= MAX_BEACON_SOURCES {
+                return false;
+            }
+        }
+        self.beacon_sources.insert(ip, now);
+        self.beacon_window.1 += 1;
+        true
+    }
+
     fn on_beacon(&mut self, bytes: &[u8], from: SocketAddr) {
+        if !self.beacon_admitted(bytes, from) {
+            self.ctx.beacons_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let now = now_ms();
         let env = {
             let mut replay = self.ctx.replay.lock().unwrap_or_else(|e| e.into_inner());

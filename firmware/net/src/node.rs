@@ -126,6 +126,8 @@ pub struct Metrics {
     pub relay_splices: u64,
     pub relay_failed: u64,
     pub relay_bytes: u64,
+    /// Relay requests refused by the per-IP rate or the waiting bounds (issue 9 item 8).
+    pub relay_limited: u64,
 }
 
 /// The state the monitor shows.
@@ -346,6 +348,15 @@ async fn accept_loop(
                 }
             }
             Ok(Incoming::RelayConnect { tcp, target, from }) => {
+                // Rate and waiting bounds per source IP before anything costs a signature
+                // or a dial (issue 9 item 8).
+                let admission = match hub.admit(from.ip(), Instant::now()) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::debug!("relay request from {from} refused: {e}");
+                        continue;
+                    }
+                };
                 let (tx, hub) = (tx.clone(), hub.clone());
                 tokio::spawn(async move {
                     let (reply, rx) = oneshot::channel();
@@ -360,7 +371,7 @@ async fn accept_loop(
                         tracing::debug!("relay request from {from} for {} refused", target.short());
                         return;
                     };
-                    if let Err(e) = hub.splice(token, tcp).await {
+                    if let Err(e) = hub.splice(token, tcp, Some(admission)).await {
                         tracing::debug!("relay {from} -> {}: {e}", target.short());
                     }
                 });
@@ -907,6 +918,20 @@ impl Actor {
                 }
             }
             obj.insert("relaying_for".into(), json!(self.relayed_for.len()));
+            if let Some(n) = self.nat.as_ref() {
+                let dropped = n
+                    .probe_ctx
+                    .beacons_dropped
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                obj.insert("beacons_dropped".into(), json!(dropped));
+            }
+            obj.insert(
+                "relay_limited".into(),
+                json!(self
+                    .relay_hub
+                    .limited_total
+                    .load(std::sync::atomic::Ordering::Relaxed)),
+            );
             obj.insert(
                 "relay_splices_active".into(),
                 json!(self
@@ -944,6 +969,7 @@ impl Actor {
         self.metrics.relay_splices = self.relay_hub.spliced_total.load(Relaxed);
         self.metrics.relay_failed = self.relay_hub.failed_total.load(Relaxed);
         self.metrics.relay_bytes = self.relay_hub.bytes_total.load(Relaxed);
+        self.metrics.relay_limited = self.relay_hub.limited_total.load(Relaxed);
         let snap = Snapshot {
             status,
             tree: self.tree.stats.clone(),
@@ -1063,7 +1089,12 @@ pub fn render_metrics(s: &Snapshot) -> String {
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
         ));
     }
-    let relay_counters: [(&str, &str, u64); 6] = [
+    let relay_counters: [(&str, &str, u64); 7] = [
+        (
+            "borg_relay_limited_total",
+            "Relay requests refused by the per-IP rate or the waiting bounds.",
+            m.relay_limited,
+        ),
         (
             "borg_relay_splices_total",
             "Connections spliced for relayed nodes.",

@@ -134,6 +134,29 @@ impl ReachMsg {
     }
 }
 
+/// The few beacon fields a receiver checks before paying for a signature check.
+#[derive(Deserialize)]
+struct PeekEnvelope {
+    kind: String,
+    body: PeekBeacon,
+}
+
+#[derive(Deserialize)]
+struct PeekBeacon {
+    cell: String,
+    lan: SocketAddr,
+}
+
+/// Cell name and LAN address of what claims to be a `nat.beacon` envelope, read without
+/// verifying anything (other fields are ignored here; [`crate::envelope::open`] and
+/// [`ReachMsg::from_kind_body`] check them after). Lets a receiver drop a beacon of another
+/// cell, or one that speaks for another address than it came from, for the cost of a JSON
+/// parse instead of an ECDSA verification (issue 9 item 8).
+pub fn peek_beacon(bytes: &[u8]) -> Option<(String, SocketAddr)> {
+    let e: PeekEnvelope = serde_json::from_slice(bytes).ok()?;
+    (e.kind == "nat.beacon").then_some((e.body.cell, e.body.lan))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,7 +252,37 @@ mod tests {
         assert!(ReachMsg::from_kind_body("nat.seen", &body).is_err());
     }
 
+    #[test]
+    fn peek_beacon_reads_a_sealed_beacon_and_nothing_else() {
+        let a: SocketAddr = "192.168.60.10:13300"
+            .parse()
+            .unwrap_or_else(|_| unreachable!());
+        let key = SecretKey::generate();
+        let beacon = ReachMsg::Beacon {
+            cell: "peerTreeNet".into(),
+            lan: a,
+            router: None,
+            role: Role::Local,
+            external: None,
+            map: BeaconMap::None,
+        };
+        let (kind, body) = beacon.to_kind_body();
+        let bytes = crate::envelope::seal(&key, &kind, None, 1, body).to_bytes();
+        assert_eq!(peek_beacon(&bytes), Some(("peerTreeNet".to_string(), a)));
+        let (kind, body) = ReachMsg::RelayRegister {}.to_kind_body();
+        let other = crate::envelope::seal(&key, &kind, None, 1, body).to_bytes();
+        assert_eq!(peek_beacon(&other), None);
+        assert_eq!(peek_beacon(b"BORG-RELAY x"), None);
+    }
+
     proptest! {
+        #[test]
+        fn peek_beacon_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..300), cell in "[a-zA-Z]{0,12}", port in any::<u16>()) {
+            let _ = peek_beacon(&bytes);
+            let text = format!(r#"{{"kind":"nat.beacon","body":{{"cell":"{cell}","lan":"10.0.0.1:{port}"}}}}"#);
+            prop_assert_eq!(peek_beacon(text.as_bytes()).map(|(c, a)| (c, a.port())), Some((cell, port)));
+        }
+
         /// Whatever list of witnesses a `nat.seen` carries, decoding never panics and never
         /// yields more than the bound; what decodes re-encodes to the same message.
         #[test]

@@ -1,0 +1,180 @@
+//! Relay abuse against real `borg node` processes (issue 9 item 8), in network namespaces
+//! (a relay needs a public node, and a relayed node behind a real NAT):
+//!
+//! ```text
+//!   P1 203.0.113.10 (relay) ─┐
+//!   N  203.0.113.12 ─────────┼─ internet ── router 203.0.113.1 ── L1 192.168.61.10 (relayed)
+//!   A  203.0.113.66 ─────────┘  (attacker, a fresh outsider with no key in the tree)
+//! ```
+//!
+//! `--max-children 1`, so the tree is a chain P1 - L1 - N and the newcomer N reaches its parent
+//! L1 only through the relay P1. The attacker opens [`FLOOD`] plain TCP connections to P1 and
+//! sends `BORG-RELAY <L1's key>` on each, holding them open: before the fix, each cost P1 a
+//! signature and L1 a dial back and became a splice held for as long as the attacker liked.
+//! Now P1 admits a few per source IP; the rest are dropped before any cost. During the flood
+//! N joins through the relay, the chain is whole, a broadcast reaches all three and P1's
+//! resident memory stays under [`RSS_BOUND_KB`].
+//!
+//! Set `BORG_NETNS_TESTS=0` to skip (needs root, iproute2, iptables; `ci/setup.sh`).
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::time::Duration;
+
+use borg_tests::natnet::NsNodes;
+use borg_tests::netns::{self, InNs, Topology};
+use borg_tests::wait_for;
+
+const HB_MS: u64 = 500;
+const K: u64 = 1;
+/// Relay requests the attacker sends, each on its own connection, all held open.
+const FLOOD: usize = 200;
+/// Splices P1 may hold for the attacker: its per-IP burst (8) at most, whatever the flood.
+const MAX_ATTACKER_SPLICES: u64 = 8;
+/// P1's resident memory during the flood: a node idles at ~20-30 MB (debug build); 200 held
+/// sockets must not add much.
+const RSS_BOUND_KB: u64 = 150 * 1024;
+const ROLE_WITHIN: Duration = Duration::from_secs(45);
+const TREE_WITHIN: Duration = Duration::from_secs(60);
+const DELIVER_WITHIN: Duration = Duration::from_secs(15);
+const ATTACKER_ENV: &str = "BORG_TEST_RELAY_FLOOD";
+
+/// The attacker (runs inside A's namespace): `target_addr key` in the environment.
+#[test]
+fn relay_flood_role() {
+    let Some(role) = netns::role() else { return };
+    assert_eq!(role, "relay-flood");
+    let spec = std::env::var(ATTACKER_ENV).unwrap();
+    let (addr, key) = spec.split_once(' ').unwrap();
+    let addr: SocketAddr = addr.parse().unwrap();
+    let mut held = Vec::new();
+    let mut sent = 0;
+    for _ in 0..FLOOD {
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+            continue;
+        };
+        if s.write_all(format!("BORG-RELAY {key}\n").as_bytes())
+            .is_ok()
+        {
+            sent += 1;
+        }
+        held.push(s);
+    }
+    netns::role_say(&format!("flooded {sent}"));
+    // Hold everything open until the test is done with us (stdin closes).
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    drop(held);
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_relay_request_flood_costs_the_flooder_and_the_relay_still_works() {
+    if !netns::enabled() || netns::role().is_some() {
+        return;
+    }
+    let mut topo = Topology::new("advrelay");
+    topo.internet(Ipv4Addr::new(203, 0, 113, 0));
+    let p1 = topo.public_host("p1", Ipv4Addr::new(203, 0, 113, 10));
+    let n = topo.public_host("n", Ipv4Addr::new(203, 0, 113, 12));
+    let a = topo.public_host("a", Ipv4Addr::new(203, 0, 113, 66));
+    let lan = topo.home_lan(
+        "r",
+        Ipv4Addr::new(203, 0, 113, 1),
+        Ipv4Addr::new(192, 168, 61, 0),
+        false,
+    );
+    let l1 = topo.lan_host(&lan, "l1", 10);
+    let mut nodes = NsNodes::new("advrelay", HB_MS, K);
+    borg_tests::borg_bin();
+    nodes.spawn("p1", &p1, &[]);
+    wait_for(Duration::from_secs(20), Duration::from_millis(50), || {
+        nodes.status("p1")
+    })
+    .expect("p1 never answered");
+    nodes.spawn("l1", &l1, &[p1.ip.to_string()]);
+    // L1 relayed by P1 (tentatively: P1 is its only witness) and registered there.
+    let want = |n: &str| if n == "p1" { "public" } else { "relayed" };
+    nodes
+        .wait_roles(ROLE_WITHIN, want)
+        .unwrap_or_else(|roles| panic!("roles: {roles:?}"));
+    wait_for(ROLE_WITHIN, Duration::from_millis(200), || {
+        (nodes.status("p1")?["relaying_for"].as_u64()? == 1).then_some(())
+    })
+    .expect("L1 never registered with P1");
+    nodes
+        .wait_tree(TREE_WITHIN)
+        .unwrap_or_else(|e| panic!("no tree of two: {e}"));
+    let l1_key = nodes.status("l1").unwrap()["public_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // The flood, from a fresh outsider.
+    let mut attacker = InNs::start(
+        &a,
+        "relay_flood_role",
+        "relay-flood",
+        &[(ATTACKER_ENV, format!("{}:13300 {l1_key}", p1.ip))],
+    );
+    let line = attacker.expect("flooded", Duration::from_secs(60));
+    let sent: usize = line["flooded ".len()..].parse().unwrap();
+    assert!(
+        sent >= FLOOD / 2,
+        "the attacker got few requests out: {line}"
+    );
+    // P1 refused most of them before they cost anything.
+    let limited = wait_for(Duration::from_secs(20), Duration::from_millis(200), || {
+        let l = nodes.status("p1")?["relay_limited"].as_u64()?;
+        (l as usize + MAX_ATTACKER_SPLICES as usize >= sent).then_some(l)
+    });
+    let p1_status = nodes.status("p1").unwrap();
+    assert!(
+        limited.is_some(),
+        "P1 refused only {} of {sent} relay requests",
+        p1_status["relay_limited"]
+    );
+    let splices = p1_status["relay_splices_active"].as_u64().unwrap();
+    assert!(
+        splices <= MAX_ATTACKER_SPLICES,
+        "P1 holds {splices} splices for one attacker"
+    );
+
+    // While the attacker holds its connections: a newcomer reaches L1 through the relay.
+    nodes.spawn("n", &n, &[p1.ip.to_string()]);
+    let took = nodes
+        .wait_tree(TREE_WITHIN)
+        .unwrap_or_else(|e| panic!("no chain of three during the flood: {e}"));
+    let (size, depth) = nodes.check_tree().unwrap();
+    assert_eq!((size, depth), (3, 2));
+    let n_status = nodes.status("n").unwrap();
+    assert_eq!(n_status["parent"]["key"], l1_key.as_str());
+    println!(
+        "flood of {sent} relay requests: {} refused, {splices} splices held; newcomer joined \
+         through the relay in {:.1} s",
+        p1_status["relay_limited"],
+        took.as_secs_f64()
+    );
+    nodes.broadcast("n", "through-the-relay-under-flood");
+    nodes
+        .wait_delivered("through-the-relay-under-flood", DELIVER_WITHIN)
+        .unwrap_or_else(|missing| panic!("not delivered at {missing:?}"));
+    let rss = rss_kb(nodes.nodes["p1"].child.id());
+    println!("P1 RSS during the flood: {} KiB", rss);
+    assert!(rss > 0 && rss < RSS_BOUND_KB, "P1 RSS {rss} KiB");
+    assert!(
+        attacker.finish(Duration::from_secs(10)),
+        "attacker role failed"
+    );
+    drop(nodes);
+    drop(topo);
+}
