@@ -7,7 +7,7 @@
 //! held across an await; the status snapshot is published through a `watch` channel.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -75,6 +75,8 @@ pub(crate) enum Inbound {
         writer: mpsc::Sender<Vec<u8>>,
         /// Set for a first-contact dial to an address.
         dialed_addr: Option<String>,
+        /// Where the link's connection comes from (per-IP bounds).
+        remote_ip: IpAddr,
     },
     Frame {
         key: PublicKey,
@@ -180,6 +182,7 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 struct Link {
     id: u64,
     writer: mpsc::Sender<Vec<u8>>,
+    remote_ip: IpAddr,
 }
 
 struct Actor {
@@ -226,6 +229,10 @@ const RELAY_REGISTRATION_MS: u64 = 30_000;
 const RELAY_RENEW_MS: u64 = 10_000;
 /// Nodes one relay serves at most.
 const MAX_RELAYED: usize = 256;
+/// Nodes one relay serves from one source IP: a home LAN's relayed nodes all come from its
+/// router's address, and 16 is more nodes than a home LAN has; keys are free, so without
+/// this one host could take all [`MAX_RELAYED`] places.
+const MAX_RELAYED_PER_IP: usize = 16;
 
 /// Start the node: bind the tree listener, spawn the actor, return handles. The receptor and
 /// monitor servers are started by [`crate::serve`].
@@ -401,6 +408,7 @@ fn spawn_link(
     tx: mpsc::Sender<Inbound>,
 ) {
     let id = LINK_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let remote_ip = conn.remote_addr().ip();
     let (mut reader, writer) = conn.into_split();
     let (wtx, wrx) = mpsc::channel::<Vec<u8>>(OUTBOUND_QUEUE);
     tokio::spawn(write_loop(writer, wrx));
@@ -412,6 +420,7 @@ fn spawn_link(
                 id,
                 writer: wtx,
                 dialed_addr,
+                remote_ip,
             })
             .await
             .is_err()
@@ -497,8 +506,16 @@ impl Actor {
                 id,
                 writer,
                 dialed_addr,
+                remote_ip,
             } => {
-                self.links.insert(key, Link { id, writer });
+                self.links.insert(
+                    key,
+                    Link {
+                        id,
+                        writer,
+                        remote_ip,
+                    },
+                );
                 if let Some(addr) = dialed_addr {
                     self.dialing.remove(&addr);
                     if let Some(q) = self.pending_addr.remove(&addr) {
@@ -517,6 +534,8 @@ impl Actor {
             Inbound::Closed { key, id } => {
                 if self.links.get(&key).is_some_and(|l| l.id == id) {
                     self.links.remove(&key);
+                    // A registration is only good with its link (open_relay needs it).
+                    self.relayed_for.remove(&key);
                     self.tree.link_down(now_ms(), &key);
                 }
             }
@@ -637,11 +656,20 @@ impl Actor {
         let my_role = self.nat_status.as_ref().map(|s| s.decision.role);
         match msg {
             ReachMsg::RelayRegister {} => {
-                // Only a node others can reach relays, and only for so many.
+                // Only a node others can reach relays, and only for so many, and only so
+                // many from one IP (fresh keys are free: issue 9 item 8).
                 let can = matches!(my_role, Some(Role::Public | Role::Gateway));
+                let known = self.relayed_for.contains_key(&from);
+                let ip = self.links.get(&from).map(|l| l.remote_ip);
+                let from_ip = self
+                    .relayed_for
+                    .keys()
+                    .filter(|k| ip.is_some() && self.links.get(k).map(|l| l.remote_ip) == ip)
+                    .count();
                 if !can
-                    || (self.relayed_for.len() >= MAX_RELAYED
-                        && !self.relayed_for.contains_key(&from))
+                    || ip.is_none()
+                    || (!known
+                        && (self.relayed_for.len() >= MAX_RELAYED || from_ip >= MAX_RELAYED_PER_IP))
                 {
                     self.metrics.relay_refused += 1;
                     return;
