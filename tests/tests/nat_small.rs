@@ -202,7 +202,7 @@ fn two_public_nodes_and_a_plain_nat_give_public_public_relayed_relayed() {
         started.elapsed().as_secs_f64()
     );
     nodes
-        .wait_roles(Duration::from_secs(1), want)
+        .wait_roles(Duration::from_secs(10), want)
         .unwrap_or_else(|roles| panic!("roles changed on confirmation: {roles:?}"));
     let relays = [key_addr(&nodes, "p1"), key_addr(&nodes, "p2")];
     assert_eq!(relays[0].1, "203.0.113.10:13300");
