@@ -1,11 +1,13 @@
-//! Fuzz the reachability message decoder (probes, beacons, relay orders): arbitrary JSON bodies under every known kind (and unknown
+//! Fuzz the reachability message decoder (probes, beacons, relay orders) and the beacon pre-check: arbitrary JSON bodies under every known kind (and unknown
 //! ones) must decode or fail cleanly, and what decodes must re-encode to the same message.
 #![no_main]
 
-use borg_proto::reach::msg::{ReachMsg, KINDS};
+use borg_proto::reach::msg::{peek_beacon, ReachMsg, KINDS};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    // The beacon pre-check reads raw datagrams from the LAN: never panics, whatever they are.
+    let _ = peek_beacon(data);
     let Some((&selector, rest)) = data.split_first() else {
         return;
     };

@@ -84,7 +84,7 @@ async fn serve_relay(mut listener: Listener, tokens: mpsc::Sender<String>) {
                 }
                 let hub = hub.clone();
                 tokio::spawn(async move {
-                    let _ = hub.splice(token, tcp).await;
+                    let _ = hub.splice(token, tcp, None).await;
                 });
             }
             Incoming::RelayAccept { tcp, token, .. } => {

@@ -13,14 +13,15 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use borg_proto::envelope::{self, ReplayCache};
 use borg_proto::identity::{PublicKey, SecretKey};
-use borg_proto::reach::msg::{BeaconMap, ReachMsg};
+use borg_proto::reach::msg::{peek_beacon, BeaconMap, ReachMsg, Referral, MAX_REFERRALS};
 use borg_proto::reach::{
-    Decision, Evidence, LanPeer, LocalNet, MapState, PeerAddr, Reach, ReachConfig, Role,
+    is_private, Decision, Evidence, LanPeer, LocalNet, MapState, PeerAddr, Reach, ReachConfig, Role,
 };
 use serde_json::{json, Value};
 use tokio::net::UdpSocket;
@@ -94,6 +95,7 @@ impl NatStatus {
                 relay: None,
                 want_mapping: false,
                 reason: "starting".into(),
+                tentative: false,
             },
             map: MapState::Idle,
             map_protocol: None,
@@ -129,6 +131,7 @@ impl NatStatus {
             "external_ip": d.external_ip.map(|ip| ip.to_string()),
             "nat_type": d.nat.as_str(),
             "nat_reason": d.reason,
+            "nat_tentative": d.tentative,
             "advertised_addr": d.advertise.to_string(),
             "router": self.net.router.map(|r| r.to_string()),
             "relay": d.relay.map(|r| json!({"key": r.key.to_b64(), "addr": r.public.to_string(), "dial": r.dial.to_string()})),
@@ -165,6 +168,11 @@ pub(crate) enum NatEvent {
         addr: SocketAddr,
         token: String,
     },
+    /// An observer named other nodes it reached directly: more witnesses to ask.
+    Referred {
+        by: PublicKey,
+        peers: Vec<Referral>,
+    },
     ProbeRoundDone {
         sent: u64,
         answered: u64,
@@ -196,9 +204,42 @@ pub(crate) struct ProbeCtx {
     status: watch::Receiver<Arc<NatStatus>>,
     replay: Mutex<ReplayCache>,
     events: mpsc::Sender<NatEvent>,
+    /// The tree's neighbours and contacts (the probe candidates): referred to probers.
+    candidates: watch::Receiver<Vec<(Option<PublicKey>, String)>>,
+    /// Recent probers that came from the address they advertise (so are directly
+    /// reachable there): referred to other probers. At most [`MAX_KNOWN_PROBERS`].
+    probers: Mutex<Vec<(Referral, Instant)>>,
+    /// Datagrams on the beacon port dropped before a signature check (not in [`NatStatus`],
+    /// so that a flood of them does not wake the node actor).
+    pub(crate) beacons_dropped: AtomicU64,
 }
 
+/// Beacon sources whose rate is tracked: a /24 LAN has at most 254 hosts.
+const MAX_BEACON_SOURCES: usize = 256;
+/// A source's beacons are verified at most this often: nodes beacon once a second (each cell
+/// on its own port), so a faster sender is flooding.
+const BEACON_MIN_GAP: Duration = Duration::from_millis(500);
+/// Beacon signature checks per second in total (against spoofed source addresses): two per
+/// second from each of 32 LAN nodes; an ECDSA verification costs about 0.1-0.5 ms on a Pi.
+const MAX_BEACON_VERIFIES_PER_SEC: u32 = 64;
+
+/// Direct probers an observer remembers for referral. A small network has a handful; a big
+/// one has witnesses enough without referrals, so the oldest simply make room.
+const MAX_KNOWN_PROBERS: usize = 16;
+/// How long a prober stays worth referring: decided nodes probe every 30 s, so two missed
+/// rounds mean it is gone or no longer direct.
+const PROBER_TTL: Duration = Duration::from_secs(90);
+/// Referred witnesses a prober keeps asking at most (all observers' referrals together):
+/// bounds what observers can make it dial, and is twice the second witness it needs.
+const MAX_REFERRED: usize = 8;
+/// How long a referred witness is kept without being referred again.
+const REFERRED_TTL: Duration = Duration::from_secs(10 * 60);
+
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A tentative role (one witness) probes every `probe_every` times this (10 s by default):
+/// five times as often as a decided node, so a second witness confirms it soon after it
+/// appears, yet a small network's lone public node is probed once per 10 s per node.
+const TENTATIVE_PROBE_FACTOR: u32 = 5;
 const MAX_PROBES_PER_ROUND: usize = 6;
 const NET_RECHECK: Duration = Duration::from_secs(3);
 
@@ -218,6 +259,9 @@ pub fn spawn(
         status: status_rx.clone(),
         replay: Mutex::new(ReplayCache::default()),
         events: events_tx.clone(),
+        candidates: candidates.clone(),
+        probers: Mutex::new(Vec::new()),
+        beacons_dropped: AtomicU64::new(0),
     });
     let net = crate::localnet::read();
     let now = now_ms();
@@ -236,6 +280,9 @@ pub fn spawn(
         probing: false,
         next_probe: Instant::now(),
         tokens: HashMap::new(),
+        referred: Vec::new(),
+        beacon_sources: HashMap::new(),
+        beacon_window: (Instant::now(), 0),
         last: None,
         probes_sent: 0,
         probes_answered: 0,
@@ -266,6 +313,13 @@ struct NatTask {
     next_probe: Instant,
     /// Dial-back tokens we handed out: token -> address under test.
     tokens: HashMap<String, (SocketAddr, Instant)>,
+    /// Witnesses observers referred us to (at most [`MAX_REFERRED`]), with when.
+    referred: Vec<(Referral, Instant)>,
+    /// Beacon sources by IP: when we last checked one's signature (at most
+    /// [`MAX_BEACON_SOURCES`]).
+    beacon_sources: HashMap<IpAddr, Instant>,
+    /// This second's signature checks of beacons: (start, count).
+    beacon_window: (Instant, u32),
     last: Option<Decision>,
     probes_sent: u64,
     probes_answered: u64,
@@ -319,6 +373,7 @@ impl NatTask {
                             tracing::info!(cell = %self.cfg.cell, "local network changed: {net:?}");
                             self.drop_mapping().await;
                             self.reach.set_net(net, now_ms());
+                            self.referred.clear();
                             self.next_probe = now;
                         }
                     }
@@ -355,6 +410,34 @@ impl NatTask {
                 if self.tokens.get(&token).is_some_and(|(a, _)| *a == addr) {
                     self.reach
                         .observe(now, observer, from_ip, Evidence::Reached { addr });
+                }
+            }
+            NatEvent::Referred { by, peers } => {
+                let me = self.key.public();
+                let net = self.reach.net().clone();
+                let mut fresh = false;
+                for r in peers {
+                    if r.key == me
+                        || r.key == by
+                        || is_private(r.addr.ip())
+                        || net.is_on_private_lan(r.addr.ip())
+                        || r.addr.ip().is_unspecified()
+                    {
+                        continue;
+                    }
+                    if let Some(e) = self.referred.iter_mut().find(|(e, _)| e.key == r.key) {
+                        *e = (r, Instant::now());
+                        continue;
+                    }
+                    if self.referred.len() >= MAX_REFERRED {
+                        continue;
+                    }
+                    self.referred.push((r, Instant::now()));
+                    fresh = true;
+                }
+                // Ask a new witness now rather than in 30 s: a small network is waiting on it.
+                if fresh && !self.probing {
+                    self.next_probe = Instant::now();
                 }
             }
             NatEvent::ProbeRoundDone { sent, answered } => {
@@ -402,7 +485,53 @@ impl NatTask {
         }
     }
 
+    /// Whether a datagram deserves a signature check: cheap checks first (issue 9 item 8).
+    /// From our own LAN only (a subnet of ours, not our own address), of our cell, speaking
+    /// for the address it came from, and within the per-source and total rates.
+    fn beacon_admitted(&mut self, bytes: &[u8], from: SocketAddr) -> bool {
+        let ip = from.ip();
+        let on_lan = self
+            .reach
+            .net()
+            .addrs
+            .iter()
+            .any(|a| !a.ip.is_loopback() && a.contains(ip) && a.ip != ip);
+        if !on_lan {
+            return false;
+        }
+        match peek_beacon(bytes) {
+            Some((cell, lan)) if cell == self.cfg.cell && lan.ip() == ip => {}
+            _ => return false,
+        }
+        let now = Instant::now();
+        if now.saturating_duration_since(self.beacon_window.0) >= Duration::from_secs(1) {
+            self.beacon_window = (now, 0);
+        }
+        if self.beacon_window.1 >= MAX_BEACON_VERIFIES_PER_SEC {
+            return false;
+        }
+        if let Some(last) = self.beacon_sources.get(&ip) {
+            if now.saturating_duration_since(*last) < BEACON_MIN_GAP {
+                return false;
+            }
+        } else if self.beacon_sources.len() >= MAX_BEACON_SOURCES {
+            let ttl = Duration::from_millis(self.cfg.rules.beacon_ttl_ms);
+            self.beacon_sources
+                .retain(|_, at| now.saturating_duration_since(*at) < ttl);
+            if self.beacon_sources.len() >= MAX_BEACON_SOURCES {
+                return false;
+            }
+        }
+        self.beacon_sources.insert(ip, now);
+        self.beacon_window.1 += 1;
+        true
+    }
+
     fn on_beacon(&mut self, bytes: &[u8], from: SocketAddr) {
+        if !self.beacon_admitted(bytes, from) {
+            self.ctx.beacons_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let now = now_ms();
         let env = {
             let mut replay = self.ctx.replay.lock().unwrap_or_else(|e| e.into_inner());
@@ -505,6 +634,7 @@ impl NatTask {
         self.reach.expire(now);
         self.tokens
             .retain(|_, (_, at)| at.elapsed() < Duration::from_secs(60));
+        self.referred.retain(|(_, at)| at.elapsed() < REFERRED_TTL);
         let d = self.reach.decide(now, self.cfg.fallback);
 
         // Mapping.
@@ -553,6 +683,9 @@ impl NatTask {
                 || self.mapping.is_some() && !self.reach.mapping_verified()
             {
                 self.cfg.probe_every
+            } else if d.tentative {
+                // One witness so far: look for the second more often than a decided node.
+                self.cfg.probe_every * TENTATIVE_PROBE_FACTOR
             } else {
                 self.cfg.probe_every * 15
             };
@@ -594,17 +727,32 @@ impl NatTask {
         let net = self.reach.net().clone();
         let me = self.key.public();
         let mut targets: Vec<(Option<PublicKey>, SocketAddr)> = Vec::new();
-        for (key, addr) in self.candidates.borrow().iter() {
+        // Contacts and tree neighbours first, then the witnesses observers referred us to.
+        let mut all: Vec<(Option<PublicKey>, PeerAddr)> = self
+            .candidates
+            .borrow()
+            .iter()
+            .filter_map(|(k, a)| Some((*k, a.parse::<PeerAddr>().ok()?)))
+            .collect();
+        all.extend(
+            self.referred
+                .iter()
+                .map(|(r, _)| (Some(r.key), PeerAddr::Direct(r.addr))),
+        );
+        for (key, addr) in all.iter() {
             if key.is_some_and(|k| k == me) {
                 continue;
             }
-            let Ok(PeerAddr::Direct(sock)) = addr.parse::<PeerAddr>() else {
+            let PeerAddr::Direct(sock) = *addr else {
                 continue;
             };
             if net.is_on_private_lan(sock.ip()) || sock.ip().is_unspecified() {
                 continue;
             }
-            if targets.iter().any(|(_, a)| *a == sock) {
+            if targets
+                .iter()
+                .any(|(k, a)| *a == sock || key.is_some() && k == key)
+            {
                 continue;
             }
             targets.push((*key, sock));
@@ -700,11 +848,9 @@ impl NatTask {
             if self.decided_after_ms.is_none() {
                 self.decided_after_ms = Some(self.started.elapsed().as_millis() as u64);
                 tracing::info!(cell = %self.cfg.cell, "NAT role {} after {} ms: {}", d.role, self.decided_after_ms.unwrap_or(0), d.reason);
-            } else if self
-                .last
-                .as_ref()
-                .is_some_and(|l| l.role != d.role || l.advertise != d.advertise)
-            {
+            } else if self.last.as_ref().is_some_and(|l| {
+                l.role != d.role || l.advertise != d.advertise || l.tentative != d.tentative
+            }) {
                 tracing::info!(cell = %self.cfg.cell, "NAT role {} at {}: {}", d.role, d.advertise, d.reason);
             }
             self.last = Some(d.clone());
@@ -786,8 +932,12 @@ fn seal(key: &SecretKey, msg: &ReachMsg, addr: &str) -> Vec<u8> {
     envelope::seal(key, &kind, Some(addr), now_ms(), body).to_bytes()
 }
 
-/// Open a verified reachability message from `conn`'s peer.
-fn open_from(ctx: &ProbeCtx, conn_key: PublicKey, bytes: &[u8]) -> Result<ReachMsg, ProbeError> {
+/// Open a verified reachability message from `conn`'s peer, with the address it advertises.
+fn open_from(
+    ctx: &ProbeCtx,
+    conn_key: PublicKey,
+    bytes: &[u8],
+) -> Result<(ReachMsg, Option<String>), ProbeError> {
     let env = {
         let mut replay = ctx.replay.lock().unwrap_or_else(|e| e.into_inner());
         envelope::open(bytes, now_ms(), &mut replay)
@@ -799,7 +949,9 @@ fn open_from(ctx: &ProbeCtx, conn_key: PublicKey, bytes: &[u8]) -> Result<ReachM
             "signed by another key than the TLS peer".into(),
         ));
     }
-    ReachMsg::from_kind_body(&env.kind, &env.body).map_err(|e| ProbeError::Rejected(e.to_string()))
+    let msg = ReachMsg::from_kind_body(&env.kind, &env.body)
+        .map_err(|e| ProbeError::Rejected(e.to_string()))?;
+    Ok((msg, env.addr))
 }
 
 async fn recv_within(conn: &mut PeerConn, t: Duration) -> Result<Vec<u8>, ProbeError> {
@@ -841,11 +993,15 @@ async fn probe_one(
     };
     conn.send(&seal(&ctx.key, &probe, &my_addr)).await?;
     let bytes = recv_within(&mut conn, PROBE_TIMEOUT).await?;
-    let ReachMsg::Seen {
-        seen,
-        role,
-        addr: their,
-    } = open_from(ctx, observer, &bytes)?
+    let (
+        ReachMsg::Seen {
+            seen,
+            role,
+            addr: their,
+            peers,
+        },
+        _,
+    ) = open_from(ctx, observer, &bytes)?
     else {
         return Err(ProbeError::Rejected("expected nat.seen".into()));
     };
@@ -860,6 +1016,15 @@ async fn probe_one(
             },
         })
         .await;
+    if !peers.is_empty() {
+        let _ = ctx
+            .events
+            .send(NatEvent::Referred {
+                by: observer,
+                peers,
+            })
+            .await;
+    }
     // A relay candidate must be reachable where it says it is: where we just reached it.
     if their == PeerAddr::Direct(addr) {
         let _ = ctx
@@ -889,7 +1054,8 @@ async fn answer_probe_inner(ctx: &ProbeCtx, conn: &mut PeerConn) -> Result<(), P
     let prober = conn.peer_key();
     let remote = conn.remote_addr();
     let bytes = recv_within(conn, PROBE_TIMEOUT).await?;
-    match open_from(ctx, prober, &bytes)? {
+    let (msg, prober_addr) = open_from(ctx, prober, &bytes)?;
+    match msg {
         ReachMsg::Probe {
             reached,
             dialback,
@@ -907,10 +1073,13 @@ async fn answer_probe_inner(ctx: &ProbeCtx, conn: &mut PeerConn) -> Result<(), P
                 let st = ctx.status.borrow();
                 (st.decision.role, st.decision.advertise)
             };
+            let peers = ctx.referrals(prober, remote.ip());
+            ctx.remember_prober(prober, remote, prober_addr.as_deref());
             let seen = ReachMsg::Seen {
                 seen: remote,
                 role,
                 addr,
+                peers,
             };
             conn.send(&seal(&ctx.key, &seen, &addr.to_string())).await?;
             // Dial back only to the IP the probe came from: nobody can aim us at a third party.
@@ -928,6 +1097,7 @@ async fn answer_probe_inner(ctx: &ProbeCtx, conn: &mut PeerConn) -> Result<(), P
             Ok(())
         }
         ReachMsg::Reached { addr, token } => {
+            let _ = prober_addr;
             let _ = ctx
                 .events
                 .send(NatEvent::DialedBack {
@@ -940,6 +1110,68 @@ async fn answer_probe_inner(ctx: &ProbeCtx, conn: &mut PeerConn) -> Result<(), P
             Ok(())
         }
         _ => Err(ProbeError::Rejected("not a probe".into())),
+    }
+}
+
+impl ProbeCtx {
+    /// Other nodes a prober at `prober_ip` could ask: tree neighbours, contacts and recent
+    /// probers we know at a direct, non-private address; never the prober itself, nor anyone
+    /// at its IP (they are no independent witness for it), at most [`MAX_REFERRALS`].
+    fn referrals(&self, prober: PublicKey, prober_ip: IpAddr) -> Vec<Referral> {
+        let me = self.key.public();
+        let mut out: Vec<Referral> = Vec::new();
+        let neighbours: Vec<Referral> = self
+            .candidates
+            .borrow()
+            .iter()
+            .filter_map(|(k, a)| match (k, a.parse::<PeerAddr>()) {
+                (Some(key), Ok(PeerAddr::Direct(addr))) => Some(Referral { key: *key, addr }),
+                _ => None,
+            })
+            .collect();
+        let probers: Vec<Referral> = {
+            let known = self.probers.lock().unwrap_or_else(|e| e.into_inner());
+            known
+                .iter()
+                .rev()
+                .filter(|(_, at)| at.elapsed() < PROBER_TTL)
+                .map(|(r, _)| *r)
+                .collect()
+        };
+        for r in neighbours.into_iter().chain(probers) {
+            if out.len() >= MAX_REFERRALS {
+                break;
+            }
+            let ip = r.addr.ip();
+            if r.key == me
+                || r.key == prober
+                || ip == prober_ip
+                || is_private(ip)
+                || ip.is_unspecified()
+                || out.iter().any(|o| o.key == r.key || o.addr == r.addr)
+            {
+                continue;
+            }
+            out.push(r);
+        }
+        out
+    }
+
+    /// Remember a prober that came from the very address it advertises (so it takes
+    /// connections there), for referral to later probers.
+    fn remember_prober(&self, key: PublicKey, remote: SocketAddr, advertised: Option<&str>) {
+        let Some(Ok(PeerAddr::Direct(addr))) = advertised.map(str::parse::<PeerAddr>) else {
+            return;
+        };
+        if addr.ip() != remote.ip() || is_private(addr.ip()) {
+            return;
+        }
+        let mut known = self.probers.lock().unwrap_or_else(|e| e.into_inner());
+        known.retain(|(r, at)| r.key != key && at.elapsed() < PROBER_TTL);
+        if known.len() >= MAX_KNOWN_PROBERS {
+            known.remove(0);
+        }
+        known.push((Referral { key, addr }, Instant::now()));
     }
 }
 

@@ -7,7 +7,7 @@
 //! held across an await; the status snapshot is published through a `watch` channel.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -75,6 +75,8 @@ pub(crate) enum Inbound {
         writer: mpsc::Sender<Vec<u8>>,
         /// Set for a first-contact dial to an address.
         dialed_addr: Option<String>,
+        /// Where the link's connection comes from (per-IP bounds).
+        remote_ip: IpAddr,
     },
     Frame {
         key: PublicKey,
@@ -126,6 +128,8 @@ pub struct Metrics {
     pub relay_splices: u64,
     pub relay_failed: u64,
     pub relay_bytes: u64,
+    /// Relay requests refused by the per-IP rate or the waiting bounds (issue 9 item 8).
+    pub relay_limited: u64,
 }
 
 /// The state the monitor shows.
@@ -204,6 +208,7 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 struct Link {
     id: u64,
     writer: mpsc::Sender<Vec<u8>>,
+    remote_ip: IpAddr,
 }
 
 struct Actor {
@@ -250,6 +255,10 @@ const RELAY_REGISTRATION_MS: u64 = 30_000;
 const RELAY_RENEW_MS: u64 = 10_000;
 /// Nodes one relay serves at most.
 const MAX_RELAYED: usize = 256;
+/// Nodes one relay serves from one source IP: a home LAN's relayed nodes all come from its
+/// router's address, and 16 is more nodes than a home LAN has; keys are free, so without
+/// this one host could take all [`MAX_RELAYED`] places.
+const MAX_RELAYED_PER_IP: usize = 16;
 
 /// Start the node: bind the tree listener, spawn the actor, return handles. The receptor and
 /// monitor servers are started by [`crate::serve`].
@@ -372,6 +381,15 @@ async fn accept_loop(
                 }
             }
             Ok(Incoming::RelayConnect { tcp, target, from }) => {
+                // Rate and waiting bounds per source IP before anything costs a signature
+                // or a dial (issue 9 item 8).
+                let admission = match hub.admit(from.ip(), Instant::now()) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::debug!("relay request from {from} refused: {e}");
+                        continue;
+                    }
+                };
                 let (tx, hub) = (tx.clone(), hub.clone());
                 tokio::spawn(async move {
                     let (reply, rx) = oneshot::channel();
@@ -386,7 +404,7 @@ async fn accept_loop(
                         tracing::debug!("relay request from {from} for {} refused", target.short());
                         return;
                     };
-                    if let Err(e) = hub.splice(token, tcp).await {
+                    if let Err(e) = hub.splice(token, tcp, Some(admission)).await {
                         tracing::debug!("relay {from} -> {}: {e}", target.short());
                     }
                 });
@@ -416,6 +434,7 @@ fn spawn_link(
     tx: mpsc::Sender<Inbound>,
 ) {
     let id = LINK_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let remote_ip = conn.remote_addr().ip();
     let (mut reader, writer) = conn.into_split();
     let (wtx, wrx) = mpsc::channel::<Vec<u8>>(OUTBOUND_QUEUE);
     tokio::spawn(write_loop(writer, wrx));
@@ -427,6 +446,7 @@ fn spawn_link(
                 id,
                 writer: wtx,
                 dialed_addr,
+                remote_ip,
             })
             .await
             .is_err()
@@ -512,8 +532,16 @@ impl Actor {
                 id,
                 writer,
                 dialed_addr,
+                remote_ip,
             } => {
-                self.links.insert(key, Link { id, writer });
+                self.links.insert(
+                    key,
+                    Link {
+                        id,
+                        writer,
+                        remote_ip,
+                    },
+                );
                 if let Some(addr) = dialed_addr {
                     self.tree.contact_answered(&addr, key);
                     self.dialing.remove(&addr);
@@ -533,6 +561,8 @@ impl Actor {
             Inbound::Closed { key, id } => {
                 if self.links.get(&key).is_some_and(|l| l.id == id) {
                     self.links.remove(&key);
+                    // A registration is only good with its link (open_relay needs it).
+                    self.relayed_for.remove(&key);
                     self.tree.link_down(now_ms(), &key);
                 }
             }
@@ -653,11 +683,20 @@ impl Actor {
         let my_role = self.nat_status.as_ref().map(|s| s.decision.role);
         match msg {
             ReachMsg::RelayRegister {} => {
-                // Only a node others can reach relays, and only for so many.
+                // Only a node others can reach relays, and only for so many, and only so
+                // many from one IP (fresh keys are free: issue 9 item 8).
                 let can = matches!(my_role, Some(Role::Public | Role::Gateway));
+                let known = self.relayed_for.contains_key(&from);
+                let ip = self.links.get(&from).map(|l| l.remote_ip);
+                let from_ip = self
+                    .relayed_for
+                    .keys()
+                    .filter(|k| ip.is_some() && self.links.get(k).map(|l| l.remote_ip) == ip)
+                    .count();
                 if !can
-                    || (self.relayed_for.len() >= MAX_RELAYED
-                        && !self.relayed_for.contains_key(&from))
+                    || ip.is_none()
+                    || (!known
+                        && (self.relayed_for.len() >= MAX_RELAYED || from_ip >= MAX_RELAYED_PER_IP))
                 {
                     self.metrics.relay_refused += 1;
                     return;
@@ -927,6 +966,20 @@ impl Actor {
                 }
             }
             obj.insert("relaying_for".into(), json!(self.relayed_for.len()));
+            if let Some(n) = self.nat.as_ref() {
+                let dropped = n
+                    .probe_ctx
+                    .beacons_dropped
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                obj.insert("beacons_dropped".into(), json!(dropped));
+            }
+            obj.insert(
+                "relay_limited".into(),
+                json!(self
+                    .relay_hub
+                    .limited_total
+                    .load(std::sync::atomic::Ordering::Relaxed)),
+            );
             obj.insert(
                 "relay_splices_active".into(),
                 json!(self
@@ -964,6 +1017,7 @@ impl Actor {
         self.metrics.relay_splices = self.relay_hub.spliced_total.load(Relaxed);
         self.metrics.relay_failed = self.relay_hub.failed_total.load(Relaxed);
         self.metrics.relay_bytes = self.relay_hub.bytes_total.load(Relaxed);
+        self.metrics.relay_limited = self.relay_hub.limited_total.load(Relaxed);
         let snap = Snapshot {
             status,
             tree: self.tree.stats.clone(),
@@ -1083,7 +1137,12 @@ pub fn render_metrics(s: &Snapshot) -> String {
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
         ));
     }
-    let relay_counters: [(&str, &str, u64); 6] = [
+    let relay_counters: [(&str, &str, u64); 7] = [
+        (
+            "borg_relay_limited_total",
+            "Relay requests refused by the per-IP rate or the waiting bounds.",
+            m.relay_limited,
+        ),
         (
             "borg_relay_splices_total",
             "Connections spliced for relayed nodes.",

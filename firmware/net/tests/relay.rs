@@ -58,7 +58,7 @@ async fn run_relay(
                         tokens.send(token.clone()).await.unwrap();
                         let hub = hub.clone();
                         tokio::spawn(async move {
-                            let _ = hub.splice(token, tcp).await;
+                            let _ = hub.splice(token, tcp, None).await;
                         });
                     }
                     Mode::Tap => {
@@ -236,7 +236,7 @@ async fn a_request_for_an_unregistered_node_gets_no_connection() {
     let (server_side, _) = l.accept().await.unwrap();
     let _c = client.await.unwrap();
     let started = std::time::Instant::now();
-    let r = hub.splice("nobody".into(), server_side).await;
+    let r = hub.splice("nobody".into(), server_side, None).await;
     assert!(r.is_err());
     assert!(started.elapsed() <= borg_net::relay::ANSWER_TIMEOUT + Duration::from_secs(1));
     assert!(!hub.answer("nobody", TcpStream::connect(addr).await.unwrap()));

@@ -20,6 +20,14 @@
 //!   `gateway` once an outside observer reached it through the mapping. The others are
 //!   `relayed` through it. If the router maps nothing, every node on the LAN is relayed by a
 //!   public peer chosen by rendezvous hashing (spreads the load, same answer every time).
+//! - A small network may never offer two independent witnesses (one public node and a LAN
+//!   behind one router is one witness for everybody). After [`ReachConfig::tentative_ms`]
+//!   with one witness only, the node decides on it *tentatively* ([`Decision::tentative`]):
+//!   `public` if that witness came in at our own, non-private address; otherwise its view of
+//!   our external IP stands until a second witness confirms or contradicts it. A tentative
+//!   conclusion never overrides a confirmed one, and it only ever replaces `local` (no path
+//!   from outside at all), so one lying witness can at worst leave us as unreachable as we
+//!   would be without it. docs/NAT.md ("Small networks") explains the trade-off.
 //! - With no outside evidence after the settle time, the node is `local`: it serves its LAN's
 //!   tree and advertises its LAN address.
 
@@ -325,7 +333,15 @@ pub struct ReachConfig {
     pub refused_retry_ms: u64,
     /// How long a fresh mapping may wait for an outside observer to reach it.
     pub verify_ms: u64,
+    /// With one independent witness only after this long, decide on its word tentatively.
+    pub tentative_ms: u64,
 }
+
+/// Default of [`ReachConfig::tentative_ms`]: two probe rounds (undecided nodes probe every
+/// 2 s) and their answers, so that a second witness named in the first answers (a referral)
+/// has been asked before we settle for one; and early enough that a relayed node has its
+/// role, mapping attempt included (1.5-3 s), well inside the 10 s a join waits for it.
+pub const TENTATIVE_AFTER_MS: u64 = 4_000;
 
 impl ReachConfig {
     pub fn new(listen_port: u16) -> Self {
@@ -337,6 +353,7 @@ impl ReachConfig {
             settle_ms: 20_000,
             refused_retry_ms: 5 * 60_000,
             verify_ms: 15_000,
+            tentative_ms: TENTATIVE_AFTER_MS,
         }
     }
 }
@@ -365,6 +382,9 @@ pub struct Decision {
     pub want_mapping: bool,
     /// Why, in a few words (shown on the console and in status).
     pub reason: String,
+    /// The role rests on one independent witness only (a small network); a second witness
+    /// confirms or overturns it.
+    pub tentative: bool,
 }
 
 /// A probe target's role as it reported it, with the address we reached it at.
@@ -540,14 +560,18 @@ impl Reach {
         n
     }
 
-    /// Our own address that two independent observers reached, if any.
-    fn reached_directly(&self) -> Option<SocketAddr> {
+    /// Our own address that `min` independent observers reached, if any. With one witness
+    /// only (`min` 1), a private address never counts: an outsider "reaching" our LAN address
+    /// came through somebody's port forward, which proves nothing about the address itself.
+    fn reached_directly(&self, min: usize) -> Option<SocketAddr> {
         let mut candidates: Vec<SocketAddr> = self
             .observations
             .iter()
             .filter_map(|o| match o.evidence {
                 Evidence::Reached { addr }
-                    if self.net.is_mine(addr.ip()) && addr.port() == self.cfg.listen_port =>
+                    if self.net.is_mine(addr.ip())
+                        && addr.port() == self.cfg.listen_port
+                        && (min >= 2 || !is_private(addr.ip())) =>
                 {
                     Some(addr)
                 }
@@ -561,12 +585,13 @@ impl Reach {
                 .observations
                 .iter()
                 .filter(|o| matches!(o.evidence, Evidence::Reached { addr: a } if a == *addr));
-            Self::independent(obs) >= 2
+            Self::independent(obs) >= min.max(1)
         })
     }
 
-    /// The external IP two independent observers agree on, and what the NAT does.
-    fn external(&self) -> Option<(IpAddr, NatKind)> {
+    /// The external IP `min` independent observers agree on, and what the NAT does. With
+    /// `min` 1 (one witness), observers that disagree cancel out: no IP at all.
+    fn external(&self, min: usize) -> Option<(IpAddr, NatKind)> {
         let mut ips: Vec<IpAddr> = self
             .observations
             .iter()
@@ -589,9 +614,12 @@ impl Reach {
                     )
                     .collect();
                 let newest = obs.iter().map(|o| o.at).max().unwrap_or(0);
-                (Self::independent(obs.into_iter()) >= 2).then_some((newest, ip))
+                (Self::independent(obs.into_iter()) >= min.max(1)).then_some((newest, ip))
             })
             .collect();
+        if min < 2 && agreed.len() > 1 {
+            return None;
+        }
         agreed.sort();
         let (_, ip) = agreed.pop()?;
         if self.net.is_mine(ip) {
@@ -644,8 +672,9 @@ impl Reach {
             relay: None,
             want_mapping: false,
             reason: String::new(),
+            tentative: false,
         };
-        if let Some(addr) = self.reached_directly() {
+        if let Some(addr) = self.reached_directly(2) {
             d.role = Role::Public;
             d.nat = NatKind::None;
             d.external_ip = Some(addr.ip());
@@ -654,8 +683,36 @@ impl Reach {
             return d;
         }
         let settled = now.saturating_sub(self.started) >= self.cfg.settle_ms;
-        let Some((ext_ip, nat)) = self.external() else {
-            if settled {
+        // A small network: one witness is all there is, after a wait for a second one.
+        let one_witness_will_do = now.saturating_sub(self.started) >= self.cfg.tentative_ms;
+        if one_witness_will_do {
+            if let Some(addr) = self.reached_directly(1) {
+                d.role = Role::Public;
+                d.nat = NatKind::None;
+                d.external_ip = Some(addr.ip());
+                d.advertise = PeerAddr::Direct(addr);
+                d.tentative = true;
+                d.reason = "one peer reached this node at its own address (tentative: no second \
+                            independent peer yet)"
+                    .into();
+                return d;
+            }
+        }
+        let confirmed = self.external(2);
+        let ext = confirmed.or_else(|| one_witness_will_do.then(|| self.external(1)).flatten());
+        let Some((ext_ip, nat)) = ext else {
+            if let Some(relay) = settled.then(|| self.public_relay()).flatten() {
+                // Outsiders disagree on our address (one of them lies, or the network moved),
+                // but a public peer we reached directly can still relay us.
+                d.role = Role::Relayed;
+                d.tentative = true;
+                d.advertise = PeerAddr::Relayed {
+                    relay: relay.public,
+                    target: self.me,
+                };
+                d.relay = Some(relay);
+                d.reason = "peers disagree on this node's address; relayed by a public peer".into();
+            } else if settled {
                 d.role = Role::Local;
                 d.reason = "no peer outside this LAN has reported on this node".into();
             } else {
@@ -665,6 +722,7 @@ impl Reach {
         };
         d.external_ip = Some(ext_ip);
         d.nat = nat;
+        d.tentative = confirmed.is_none();
         let ttl = self.cfg.beacon_ttl_ms;
         let live: Vec<&LanPeer> = self
             .lan
@@ -685,6 +743,8 @@ impl Reach {
                 d.role = Role::Gateway;
                 d.advertise = PeerAddr::Direct(*external);
                 d.want_mapping = true;
+                // An outsider came in through the mapping: that is the proof, not the IP.
+                d.tentative = false;
                 d.reason = "holds the LAN's port mapping; relays for the LAN".into();
                 return d;
             }
@@ -696,7 +756,8 @@ impl Reach {
             .observations
             .iter()
             .any(|o| matches!(o.evidence, Evidence::Reached { addr } if addr == forwarded));
-        if reached_forwarded && !lower_gateway && nat != NatKind::None {
+        // Only on a confirmed external IP: one witness could name any IP (docs/NAT.md).
+        if reached_forwarded && !lower_gateway && nat != NatKind::None && confirmed.is_some() {
             d.role = Role::Gateway;
             d.advertise = PeerAddr::Direct(forwarded);
             d.reason = format!(
@@ -749,24 +810,13 @@ impl Reach {
             return d;
         }
         // No mapping on this LAN: a public peer relays us.
-        let mut publics: Vec<(PublicKey, SocketAddr)> = self
-            .observers
-            .iter()
-            .filter(|(_, o)| o.role == Role::Public)
-            .map(|(k, o)| (*k, o.addr))
-            .collect();
-        publics.sort_by_key(|(k, _)| rendezvous(&self.me, k));
-        if let Some((key, addr)) = publics.first() {
+        if let Some(relay) = self.public_relay() {
             d.role = Role::Relayed;
-            d.relay = Some(RelayChoice {
-                key: *key,
-                dial: *addr,
-                public: *addr,
-            });
             d.advertise = PeerAddr::Relayed {
-                relay: *addr,
+                relay: relay.public,
                 target: self.me,
             };
+            d.relay = Some(relay);
             d.reason = if router_refused {
                 "the router maps no port; relayed by a public peer".into()
             } else {
@@ -781,6 +831,22 @@ impl Reach {
             d.reason = "behind NAT; looking for a public peer to relay through".into();
         }
         d
+    }
+}
+
+impl Reach {
+    /// The public observer that relays us: rendezvous hashing over the observers that said
+    /// they are public where we reached them (lowest weight wins).
+    fn public_relay(&self) -> Option<RelayChoice> {
+        self.observers
+            .iter()
+            .filter(|(_, o)| o.role == Role::Public)
+            .min_by_key(|(k, _)| rendezvous(&self.me, k))
+            .map(|(k, o)| RelayChoice {
+                key: *k,
+                dial: o.addr,
+                public: o.addr,
+            })
     }
 }
 

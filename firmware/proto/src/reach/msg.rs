@@ -15,6 +15,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{PeerAddr, Role};
+use crate::identity::PublicKey;
+
+/// Witnesses one `nat.seen` may name at most. A small network has few nodes outside any one
+/// LAN; four more than covers the second witness a node needs, and keeps what one observer
+/// can make a prober dial (the prober probes at most six peers a round anyway) small.
+pub const MAX_REFERRALS: usize = 4;
 
 /// Errors decoding a reachability message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -23,6 +29,17 @@ pub enum ReachMsgError {
     UnknownKind(String),
     #[error("malformed {kind}: {reason}")]
     Malformed { kind: String, reason: String },
+    #[error("nat.seen names {0} witnesses, more than {MAX_REFERRALS}")]
+    TooManyReferrals(usize),
+}
+
+/// Another node an observer reached directly at `addr`: somebody else a prober can ask, so
+/// that a node whose only contact is one public node still finds a second witness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Referral {
+    pub key: PublicKey,
+    pub addr: SocketAddr,
 }
 
 /// The port-mapping state a beacon reports.
@@ -46,12 +63,15 @@ pub enum ReachMsg {
         dialback: Option<SocketAddr>,
         token: String,
     },
-    /// Observer to prober: "your connection came from `seen`; I am `role` at `addr`".
+    /// Observer to prober: "your connection came from `seen`; I am `role` at `addr`; these
+    /// `peers` (at most [`MAX_REFERRALS`]) could witness for you too".
     #[serde(rename = "nat.seen")]
     Seen {
         seen: SocketAddr,
         role: Role,
         addr: PeerAddr,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        peers: Vec<Referral>,
     },
     /// Observer to prober, on the dial-back connection to `addr`.
     #[serde(rename = "nat.reached")]
@@ -99,11 +119,42 @@ impl ReachMsg {
         if !Self::is_reach_kind(kind) {
             return Err(ReachMsgError::UnknownKind(kind.to_string()));
         }
-        crate::envelope::join_kind_body(kind, body).map_err(|reason| ReachMsgError::Malformed {
-            kind: kind.to_string(),
-            reason,
-        })
+        let msg: Self = crate::envelope::join_kind_body(kind, body).map_err(|reason| {
+            ReachMsgError::Malformed {
+                kind: kind.to_string(),
+                reason,
+            }
+        })?;
+        if let ReachMsg::Seen { peers, .. } = &msg {
+            if peers.len() > MAX_REFERRALS {
+                return Err(ReachMsgError::TooManyReferrals(peers.len()));
+            }
+        }
+        Ok(msg)
     }
+}
+
+/// The few beacon fields a receiver checks before paying for a signature check.
+#[derive(Deserialize)]
+struct PeekEnvelope {
+    kind: String,
+    body: PeekBeacon,
+}
+
+#[derive(Deserialize)]
+struct PeekBeacon {
+    cell: String,
+    lan: SocketAddr,
+}
+
+/// Cell name and LAN address of what claims to be a `nat.beacon` envelope, read without
+/// verifying anything (other fields are ignored here; [`crate::envelope::open`] and
+/// [`ReachMsg::from_kind_body`] check them after). Lets a receiver drop a beacon of another
+/// cell, or one that speaks for another address than it came from, for the cost of a JSON
+/// parse instead of an ECDSA verification (issue 9 item 8).
+pub fn peek_beacon(bytes: &[u8]) -> Option<(String, SocketAddr)> {
+    let e: PeekEnvelope = serde_json::from_slice(bytes).ok()?;
+    (e.kind == "nat.beacon").then_some((e.body.cell, e.body.lan))
 }
 
 #[cfg(test)]
@@ -131,6 +182,16 @@ mod tests {
                     relay: a,
                     target: SecretKey::generate().public(),
                 },
+                peers: vec![],
+            },
+            ReachMsg::Seen {
+                seen: a,
+                role: Role::Probing,
+                addr: PeerAddr::Direct(a),
+                peers: vec![Referral {
+                    key: SecretKey::generate().public(),
+                    addr: a,
+                }],
             },
             ReachMsg::Reached {
                 addr: a,
@@ -173,7 +234,76 @@ mod tests {
         .is_err());
     }
 
+    #[test]
+    fn a_seen_without_peers_decodes_and_too_many_peers_are_refused() {
+        let k = SecretKey::generate().public().to_b64();
+        let seen = json!({"seen": "1.2.3.4:5", "role": "public", "addr": "1.2.3.4:5"});
+        assert!(ReachMsg::from_kind_body("nat.seen", &seen).is_ok());
+        let peer = json!({"key": k, "addr": "5.6.7.8:13300"});
+        let mut body = seen.clone();
+        body["peers"] = json!(vec![peer.clone(); MAX_REFERRALS]);
+        assert!(ReachMsg::from_kind_body("nat.seen", &body).is_ok());
+        body["peers"] = json!(vec![peer.clone(); MAX_REFERRALS + 1]);
+        assert_eq!(
+            ReachMsg::from_kind_body("nat.seen", &body),
+            Err(ReachMsgError::TooManyReferrals(MAX_REFERRALS + 1))
+        );
+        body["peers"] = json!([{"key": k, "addr": "5.6.7.8:13300", "x": 1}]);
+        assert!(ReachMsg::from_kind_body("nat.seen", &body).is_err());
+    }
+
+    #[test]
+    fn peek_beacon_reads_a_sealed_beacon_and_nothing_else() {
+        let a: SocketAddr = "192.168.60.10:13300"
+            .parse()
+            .unwrap_or_else(|_| unreachable!());
+        let key = SecretKey::generate();
+        let beacon = ReachMsg::Beacon {
+            cell: "peerTreeNet".into(),
+            lan: a,
+            router: None,
+            role: Role::Local,
+            external: None,
+            map: BeaconMap::None,
+        };
+        let (kind, body) = beacon.to_kind_body();
+        let bytes = crate::envelope::seal(&key, &kind, None, 1, body).to_bytes();
+        assert_eq!(peek_beacon(&bytes), Some(("peerTreeNet".to_string(), a)));
+        let (kind, body) = ReachMsg::RelayRegister {}.to_kind_body();
+        let other = crate::envelope::seal(&key, &kind, None, 1, body).to_bytes();
+        assert_eq!(peek_beacon(&other), None);
+        assert_eq!(peek_beacon(b"BORG-RELAY x"), None);
+    }
+
     proptest! {
+        #[test]
+        fn peek_beacon_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..300), cell in "[a-zA-Z]{0,12}", port in any::<u16>()) {
+            let _ = peek_beacon(&bytes);
+            let text = format!(r#"{{"kind":"nat.beacon","body":{{"cell":"{cell}","lan":"10.0.0.1:{port}"}}}}"#);
+            prop_assert_eq!(peek_beacon(text.as_bytes()).map(|(c, a)| (c, a.port())), Some((cell, port)));
+        }
+
+        /// Whatever list of witnesses a `nat.seen` carries, decoding never panics and never
+        /// yields more than the bound; what decodes re-encodes to the same message.
+        #[test]
+        fn referrals_are_bounded_at_decode(
+            n in 0usize..12,
+            ports in prop::collection::vec(any::<u16>(), 12),
+            junk in ".{0,40}",
+        ) {
+            let k = SecretKey::generate().public().to_b64();
+            let peers: Vec<Value> = (0..n)
+                .map(|i| if i == 7 { json!(junk.clone()) } else { json!({"key": k, "addr": format!("9.9.9.9:{}", ports[i])}) })
+                .collect();
+            let body = json!({"seen": "1.2.3.4:5", "role": "relayed", "addr": "1.2.3.4:5", "peers": peers});
+            if let Ok(m) = ReachMsg::from_kind_body("nat.seen", &body) {
+                let ReachMsg::Seen { peers, .. } = &m else { unreachable!() };
+                prop_assert!(peers.len() <= MAX_REFERRALS);
+                let (kind, b) = m.to_kind_body();
+                prop_assert_eq!(ReachMsg::from_kind_body(&kind, &b), Ok(m.clone()));
+            }
+        }
+
         #[test]
         fn decoding_never_panics(kind in prop::sample::select(KINDS.to_vec()), body in ".{0,200}") {
             let value = serde_json::from_str::<Value>(&body).unwrap_or(Value::String(body));

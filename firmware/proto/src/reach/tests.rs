@@ -396,7 +396,8 @@ proptest! {
         prop_assert_eq!(addr.to_string().parse::<PeerAddr>(), Ok(addr));
     }
 
-    /// Whatever one observer says, the role never leaves probing on its word alone.
+    /// Whatever one observer says, the role never leaves probing on its word alone before the
+    /// tentative wait (a small network's rule, tested above, starts after it).
     #[test]
     fn one_observer_decides_nothing(
         seen_ip in any::<[u8; 4]>(), port in any::<u16>(), reached in any::<bool>()
@@ -409,6 +410,140 @@ proptest! {
         let d = r.decide(2, FALLBACK);
         prop_assert_eq!(d.role, Role::Probing);
         prop_assert_eq!(d.external_ip, None);
+    }
+}
+
+/// After the tentative wait: the time at which one witness may decide.
+fn tentative_at(r: &Reach) -> u64 {
+    r.config().tentative_ms
+}
+
+#[test]
+fn one_witness_at_our_own_public_address_makes_a_tentative_public_node() {
+    let mut r = public_node(key());
+    let me = sock(198, 51, 100, 5, 13300);
+    // Two LAN nodes behind one router: two keys, one IP, one witness.
+    reached(&mut r, 1, ip(203, 0, 113, 1), me);
+    reached(&mut r, 1, ip(203, 0, 113, 1), me);
+    assert_eq!(r.decide(2, FALLBACK).role, Role::Probing, "waits first");
+    let d = r.decide(tentative_at(&r), FALLBACK);
+    assert_eq!(d.role, Role::Public, "{d:?}");
+    assert!(d.tentative);
+    assert_eq!(d.advertise, PeerAddr::Direct(me));
+    // A second independent witness confirms it.
+    reached(&mut r, 5, ip(192, 0, 2, 7), me);
+    let d = r.decide(tentative_at(&r), FALLBACK);
+    assert_eq!(d.role, Role::Public);
+    assert!(!d.tentative);
+}
+
+#[test]
+fn one_witness_never_makes_a_private_address_public() {
+    let mut r = lan_node(key());
+    // An outsider came in at our LAN address: somebody's port forward, not a public address.
+    reached(&mut r, 1, ip(198, 51, 100, 5), sock(10, 0, 1, 2, 13300));
+    let d = r.decide(r.config().settle_ms, FALLBACK);
+    assert_ne!(d.role, Role::Public, "{d:?}");
+}
+
+#[test]
+fn behind_nat_one_witness_leads_to_a_tentative_relay_instead_of_local() {
+    let mut r = lan_node(key());
+    let relay = sock(203, 0, 113, 10, 13300);
+    let p1 = seen(&mut r, 1, relay.ip(), sock(203, 0, 113, 1, 40000));
+    r.observer_role(1, p1, relay, Role::Public);
+    // Before the tentative wait nothing is decided; the router then refuses a mapping.
+    assert_eq!(r.decide(2, FALLBACK).role, Role::Probing);
+    let d = r.decide(tentative_at(&r), FALLBACK);
+    assert!(
+        d.want_mapping,
+        "the lone LAN node is the mapping candidate: {d:?}"
+    );
+    assert!(d.tentative);
+    assert_eq!(d.external_ip, Some(ip(203, 0, 113, 1)));
+    r.set_map(MapState::Refused {
+        reason: "no IGD".into(),
+        at: 5,
+    });
+    for now in [tentative_at(&r), r.config().settle_ms * 2] {
+        let d = r.decide(now, FALLBACK);
+        assert_eq!(d.role, Role::Relayed, "{d:?}");
+        assert!(d.tentative);
+        assert_eq!(d.relay.map(|c| c.key), Some(p1));
+        assert_eq!(
+            d.advertise,
+            PeerAddr::Relayed {
+                relay,
+                target: r.me
+            }
+        );
+    }
+}
+
+#[test]
+fn single_witnesses_that_disagree_cancel_out_but_a_public_peer_still_relays() {
+    let mut r = lan_node(key());
+    let p1_addr = sock(203, 0, 113, 10, 13300);
+    let p1 = seen(&mut r, 1, p1_addr.ip(), sock(203, 0, 113, 1, 40000));
+    r.observer_role(1, p1, p1_addr, Role::Public);
+    seen(&mut r, 1, ip(198, 51, 100, 6), sock(6, 6, 6, 6, 40000));
+    let d = r.decide(tentative_at(&r), FALLBACK);
+    assert_eq!(d.external_ip, None, "a liar cancels the honest witness out");
+    let d = r.decide(r.config().settle_ms, FALLBACK);
+    assert_eq!(d.role, Role::Relayed, "not local: {d:?}");
+    assert_eq!(d.relay.map(|c| c.key), Some(p1));
+}
+
+#[test]
+fn one_witness_cannot_make_a_gateway_by_forward() {
+    let mut r = lan_node(key());
+    let ext = sock(203, 0, 113, 1, 40000);
+    seen(&mut r, 1, ip(198, 51, 100, 5), ext);
+    r.set_map(MapState::Refused {
+        reason: "no IGD".into(),
+        at: 1,
+    });
+    reached(&mut r, 2, ip(198, 51, 100, 5), sock(203, 0, 113, 1, 13300));
+    let d = r.decide(r.config().settle_ms, FALLBACK);
+    assert_ne!(d.role, Role::Gateway, "{d:?}");
+}
+
+proptest! {
+    /// One lying witness never overturns two honest ones, whatever it claims, however late.
+    #[test]
+    fn one_liar_never_beats_two_honest_witnesses(
+        lie in any::<[u8; 4]>(), port in any::<u16>(), reached_claim in any::<bool>(), late in any::<bool>()
+    ) {
+        let mut r = lan_node(key());
+        let ext = sock(203, 0, 113, 1, 40000);
+        let t = if late { 3 } else { 1 };
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::from(lie)), port);
+        let liar_ev = if reached_claim { Evidence::Reached { addr } } else { Evidence::Seen { seen: addr, local_port: 13301 } };
+        if !late {
+            r.observe(t, key(), ip(192, 0, 2, 66), liar_ev);
+        }
+        seen(&mut r, 2, ip(198, 51, 100, 5), ext);
+        seen(&mut r, 2, ip(198, 51, 100, 6), ext);
+        if late {
+            r.observe(t, key(), ip(192, 0, 2, 66), liar_ev);
+        }
+        let d = r.decide(r.config().settle_ms, FALLBACK);
+        prop_assert_eq!(d.external_ip, Some(ext.ip()));
+        prop_assert!(!d.tentative);
+        prop_assert_ne!(d.role, Role::Public);
+    }
+
+    /// One witness alone never makes a node on a private address public or a gateway.
+    #[test]
+    fn one_witness_never_makes_a_lan_node_public_or_gateway(
+        seen_ip in any::<[u8; 4]>(), port in any::<u16>(), reached in any::<bool>(), now in 0u64..100_000
+    ) {
+        let mut r = lan_node(key());
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::from(seen_ip)), port);
+        let ev = if reached { Evidence::Reached { addr } } else { Evidence::Seen { seen: addr, local_port: 13301 } };
+        r.observe(0, key(), ip(198, 51, 100, 5), ev);
+        let d = r.decide(now, FALLBACK);
+        prop_assert!(d.role != Role::Public && d.role != Role::Gateway, "{:?}", d);
     }
 }
 
