@@ -3,6 +3,8 @@
 # tree; shows the tree, sends a broadcast, kills a branch node and shows the repaired tree.
 #   ci/demo.sh [N]        (default 12; Ctrl-C or the end of the script stops the nodes)
 set -euo pipefail
+# Delivered broadcasts are logged at debug under their own target (peer-supplied text): show them.
+export BORG_LOG=${BORG_LOG:-info,borg::delivered=debug}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 N=${1:-12}

@@ -60,7 +60,7 @@ impl NsNodes {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logf)
-            .env("BORG_LOG", "info");
+            .env("BORG_LOG", "info,borg::delivered=debug");
         let child = cmd.spawn().expect("spawn borg node in namespace");
         self.nodes.insert(
             name.to_string(),

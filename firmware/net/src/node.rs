@@ -202,6 +202,9 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The tracing target of the one line each delivered broadcast logs (at debug).
+pub const DELIVERED_LOG_TARGET: &str = "borg::delivered";
+
 const OUTBOUND_QUEUE: usize = 1024;
 const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -816,7 +819,9 @@ impl Actor {
         self.last_broadcast = Some((id.clone(), now_ms()));
         // (The tree checked the origin envelope before delivering or forwarding it.)
         let text = payload.get("text").and_then(|t| t.as_str()).unwrap_or("");
-        tracing::debug!(cell = %self.cfg.cell, "broadcast {id:.64} from {}: {text:.80}", origin.short());
+        // Peer-supplied text: debug only, truncated, under its own target so that tests and the
+        // demo can turn on exactly this line (BORG_LOG=info,borg::delivered=debug).
+        tracing::debug!(target: DELIVERED_LOG_TARGET, cell = %self.cfg.cell, "broadcast {id:.64} from {}: {text:.80}", origin.short());
     }
 
     fn seal(&self, msg: &TreeMsg) -> Vec<u8> {
