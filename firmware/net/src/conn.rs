@@ -72,6 +72,8 @@ pub enum TransportError {
     PeerKey { addr: SocketAddr, source: TlsError },
     #[error("handshake task ended abnormally: {0}")]
     Task(String),
+    #[error("{addr}: handshake slot given to a newcomer from a lighter address")]
+    Evicted { addr: SocketAddr },
 }
 
 impl TransportError {
@@ -177,6 +179,11 @@ impl PeerReader {
     pub fn hold(&mut self, slot: ConnSlot) {
         self.slot = Some(slot);
     }
+
+    /// The slot this reader holds, if any (the caller keeps it alive and watches it).
+    pub fn take_slot(&mut self) -> Option<ConnSlot> {
+        self.slot.take()
+    }
 }
 
 impl PeerWriter {
@@ -213,6 +220,23 @@ pub async fn connect(
     let connector = TlsConnector::from(identity.client_config(expected));
     bounded(addr, timeout, async {
         let tcp = tcp_connect(addr, None).await?;
+        tls_client(tcp, addr, Some(expected), connector, ALPN_PEER).await
+    })
+    .await
+}
+
+/// [`connect`] from the fixed local address `bind` (e.g. one loopback IP of several, as a
+/// test's outsider uses to look like one source).
+pub async fn connect_from(
+    addr: SocketAddr,
+    bind: SocketAddr,
+    expected: PublicKey,
+    identity: &TlsIdentity,
+    timeout: Duration,
+) -> Result<PeerConn, TransportError> {
+    let connector = TlsConnector::from(identity.client_config(expected));
+    bounded(addr, timeout, async {
+        let tcp = tcp_connect(addr, Some(bind)).await?;
         tls_client(tcp, addr, Some(expected), connector, ALPN_PEER).await
     })
     .await
@@ -528,9 +552,10 @@ impl Listener {
                     let acceptor = self.acceptor.clone();
                     let timeout = self.handshake_timeout;
                     self.handshakes.spawn(async move {
-                        let res = bounded(addr, timeout, classify(acceptor, tcp, addr)).await;
-                        drop(slot);
-                        res
+                        tokio::select! {
+                            res = bounded(addr, timeout, classify(acceptor, tcp, addr)) => res,
+                            () = slot.evicted() => Err(TransportError::Evicted { addr }),
+                        }
                     });
                 }
             }

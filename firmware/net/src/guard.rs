@@ -174,6 +174,10 @@ pub const RECEPTOR_CODES: [&str; 11] = [
 
 /// Connection slots, at most `per_ip` per source address and `total` in all; `reserved`
 /// more slots are kept for sources the owner trusts (see [`ConnLimiter::try_acquire`]).
+///
+/// When all `total` slots are taken, a newcomer from an address that holds fewer than the
+/// heaviest address takes that address's oldest slot ([`ConnSlot::evicted`] fires for it),
+/// so a flood from a few addresses cannot keep out one from another address.
 #[derive(Debug)]
 pub struct ConnLimiter {
     per_ip: usize,
@@ -184,8 +188,27 @@ pub struct ConnLimiter {
 
 #[derive(Debug, Default)]
 struct LimiterState {
-    by_ip: HashMap<IpAddr, usize>,
+    /// Slots per address, oldest first: id and the eviction signal.
+    by_ip: HashMap<IpAddr, std::collections::VecDeque<(u64, Arc<tokio::sync::Notify>)>>,
     total: usize,
+    next_id: u64,
+}
+
+impl LimiterState {
+    fn remove(&mut self, ip: &IpAddr, id: u64) -> bool {
+        let Some(q) = self.by_ip.get_mut(ip) else {
+            return false;
+        };
+        let Some(at) = q.iter().position(|(i, _)| *i == id) else {
+            return false;
+        };
+        q.remove(at);
+        if q.is_empty() {
+            self.by_ip.remove(ip);
+        }
+        self.total = self.total.saturating_sub(1);
+        true
+    }
 }
 
 /// Why a slot was refused.
@@ -200,6 +223,16 @@ pub enum Refusal {
 pub struct ConnSlot {
     limiter: Arc<ConnLimiter>,
     ip: IpAddr,
+    id: u64,
+    evict: Arc<tokio::sync::Notify>,
+}
+
+impl ConnSlot {
+    /// Completes when a newcomer from a lighter address took this slot over: the holder
+    /// must close its connection.
+    pub async fn evicted(&self) {
+        self.evict.notified().await;
+    }
 }
 
 impl ConnLimiter {
@@ -214,12 +247,13 @@ impl ConnLimiter {
 
     /// Take a slot for `ip`. A `trusted` source (a tree neighbour, the local console) is not
     /// held to the per-IP cap and may use the reserved slots above `total`, so a flood from
-    /// strangers cannot lock it out.
+    /// strangers cannot lock it out. An untrusted source finding all slots taken evicts the
+    /// oldest slot of the address holding the most, if that holds at least two more.
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr, trusted: bool) -> Result<ConnSlot, Refusal> {
         let Ok(mut st) = self.state.lock() else {
             return Err(Refusal::Total);
         };
-        let held = st.by_ip.get(&ip).copied().unwrap_or(0);
+        let held = st.by_ip.get(&ip).map(|q| q.len()).unwrap_or(0);
         if !trusted && held >= self.per_ip {
             return Err(Refusal::PerIp);
         }
@@ -229,13 +263,36 @@ impl ConnLimiter {
             self.total
         };
         if st.total >= cap {
-            return Err(Refusal::Total);
+            let heaviest = st
+                .by_ip
+                .iter()
+                .filter(|(other, _)| **other != ip)
+                .max_by_key(|(_, q)| q.len())
+                .map(|(other, q)| (*other, q.len()));
+            match heaviest {
+                Some((other, n)) if n >= held + 2 => {
+                    let victim = st.by_ip.get(&other).and_then(|q| q.front().cloned());
+                    if let Some((id, signal)) = victim {
+                        st.remove(&other, id);
+                        signal.notify_one();
+                    }
+                }
+                _ => return Err(Refusal::Total),
+            }
         }
         st.total += 1;
-        *st.by_ip.entry(ip).or_insert(0) += 1;
+        st.next_id += 1;
+        let id = st.next_id;
+        let evict = Arc::new(tokio::sync::Notify::new());
+        st.by_ip
+            .entry(ip)
+            .or_default()
+            .push_back((id, evict.clone()));
         Ok(ConnSlot {
             limiter: self.clone(),
             ip,
+            id,
+            evict,
         })
     }
 
@@ -248,13 +305,8 @@ impl ConnLimiter {
 impl Drop for ConnSlot {
     fn drop(&mut self) {
         if let Ok(mut st) = self.limiter.state.lock() {
-            st.total = st.total.saturating_sub(1);
-            if let Some(n) = st.by_ip.get_mut(&self.ip) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    st.by_ip.remove(&self.ip);
-                }
-            }
+            // An evicted slot was already taken out.
+            st.remove(&self.ip, self.id);
         }
     }
 }
@@ -359,7 +411,10 @@ impl Trusted {
     }
 
     pub fn has_key(&self, key: &PublicKey) -> bool {
-        self.inner.read().map(|g| g.0.contains(key)).unwrap_or(false)
+        self.inner
+            .read()
+            .map(|g| g.0.contains(key))
+            .unwrap_or(false)
     }
 
     /// A neighbour's address, or the node's own loopback/console traffic.
@@ -388,6 +443,31 @@ mod tests {
         drop(s1);
         assert_eq!(l.held(), 3);
         assert!(l.try_acquire(a, true).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_lighter_address_evicts_the_heaviest_when_full() {
+        let l = ConnLimiter::new(4, 4, 0);
+        let flood: IpAddr = "127.50.9.1".parse().unwrap();
+        let other: IpAddr = "127.50.9.2".parse().unwrap();
+        let slots: Vec<ConnSlot> = (0..4)
+            .map(|_| l.try_acquire(flood, false).unwrap())
+            .collect();
+        let newcomer = l.try_acquire(other, false).unwrap();
+        assert_eq!(l.held(), 4);
+        // The flood's oldest slot is told to go; dropping it then frees nothing twice.
+        tokio::time::timeout(Duration::from_secs(5), slots[0].evicted())
+            .await
+            .unwrap();
+        drop(slots);
+        assert_eq!(l.held(), 1);
+        // Equal holders do not evict each other.
+        let l = ConnLimiter::new(4, 2, 0);
+        let _a = l.try_acquire(flood, false).unwrap();
+        let _b = l.try_acquire(other, false).unwrap();
+        let third: IpAddr = "127.50.9.3".parse().unwrap();
+        assert_eq!(l.try_acquire(third, false).unwrap_err(), Refusal::Total);
+        drop(newcomer);
     }
 
     #[test]

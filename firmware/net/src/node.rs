@@ -532,7 +532,12 @@ fn spawn_link(
     let id = LINK_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (wtx, wrx) = mpsc::channel::<Vec<u8>>(OUTBOUND_QUEUE);
     let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    tokio::spawn(write_loop(writer, wrx, queued.clone(), ctx.counters.clone()));
+    tokio::spawn(write_loop(
+        writer,
+        wrx,
+        queued.clone(),
+        ctx.counters.clone(),
+    ));
     tokio::spawn(async move {
         let tx2 = ctx.tx.clone();
         if tx2
@@ -559,8 +564,20 @@ fn spawn_link(
         let mut upgraded = trusted_at_start;
         let mut stalled = false;
         let mut idle_periods = 0u32;
+        let slot = reader.take_slot();
+        let evicted = async {
+            match slot.as_ref() {
+                Some(slot) => slot.evicted().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(evicted);
         loop {
-            let got = match tokio::time::timeout(FRAME_STALL, reader.recv()).await {
+            let next = tokio::select! {
+                next = tokio::time::timeout(FRAME_STALL, reader.recv()) => next,
+                () = &mut evicted => break,
+            };
+            let got = match next {
                 Ok(got) => got,
                 Err(_) => {
                     let trusted = ctx.trusted.has_key(&key);
@@ -718,7 +735,11 @@ impl Actor {
                     }
                 }
             }
-            Inbound::Frame { key, bytes, _budget } => self.on_frame(key, bytes),
+            Inbound::Frame {
+                key,
+                bytes,
+                _budget,
+            } => self.on_frame(key, bytes),
             Inbound::Closed { key, id } => {
                 if self.links.get(&key).is_some_and(|l| l.id == id) {
                     self.links.remove(&key);
@@ -920,8 +941,8 @@ impl Actor {
             return self.reject("forbidden");
         }
         if let Some(addr) = env.addr.clone() {
-            let room = self.peer_addrs.len() < MAX_PEER_ADDRS
-                || self.peer_addrs.contains_key(&env.from);
+            let room =
+                self.peer_addrs.len() < MAX_PEER_ADDRS || self.peer_addrs.contains_key(&env.from);
             if room && self.peer_addrs.get(&env.from) != Some(&addr) {
                 self.tree.peer_addr_changed(&env.from, &addr);
                 self.peer_addrs.insert(env.from, addr);
@@ -1047,7 +1068,8 @@ impl Actor {
                     return;
                 }
                 let q = self.pending_addr.entry(addr.clone()).or_default();
-                if q.frames.len() < OUTBOUND_QUEUE && q.bytes + frame.len() <= PENDING_BYTES_PER_PEER
+                if q.frames.len() < OUTBOUND_QUEUE
+                    && q.bytes + frame.len() <= PENDING_BYTES_PER_PEER
                 {
                     q.bytes += frame.len();
                     self.pending_bytes += frame.len();
@@ -1426,7 +1448,11 @@ pub fn render_metrics(s: &Snapshot, net: &NetCounters) -> String {
         "# HELP borg_links_closed_total Node-to-node links that closed.\n# TYPE borg_links_closed_total counter\nborg_links_closed_total {}\n",
         m.links_closed
     ));
-    let links = s.status.get("connections").and_then(|v| v.as_u64()).unwrap_or(0);
+    let links = s
+        .status
+        .get("connections")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
     out.push_str(&format!("# HELP borg_links Node-to-node links open now.\n# TYPE borg_links gauge\nborg_links {links}\n"));
     out.push_str(&net.render());
     let size = s.status.get("size").and_then(|v| v.as_u64()).unwrap_or(0);

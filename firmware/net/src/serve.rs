@@ -194,21 +194,27 @@ pub async fn serve_receptor(
             let acceptor = acceptor.clone();
             let receptor = receptor.clone();
             tokio::spawn(async move {
-                let _slot = slot;
                 let counters = receptor.node.counters.clone();
-                let handshake = tokio::time::timeout(HTTP_HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
-                let Ok(Ok(tls)) = handshake.await else {
-                    NetCounters::bump(&counters.tls_failures, Door::Receptor);
-                    counters.receptor_reject("handshake");
-                    return;
+                let serve = async {
+                    let handshake =
+                        tokio::time::timeout(HTTP_HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+                    let Ok(Ok(tls)) = handshake.await else {
+                        NetCounters::bump(&counters.tls_failures, Door::Receptor);
+                        counters.receptor_reject("handshake");
+                        return;
+                    };
+                    let svc = service_fn(move |req| {
+                        let receptor = receptor.clone();
+                        async move { Ok::<_, Infallible>(receptor.handle(req, from.ip()).await) }
+                    });
+                    let conn = http_builder().serve_connection(TokioIo::new(tls), svc);
+                    if tokio::time::timeout(CONN_DEADLINE, conn).await.is_err() {
+                        counters.receptor_reject("timeout");
+                    }
                 };
-                let svc = service_fn(move |req| {
-                    let receptor = receptor.clone();
-                    async move { Ok::<_, Infallible>(receptor.handle(req, from.ip()).await) }
-                });
-                let conn = http_builder().serve_connection(TokioIo::new(tls), svc);
-                if tokio::time::timeout(CONN_DEADLINE, conn).await.is_err() {
-                    counters.receptor_reject("timeout");
+                tokio::select! {
+                    () = serve => {}
+                    () = slot.evicted() => {}
                 }
             });
         }
@@ -352,7 +358,6 @@ pub async fn serve_monitor(node: Arc<NodeHandle>, addr: SocketAddr) -> Result<()
             let node = node.clone();
             let rate = rate.clone();
             tokio::spawn(async move {
-                let _slot = slot;
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let node = node.clone();
                     let allowed = rate.allow(from.ip());
@@ -369,7 +374,10 @@ pub async fn serve_monitor(node: Arc<NodeHandle>, addr: SocketAddr) -> Result<()
                     }
                 });
                 let conn = http_builder().serve_connection(TokioIo::new(tcp), svc);
-                let _ = tokio::time::timeout(CONN_DEADLINE, conn).await;
+                tokio::select! {
+                    _ = tokio::time::timeout(CONN_DEADLINE, conn) => {}
+                    () = slot.evicted() => {}
+                }
             });
         }
     });
@@ -388,7 +396,10 @@ fn monitor(node: &NodeHandle, req: &Request<Incoming>) -> Resp {
     match req.uri().path() {
         "/status" => json_response(StatusCode::OK, &snap.status),
         "/metrics" => {
-            let mut r = Response::new(Full::new(Bytes::from(render_metrics(&snap, &node.counters))));
+            let mut r = Response::new(Full::new(Bytes::from(render_metrics(
+                &snap,
+                &node.counters,
+            ))));
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),

@@ -41,6 +41,8 @@ pub const WANTED_NOFILE: u64 = 4096;
 
 /// Raise the soft `RLIMIT_NOFILE` to `min(wanted, hard limit)` (never lowers it). Returns
 /// the soft limit in force afterwards.
+// rlim_t is u64 here but u32 on some 32-bit targets: the casts are needed there.
+#[allow(clippy::unnecessary_cast)]
 pub fn raise_nofile_limit(wanted: u64) -> io::Result<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -56,6 +58,18 @@ pub fn raise_nofile_limit(wanted: u64) -> io::Result<u64> {
     // SAFETY: `lim` is a valid rlimit with rlim_cur <= rlim_max, read during the call only.
     check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
     Ok(target as u64)
+}
+
+#[cfg(test)]
+mod nofile_tests {
+    #[test]
+    fn nofile_limit_is_raised_up_to_the_hard_limit_and_never_lowered() {
+        let now = super::raise_nofile_limit(0).unwrap();
+        assert!(now > 0);
+        // Asking for less changes nothing; asking for more gives at least what we had.
+        assert_eq!(super::raise_nofile_limit(1).unwrap(), now);
+        assert!(super::raise_nofile_limit(super::WANTED_NOFILE).unwrap() >= now);
+    }
 }
 
 /// Real user id of this process.
