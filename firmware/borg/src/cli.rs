@@ -25,6 +25,14 @@ fn parse_endpoint(text: &str, default_port: u16) -> Result<SocketAddr> {
     bail!("{text:?} is not an address: give IP or IP:PORT, e.g. 127.0.0.2 or 127.0.0.2:{default_port}")
 }
 
+/// Raise the fd soft limit before a node opens its doors (the connection caps assume it).
+fn raise_fd_limit() {
+    match borg_system::sys::raise_nofile_limit(borg_system::sys::WANTED_NOFILE) {
+        Ok(n) => tracing::debug!("file descriptor soft limit: {n}"),
+        Err(e) => tracing::warn!("cannot raise the file descriptor limit: {e}"),
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     // One thread: a node is small, and a single-threaded runtime keeps its memory low.
     tokio::runtime::Builder::new_current_thread()
@@ -83,6 +91,7 @@ pub fn node(args: NodeArgs) -> Result<()> {
         .iter()
         .map(|j| parse_endpoint(j, PEER_TREE_NET.net_port))
         .collect::<Result<_>>()?;
+    raise_fd_limit();
     runtime()?.block_on(borg_cells::run(opts))?;
     Ok(())
 }
@@ -109,6 +118,7 @@ pub fn cell(args: CellArgs) -> Result<()> {
         .iter()
         .map(|j| parse_endpoint(j, opts.net_port))
         .collect::<Result<_>>()?;
+    raise_fd_limit();
     runtime()?.block_on(borg_cells::run(opts))?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 mod appliance;
 mod bench;
+mod bench_flood;
 mod bench_relay;
 mod bench_tree;
 mod cli;

@@ -9,6 +9,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use borg_proto::identity::PublicKey;
@@ -20,13 +21,35 @@ use tokio::task::JoinSet;
 use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
 
 use crate::frame::{write_frame, FrameError, FrameReader};
+use crate::guard::{ConnLimiter, ConnSlot, Door, NetCounters, Refusal, Trusted};
 use crate::tls::{peer_key, TlsError, TlsIdentity, ALPN_PEER, ALPN_PROBE};
 
-/// How long an incoming connection may take to finish its TLS handshake.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an incoming connection may take to finish its TLS handshake (or relay line). A
+/// handshake is a few round trips and about 2 ms of CPU on a Pi; 5 s covers a slow mobile
+/// link several times over while a silent socket holds its slot for little time.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Incoming handshakes in progress at once; further TCP connections wait in the kernel backlog.
+/// Incoming handshakes in progress at once from untrusted sources; more are refused at accept
+/// (closed at once) rather than left in the kernel backlog, where they would queue up in
+/// front of a child that reconnects.
 pub const MAX_PENDING_HANDSHAKES: usize = 64;
+
+/// Handshakes in progress at once from one source IP: one address cannot take more than an
+/// eighth of [`MAX_PENDING_HANDSHAKES`]. A relay or a NAT shares one IP among several
+/// honest nodes, and 8 lets that many reconnect at the same instant.
+pub const MAX_HANDSHAKES_PER_IP: usize = 8;
+
+/// Handshake slots above [`MAX_PENDING_HANDSHAKES`] kept for addresses of tree neighbours
+/// ([`crate::guard::Trusted`]), so children and parents reconnect while a flood is on. 16 is
+/// more than a node's neighbours reconnecting at once (k children + parent + grandparent).
+pub const RESERVED_HANDSHAKES: usize = 16;
+
+/// First back-off after a failed TCP `accept` (typically EMFILE); doubled per failure in a
+/// row up to [`ACCEPT_BACKOFF_MAX`], so an fd shortage does not become a busy loop.
+pub const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Longest back-off after failed accepts: short enough that service resumes within a second
+/// of fds being free again.
+pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 type PeerStream = TlsStream<TcpStream>;
 
@@ -49,6 +72,8 @@ pub enum TransportError {
     PeerKey { addr: SocketAddr, source: TlsError },
     #[error("handshake task ended abnormally: {0}")]
     Task(String),
+    #[error("{addr}: handshake slot given to a newcomer from a lighter address")]
+    Evicted { addr: SocketAddr },
 }
 
 impl TransportError {
@@ -75,6 +100,8 @@ pub struct PeerReader {
     frames: FrameReader<ReadHalf<PeerStream>>,
     peer: PublicKey,
     remote: SocketAddr,
+    /// A connection slot held as long as this half lives (see [`PeerReader::hold`]).
+    slot: Option<ConnSlot>,
 }
 
 /// Sending half of a [`PeerConn`].
@@ -93,6 +120,7 @@ impl PeerConn {
                 frames: FrameReader::new(r),
                 peer,
                 remote,
+                slot: None,
             },
             writer: PeerWriter {
                 stream: w,
@@ -141,6 +169,21 @@ impl PeerReader {
     pub fn remote_addr(&self) -> SocketAddr {
         self.remote
     }
+
+    /// Whether a frame has begun to arrive and is not complete yet.
+    pub fn frame_in_progress(&self) -> bool {
+        self.frames.in_progress()
+    }
+
+    /// Keep `slot` taken until this reader is dropped (the link task ends).
+    pub fn hold(&mut self, slot: ConnSlot) {
+        self.slot = Some(slot);
+    }
+
+    /// The slot this reader holds, if any (the caller keeps it alive and watches it).
+    pub fn take_slot(&mut self) -> Option<ConnSlot> {
+        self.slot.take()
+    }
 }
 
 impl PeerWriter {
@@ -177,6 +220,23 @@ pub async fn connect(
     let connector = TlsConnector::from(identity.client_config(expected));
     bounded(addr, timeout, async {
         let tcp = tcp_connect(addr, None).await?;
+        tls_client(tcp, addr, Some(expected), connector, ALPN_PEER).await
+    })
+    .await
+}
+
+/// [`connect`] from the fixed local address `bind` (e.g. one loopback IP of several, as a
+/// test's outsider uses to look like one source).
+pub async fn connect_from(
+    addr: SocketAddr,
+    bind: SocketAddr,
+    expected: PublicKey,
+    identity: &TlsIdentity,
+    timeout: Duration,
+) -> Result<PeerConn, TransportError> {
+    let connector = TlsConnector::from(identity.client_config(expected));
+    bounded(addr, timeout, async {
+        let tcp = tcp_connect(addr, Some(bind)).await?;
         tls_client(tcp, addr, Some(expected), connector, ALPN_PEER).await
     })
     .await
@@ -376,6 +436,12 @@ pub struct Listener {
     acceptor: TlsAcceptor,
     handshake_timeout: Duration,
     handshakes: JoinSet<Result<Incoming, TransportError>>,
+    slots: Arc<ConnLimiter>,
+    trusted: Arc<Trusted>,
+    counters: Arc<NetCounters>,
+    /// After a failed TCP accept: no accepting until then.
+    backoff_until: Option<tokio::time::Instant>,
+    backoff: Duration,
 }
 
 impl std::fmt::Debug for Listener {
@@ -397,7 +463,23 @@ impl Listener {
             acceptor: TlsAcceptor::from(identity.server_config()),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             handshakes: JoinSet::new(),
+            slots: ConnLimiter::new(
+                MAX_HANDSHAKES_PER_IP,
+                MAX_PENDING_HANDSHAKES,
+                RESERVED_HANDSHAKES,
+            ),
+            trusted: Arc::default(),
+            counters: Arc::default(),
+            backoff_until: None,
+            backoff: ACCEPT_BACKOFF_MIN,
         })
+    }
+
+    /// Share the node's neighbour list (reserved handshake slots) and counters.
+    pub fn with_guards(mut self, trusted: Arc<Trusted>, counters: Arc<NetCounters>) -> Self {
+        self.trusted = trusted;
+        self.counters = counters;
+        self
     }
 
     /// Change the time an incoming handshake may take (default [`DEFAULT_HANDSHAKE_TIMEOUT`]).
@@ -427,24 +509,68 @@ impl Listener {
     /// abandons the handshakes in progress.
     pub async fn accept_incoming(&mut self) -> Result<Incoming, TransportError> {
         loop {
-            let room = self.handshakes.len() < MAX_PENDING_HANDSHAKES;
-            // Never are both branches disabled (select! would panic): the first is disabled
-            // only when no handshake is pending, and then there is room for the second.
+            let backing_off = self.backoff_until;
+            // Never are all branches disabled (select! would panic): either we back off (the
+            // sleep branch) or we accept.
             tokio::select! {
                 biased;
                 Some(done) = self.handshakes.join_next() => {
-                    return done.unwrap_or_else(|e| Err(TransportError::Task(e.to_string())));
+                    let done = done.unwrap_or_else(|e| Err(TransportError::Task(e.to_string())));
+                    if done.is_err() {
+                        NetCounters::bump(&self.counters.tls_failures, Door::Tree);
+                    }
+                    return done;
                 }
-                accepted = self.tcp.accept(), if room => {
-                    let (tcp, addr) = accepted.map_err(TransportError::Accept)?;
+                () = sleep_until_opt(backing_off), if backing_off.is_some() => {
+                    self.backoff_until = None;
+                }
+                accepted = self.tcp.accept(), if backing_off.is_none() => {
+                    let (tcp, addr) = match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            NetCounters::bump(&self.counters.accept_errors, Door::Tree);
+                            self.backoff_until = Some(tokio::time::Instant::now() + self.backoff);
+                            self.backoff = (self.backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                            return Err(TransportError::Accept(e));
+                        }
+                    };
+                    self.backoff = ACCEPT_BACKOFF_MIN;
+                    let trusted = self.trusted.has_ip(&addr.ip());
+                    let slot = match self.slots.try_acquire(addr.ip(), trusted) {
+                        Ok(slot) => slot,
+                        Err(refusal) => {
+                            // Closed at once: costs the sender a TCP handshake, us nothing.
+                            let c = match refusal {
+                                Refusal::PerIp => &self.counters.refused_per_ip,
+                                Refusal::Total => &self.counters.refused_total,
+                            };
+                            NetCounters::bump(c, Door::Tree);
+                            drop(tcp);
+                            continue;
+                        }
+                    };
                     let acceptor = self.acceptor.clone();
                     let timeout = self.handshake_timeout;
                     self.handshakes.spawn(async move {
-                        bounded(addr, timeout, classify(acceptor, tcp, addr)).await
+                        tokio::select! {
+                            res = bounded(addr, timeout, classify(acceptor, tcp, addr)) => res,
+                            () = slot.evicted() => Err(TransportError::Evicted { addr }),
+                        }
                     });
                 }
             }
         }
+    }
+
+    /// Handshakes in progress now.
+    pub fn pending_handshakes(&self) -> usize {
+        self.slots.held()
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
     }
 }
 

@@ -131,6 +131,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Whether part of a frame (header or payload) has arrived and the rest has not.
+    pub fn in_progress(&self) -> bool {
+        self.header_filled > 0
+    }
+
     /// The underlying stream (any partially read frame is lost).
     pub fn into_inner(self) -> R {
         self.inner
@@ -277,8 +282,10 @@ mod tests {
             res = r.read_frame() => panic!("frame cannot be complete yet: {res:?}"),
             () = std::future::ready(()) => {}
         }
+        assert!(r.in_progress());
         a.write_all(b"cde").await.unwrap();
         assert_eq!(within(r.read_frame()).await.unwrap().unwrap(), b"abcde");
+        assert!(!r.in_progress());
     }
 
     proptest! {

@@ -8,6 +8,7 @@
 //!
 //! - [`tls`]: certificates from node keys, pinning verifiers, the rustls configurations (node to
 //!   node with mutual authentication, the HTTPS receptor, command-line clients).
+//! - [`guard`]: connection slots per IP and in total, token buckets, refusal counters.
 //! - [`frame`]: the 4-byte big-endian length-prefixed framing over any async byte stream.
 //! - [`conn`]: [`conn::connect`] and [`conn::Listener`], giving [`conn::PeerConn`]s whose
 //!   halves send and receive frames.
@@ -24,6 +25,7 @@
 pub mod client;
 pub mod conn;
 pub mod frame;
+pub mod guard;
 pub mod localnet;
 pub mod nat;
 pub mod node;

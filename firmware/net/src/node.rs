@@ -20,9 +20,11 @@ use borg_proto::tree::{
     geometry, Action, OrderSeal, Peer, Target, TreeConfig, TreeMsg, TreeNode, TreeStats,
 };
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::conn::{self, Incoming, Listener, PeerWriter, TransportError};
+use crate::frame::{FrameError, MAX_FRAME};
+use crate::guard::{Bucket, ConnLimiter, Door, NetCounters, Refusal, Trusted};
 use crate::nat::{self, NatConfig, NatHandle, NatStatus};
 use crate::relay::RelayHub;
 use crate::tls::TlsIdentity;
@@ -73,6 +75,7 @@ pub(crate) enum Inbound {
         key: PublicKey,
         id: u64,
         writer: mpsc::Sender<Vec<u8>>,
+        queued: Arc<std::sync::atomic::AtomicUsize>,
         /// Set for a first-contact dial to an address.
         dialed_addr: Option<String>,
         /// Where the link's connection comes from (per-IP bounds).
@@ -81,6 +84,8 @@ pub(crate) enum Inbound {
     Frame {
         key: PublicKey,
         bytes: Vec<u8>,
+        /// This frame's share of the inbound byte budgets, given back once it is handled.
+        _budget: InboundBudget,
     },
     Closed {
         key: PublicKey,
@@ -106,6 +111,65 @@ pub(crate) enum Inbound {
     },
 }
 
+/// Permits of the per-link and node-wide inbound byte budgets, in KiB, held by a frame
+/// until the actor has handled it.
+pub(crate) struct InboundBudget {
+    _link: OwnedSemaphorePermit,
+    _node: OwnedSemaphorePermit,
+}
+
+/// Bytes of frames one link may have queued for the actor: four maximal frames. A link that
+/// sends faster than the actor handles its frames waits (its TCP window fills), others don't.
+const LINK_INBOUND_BYTES: usize = 4 * MAX_FRAME;
+/// Bytes of frames all links together may have queued for the actor (the actor queue's
+/// memory bound, on top of the 4,096-event count): 32 MiB is an eighth of a 256 MB Pi.
+const NODE_INBOUND_BYTES: usize = 32 << 20;
+/// Budget unit (permits are KiB, so a u32 count covers any frame).
+const BUDGET_UNIT: usize = 1024;
+
+/// Frames per second a link from a tree neighbour may deliver, with [`TRUSTED_LINK_BURST`]
+/// saved up: far above the tree's own traffic (a few messages per heartbeat) so broadcasts
+/// are never slowed, yet a bound on what one compromised neighbour can make us verify.
+const TRUSTED_LINK_RATE: u32 = 2000;
+const TRUSTED_LINK_BURST: u32 = 4000;
+/// Frames per second a link from any other key may deliver: a joining node or a contact
+/// sends a handful of messages, so 100/s (burst 200) is plenty, and a flooder's link costs at
+/// most 100 signature checks a second. Excess frames wait (backpressure), none is dropped.
+const UNTRUSTED_LINK_RATE: u32 = 100;
+const UNTRUSTED_LINK_BURST: u32 = 200;
+
+/// Accepted links from keys that are not tree neighbours, per source IP and in total. 16
+/// per IP lets a NAT or a relay carry several honest joiners; 256 in all bounds what
+/// strangers hold (fds, buffers) on a node serving a tree of thousands.
+const MAX_UNTRUSTED_LINKS_PER_IP: usize = 16;
+const MAX_UNTRUSTED_LINKS: usize = 256;
+
+/// A frame that has begun to arrive must be complete within two of these (checked once per
+/// period), so a peer cannot hold a link's buffer with a half-sent frame. 15 s moves a 1 MiB
+/// frame at 70 KB/s, slower than any link a node runs on.
+const FRAME_STALL: Duration = Duration::from_secs(15);
+/// Periods of [`FRAME_STALL`] an accepted link from a non-neighbour may stay silent before it
+/// is closed (60 s): neighbours heartbeat, strangers have no reason to idle.
+const UNTRUSTED_IDLE_PERIODS: u32 = 4;
+
+/// Bytes of frames one link's writer may have queued: eight maximal frames. Beyond that a
+/// link is too slow and further frames for it are dropped (counted), not buffered.
+const LINK_OUTBOUND_BYTES: usize = 8 * MAX_FRAME;
+/// Bytes waiting for a connection to one key, and to all keys together.
+const PENDING_BYTES_PER_PEER: usize = 2 * MAX_FRAME;
+const PENDING_BYTES_TOTAL: usize = 16 << 20;
+/// Addresses queued for first-contact dials at once.
+const MAX_PENDING_ADDRS: usize = 64;
+/// Signed addresses remembered for peers (32 B key + ~30 B address each): far more than a
+/// node's neighbourhood, small in memory; when full, unknown peers are not remembered.
+const MAX_PEER_ADDRS: usize = 4096;
+/// How long a LAN node stays in `met` (it is met again after that).
+const MET_RETENTION_MS: u64 = 60_000;
+
+/// Room the sealed envelope of a broadcast needs beside its payload (kind, id, origin key,
+/// addr, ts, nonce, signature and JSON punctuation: under 600 bytes; 4 KiB leaves margin).
+const BCAST_ENVELOPE_OVERHEAD: usize = 4096;
+
 /// What a receptor asks the actor to do (already verified).
 pub(crate) enum ReceptorRequest {
     Broadcast { text: String, origin: Envelope },
@@ -130,6 +194,8 @@ pub struct Metrics {
     pub relay_bytes: u64,
     /// Relay requests refused by the per-IP rate or the waiting bounds (issue 9 item 8).
     pub relay_limited: u64,
+    /// Links that closed (any reason).
+    pub links_closed: u64,
 }
 
 /// The state the monitor shows.
@@ -143,6 +209,10 @@ pub struct Snapshot {
 /// A running node's handles.
 pub struct NodeHandle {
     pub(crate) tx: mpsc::Sender<Inbound>,
+    /// Counters kept outside the actor (listeners, links, receptor).
+    pub counters: Arc<NetCounters>,
+    /// The tree neighbourhood (reserved connection slots).
+    pub trusted: Arc<Trusted>,
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     pub key: SecretKey,
     pub identity: Arc<TlsIdentity>,
@@ -212,6 +282,15 @@ struct Link {
     id: u64,
     writer: mpsc::Sender<Vec<u8>>,
     remote_ip: IpAddr,
+    /// Bytes queued in `writer` and not yet written.
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Frames waiting for a connection, with their total size.
+#[derive(Default)]
+struct PendingQ {
+    frames: VecDeque<Vec<u8>>,
+    bytes: usize,
 }
 
 struct Actor {
@@ -222,8 +301,12 @@ struct Actor {
     replay: ReplayCache,
     links: HashMap<PublicKey, Link>,
     /// Frames waiting for a connection to a key (bounded; delivered when it comes back).
-    pending: HashMap<PublicKey, VecDeque<Vec<u8>>>,
-    pending_addr: HashMap<String, VecDeque<Vec<u8>>>,
+    pending: HashMap<PublicKey, PendingQ>,
+    pending_addr: HashMap<String, PendingQ>,
+    /// Bytes in `pending` and `pending_addr` together.
+    pending_bytes: usize,
+    counters: Arc<NetCounters>,
+    trusted: Arc<Trusted>,
     dialing: HashMap<String, Instant>,
     peer_addrs: HashMap<PublicKey, String>,
     tx: mpsc::Sender<Inbound>,
@@ -247,6 +330,8 @@ struct Actor {
     candidates: watch::Sender<Vec<(Option<PublicKey>, String)>>,
     /// Join deferred until the NAT role is known, at the latest then.
     join_after: Option<Instant>,
+    /// What link tasks share (set once at start).
+    link_ctx: Option<LinkCtx>,
 }
 
 /// How long a node waits for its NAT role before joining anyway.
@@ -268,7 +353,11 @@ const MAX_RELAYED_PER_IP: usize = 16;
 pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
     let key = SecretKey::load_or_create(&cfg.data_dir)?;
     let identity = Arc::new(TlsIdentity::new(&key)?);
-    let listener = Listener::bind(cfg.listen, &identity).await?;
+    let counters = Arc::new(NetCounters::default());
+    let trusted = Arc::new(Trusted::default());
+    let listener = Listener::bind(cfg.listen, &identity)
+        .await?
+        .with_guards(trusted.clone(), counters.clone());
     let (tx, rx) = mpsc::channel::<Inbound>(4096);
     let public_ip = match cfg.advertise {
         Some(ip) if cfg.listen.ip().is_unspecified() => ip,
@@ -318,6 +407,9 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
         links: HashMap::new(),
         pending: HashMap::new(),
         pending_addr: HashMap::new(),
+        pending_bytes: 0,
+        counters: counters.clone(),
+        trusted: trusted.clone(),
         dialing: HashMap::new(),
         peer_addrs: HashMap::new(),
         tx: tx.clone(),
@@ -334,10 +426,18 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
         met: HashMap::new(),
         candidates: candidates_tx,
         join_after: None,
+        link_ctx: None,
     };
+    let links = LinkCtx {
+        tx: tx.clone(),
+        counters: counters.clone(),
+        trusted: trusted.clone(),
+        node_budget: Arc::new(Semaphore::new(NODE_INBOUND_BYTES / BUDGET_UNIT)),
+    };
+    actor.link_ctx = Some(links.clone());
     tokio::spawn(accept_loop(
         listener,
-        tx.clone(),
+        links,
         relay_hub.clone(),
         nat.as_ref().map(|n| n.probe_ctx.clone()),
     ));
@@ -358,6 +458,8 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
     tokio::spawn(actor.run(rx));
     Ok(NodeHandle {
         tx,
+        counters,
+        trusted,
         snapshot: snap_rx,
         key,
         identity,
@@ -366,21 +468,52 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
     })
 }
 
+/// What every link task shares: the way into the actor, counters, the neighbourhood and
+/// the node-wide inbound byte budget.
+#[derive(Clone)]
+pub(crate) struct LinkCtx {
+    tx: mpsc::Sender<Inbound>,
+    counters: Arc<NetCounters>,
+    trusted: Arc<Trusted>,
+    node_budget: Arc<Semaphore>,
+}
+
 async fn accept_loop(
     mut listener: Listener,
-    tx: mpsc::Sender<Inbound>,
+    ctx: LinkCtx,
     hub: Arc<RelayHub>,
     probes: Option<Arc<nat::ProbeCtx>>,
 ) {
+    let strangers = ConnLimiter::new(MAX_UNTRUSTED_LINKS_PER_IP, MAX_UNTRUSTED_LINKS, 0);
     loop {
         match listener.accept_incoming().await {
             Ok(Incoming::Peer(conn)) => {
                 let key = conn.peer_key();
-                spawn_link(conn, key, None, tx.clone());
+                let slot = if ctx.trusted.has_key(&key) {
+                    None
+                } else {
+                    match strangers.try_acquire(conn.remote_addr().ip(), false) {
+                        Ok(slot) => Some(slot),
+                        Err(refusal) => {
+                            let c = match refusal {
+                                Refusal::PerIp => &ctx.counters.refused_per_ip,
+                                Refusal::Total => &ctx.counters.refused_total,
+                            };
+                            NetCounters::bump(c, Door::Tree);
+                            continue;
+                        }
+                    }
+                };
+                let remote_ip = conn.remote_addr().ip();
+                let (mut reader, writer) = conn.into_split();
+                if let Some(slot) = slot {
+                    reader.hold(slot);
+                }
+                spawn_link(reader, writer, key, remote_ip, None, ctx.clone());
             }
             Ok(Incoming::Probe(conn)) => {
-                if let Some(ctx) = probes.clone() {
-                    tokio::spawn(nat::answer_probe(ctx, conn));
+                if let Some(probe_ctx) = probes.clone() {
+                    tokio::spawn(nat::answer_probe(probe_ctx, conn));
                 }
             }
             Ok(Incoming::RelayConnect { tcp, target, from }) => {
@@ -393,7 +526,7 @@ async fn accept_loop(
                         continue;
                     }
                 };
-                let (tx, hub) = (tx.clone(), hub.clone());
+                let (tx, hub) = (ctx.tx.clone(), hub.clone());
                 tokio::spawn(async move {
                     let (reply, rx) = oneshot::channel();
                     if tx
@@ -421,7 +554,8 @@ async fn accept_loop(
                     e,
                     TransportError::Handshake { .. } | TransportError::PeerKey { .. }
                 ) {
-                    let _ = tx.send(Inbound::FrameError { code: "handshake" }).await;
+                    // Never wait on the actor for this: a handshake flood must not queue up.
+                    let _ = ctx.tx.try_send(Inbound::FrameError { code: "handshake" });
                 }
             }
         }
@@ -430,24 +564,38 @@ async fn accept_loop(
 
 static LINK_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
+fn spawn_link_conn(conn: conn::PeerConn, dialed_addr: Option<String>, ctx: LinkCtx) {
+    let key = conn.peer_key();
+    let remote_ip = conn.remote_addr().ip();
+    let (reader, writer) = conn.into_split();
+    spawn_link(reader, writer, key, remote_ip, dialed_addr, ctx);
+}
+
 fn spawn_link(
-    conn: conn::PeerConn,
+    mut reader: conn::PeerReader,
+    writer: PeerWriter,
     key: PublicKey,
+    remote_ip: IpAddr,
     dialed_addr: Option<String>,
-    tx: mpsc::Sender<Inbound>,
+    ctx: LinkCtx,
 ) {
     let id = LINK_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let remote_ip = conn.remote_addr().ip();
-    let (mut reader, writer) = conn.into_split();
     let (wtx, wrx) = mpsc::channel::<Vec<u8>>(OUTBOUND_QUEUE);
-    tokio::spawn(write_loop(writer, wrx));
-    let tx2 = tx.clone();
+    let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn(write_loop(
+        writer,
+        wrx,
+        queued.clone(),
+        ctx.counters.clone(),
+    ));
     tokio::spawn(async move {
+        let tx2 = ctx.tx.clone();
         if tx2
             .send(Inbound::Connected {
                 key,
                 id,
                 writer: wtx,
+                queued,
                 dialed_addr,
                 remote_ip,
             })
@@ -456,17 +604,87 @@ fn spawn_link(
         {
             return;
         }
+        let link_budget = Arc::new(Semaphore::new(LINK_INBOUND_BYTES / BUDGET_UNIT));
+        let trusted_at_start = ctx.trusted.has_key(&key);
+        let (rate, burst) = if trusted_at_start {
+            (TRUSTED_LINK_RATE, TRUSTED_LINK_BURST)
+        } else {
+            (UNTRUSTED_LINK_RATE, UNTRUSTED_LINK_BURST)
+        };
+        let mut bucket = Bucket::new(rate, burst, Instant::now());
+        let mut upgraded = trusted_at_start;
+        let mut stalled = false;
+        let mut idle_periods = 0u32;
+        let slot = reader.take_slot();
+        let evicted = async {
+            match slot.as_ref() {
+                Some(slot) => slot.evicted().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(evicted);
         loop {
-            match reader.recv().await {
+            let next = tokio::select! {
+                next = tokio::time::timeout(FRAME_STALL, reader.recv()) => next,
+                () = &mut evicted => break,
+            };
+            let got = match next {
+                Ok(got) => got,
+                Err(_) => {
+                    let trusted = ctx.trusted.has_key(&key);
+                    if reader.frame_in_progress() {
+                        if stalled {
+                            tracing::debug!("{}: half-sent frame stalled", key.short());
+                            let _ = tx2.try_send(Inbound::FrameError { code: "timeout" });
+                            break;
+                        }
+                        stalled = true;
+                    } else if !trusted {
+                        idle_periods += 1;
+                        if idle_periods >= UNTRUSTED_IDLE_PERIODS {
+                            break;
+                        }
+                    }
+                    continue;
+                }
+            };
+            stalled = false;
+            idle_periods = 0;
+            match got {
                 Ok(Some(bytes)) => {
-                    if tx2.send(Inbound::Frame { key, bytes }).await.is_err() {
+                    if !upgraded && ctx.trusted.has_key(&key) {
+                        // Became a neighbour: the neighbour's rate from now on.
+                        bucket = Bucket::new(TRUSTED_LINK_RATE, TRUSTED_LINK_BURST, Instant::now());
+                        upgraded = true;
+                    }
+                    let wait = bucket.take_or_wait(Instant::now());
+                    if !wait.is_zero() {
+                        NetCounters::bump(&ctx.counters.rate_limited, Door::Tree);
+                        tokio::time::sleep(wait).await;
+                    }
+                    let units = u32::try_from(bytes.len() / BUDGET_UNIT + 1).unwrap_or(u32::MAX);
+                    let Ok(link) = link_budget.clone().acquire_many_owned(units).await else {
+                        break;
+                    };
+                    let Ok(node) = ctx.node_budget.clone().acquire_many_owned(units).await else {
+                        break;
+                    };
+                    let ev = Inbound::Frame {
+                        key,
+                        bytes,
+                        _budget: InboundBudget {
+                            _link: link,
+                            _node: node,
+                        },
+                    };
+                    if tx2.send(ev).await.is_err() {
                         return;
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
                     let code = match e {
-                        crate::frame::FrameError::TooLarge { .. } => "too_large",
+                        FrameError::TooLarge { .. } => "too_large",
                         _ => "malformed",
                     };
                     let _ = tx2.send(Inbound::FrameError { code }).await;
@@ -478,10 +696,24 @@ fn spawn_link(
     });
 }
 
-async fn write_loop(mut writer: PeerWriter, mut rx: mpsc::Receiver<Vec<u8>>) {
+/// Write queued frames in order. A frame the framing refuses as too large is dropped and
+/// counted; the link stays up for the next one. Any other error ends the link.
+async fn write_loop(
+    mut writer: PeerWriter,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+    counters: Arc<NetCounters>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
     while let Some(frame) = rx.recv().await {
-        if writer.send(&frame).await.is_err() {
-            break;
+        let res = writer.send(&frame).await;
+        queued.fetch_sub(frame.len(), Relaxed);
+        match res {
+            Ok(()) => {}
+            Err(FrameError::TooLarge { .. }) => {
+                counters.oversize_outbound.fetch_add(1, Relaxed);
+            }
+            Err(_) => break,
         }
     }
     let _ = writer.shutdown().await;
@@ -534,6 +766,7 @@ impl Actor {
                 key,
                 id,
                 writer,
+                queued,
                 dialed_addr,
                 remote_ip,
             } => {
@@ -543,37 +776,57 @@ impl Actor {
                         id,
                         writer,
                         remote_ip,
+                        queued,
                     },
                 );
                 if let Some(addr) = dialed_addr {
                     self.tree.contact_answered(&addr, key);
                     self.dialing.remove(&addr);
                     if let Some(q) = self.pending_addr.remove(&addr) {
-                        for f in q {
+                        self.pending_bytes = self.pending_bytes.saturating_sub(q.bytes);
+                        for f in q.frames {
                             self.write(&key, f);
                         }
                     }
                 }
                 if let Some(q) = self.pending.remove(&key) {
-                    for f in q {
+                    self.pending_bytes = self.pending_bytes.saturating_sub(q.bytes);
+                    for f in q.frames {
                         self.write(&key, f);
                     }
                 }
             }
-            Inbound::Frame { key, bytes } => self.on_frame(key, bytes),
+            Inbound::Frame {
+                key,
+                bytes,
+                _budget,
+            } => self.on_frame(key, bytes),
             Inbound::Closed { key, id } => {
                 if self.links.get(&key).is_some_and(|l| l.id == id) {
                     self.links.remove(&key);
                     // A registration is only good with its link (open_relay needs it).
                     self.relayed_for.remove(&key);
+                    self.metrics.links_closed += 1;
+                    // Forget what a stranger told us; neighbours' addresses stay for redials.
+                    if !self.trusted.has_key(&key) {
+                        self.peer_addrs.remove(&key);
+                    }
                     self.tree.link_down(now_ms(), &key);
                 }
             }
             Inbound::DialFailed { key, addr } => {
                 self.metrics.dial_failures += 1;
                 self.dialing.remove(&addr);
-                self.pending_addr.remove(&addr);
+                if let Some(q) = self.pending_addr.remove(&addr) {
+                    self.pending_bytes = self.pending_bytes.saturating_sub(q.bytes);
+                }
                 if let Some(key) = key {
+                    if let Some(q) = self.pending.remove(&key) {
+                        self.pending_bytes = self.pending_bytes.saturating_sub(q.bytes);
+                    }
+                    if !self.trusted.has_key(&key) {
+                        self.peer_addrs.remove(&key);
+                    }
                     self.tree.link_down(now_ms(), &key);
                 }
             }
@@ -647,6 +900,8 @@ impl Actor {
     fn relay_tick(&mut self) {
         let now = now_ms();
         self.relayed_for.retain(|_, until| *until > now);
+        self.met
+            .retain(|_, at| now.saturating_sub(*at) <= MET_RETENTION_MS);
         let Some((relay, last)) = self.my_relay else {
             return;
         };
@@ -718,13 +973,12 @@ impl Actor {
                     return self.reject("forbidden");
                 };
                 let identity = self.identity.clone();
-                let tx = self.tx.clone();
+                let Some(ctx) = self.link_ctx.clone() else {
+                    return;
+                };
                 tokio::spawn(async move {
                     match conn::accept_via(relay.dial, &token, &identity, DIAL_TIMEOUT).await {
-                        Ok(c) => {
-                            let k = c.peer_key();
-                            spawn_link(c, k, None, tx);
-                        }
+                        Ok(c) => spawn_link_conn(c, None, ctx),
                         Err(e) => tracing::debug!("answering relay {}: {e}", relay.dial),
                     }
                 });
@@ -759,7 +1013,9 @@ impl Actor {
             return self.reject("forbidden");
         }
         if let Some(addr) = env.addr.clone() {
-            if self.peer_addrs.get(&env.from) != Some(&addr) {
+            let room =
+                self.peer_addrs.len() < MAX_PEER_ADDRS || self.peer_addrs.contains_key(&env.from);
+            if room && self.peer_addrs.get(&env.from) != Some(&addr) {
                 self.tree.peer_addr_changed(&env.from, &addr);
                 self.peer_addrs.insert(env.from, addr);
             }
@@ -791,6 +1047,19 @@ impl Actor {
                     "text": text,
                     "origin_env": String::from_utf8_lossy(&origin.to_bytes()),
                 });
+                // Escaping the origin envelope into the payload can double its size (or
+                // more): refuse here what could not travel as one frame.
+                let size = payload.to_string().len() + BCAST_ENVELOPE_OVERHEAD;
+                if size > envelope::MAX_ENVELOPE_BYTES.min(MAX_FRAME) {
+                    return Err((
+                        413,
+                        "too_large",
+                        format!(
+                            "this broadcast would be a {size}-byte message; the limit is {}",
+                            envelope::MAX_ENVELOPE_BYTES
+                        ),
+                    ));
+                }
                 let id = self.tree.broadcast(payload);
                 Ok(json!({ "id": id }))
             }
@@ -835,6 +1104,13 @@ impl Actor {
     }
 
     fn send_frame(&mut self, to: Target, frame: Vec<u8>) {
+        if frame.len() > MAX_FRAME {
+            // Never queued, so it can never take a link down.
+            self.counters
+                .oversize_outbound
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
         match to {
             Target::Key(key) => {
                 if self.links.contains_key(&key) {
@@ -846,36 +1122,77 @@ impl Actor {
                     self.write(&peer.key, frame);
                     return;
                 }
-                let q = self.pending.entry(peer.key).or_default();
-                if q.len() >= OUTBOUND_QUEUE {
-                    q.pop_front();
-                    self.metrics.dropped_outbound += 1;
-                }
-                q.push_back(frame);
+                self.queue_pending(peer.key, frame);
                 // The freshest address is the one the peer itself signed last.
                 let addr = self.peer_addrs.get(&peer.key).cloned().unwrap_or(peer.addr);
                 self.dial(Some(peer.key), addr);
             }
             Target::Addr(addr) => {
+                let room = self.pending_addr.len() < MAX_PENDING_ADDRS
+                    || self.pending_addr.contains_key(&addr);
+                if !room || self.pending_bytes + frame.len() > PENDING_BYTES_TOTAL {
+                    self.metrics.dropped_outbound += 1;
+                    return;
+                }
                 let q = self.pending_addr.entry(addr.clone()).or_default();
-                if q.len() < OUTBOUND_QUEUE {
-                    q.push_back(frame);
+                if q.frames.len() < OUTBOUND_QUEUE
+                    && q.bytes + frame.len() <= PENDING_BYTES_PER_PEER
+                {
+                    q.bytes += frame.len();
+                    self.pending_bytes += frame.len();
+                    q.frames.push_back(frame);
+                } else {
+                    self.metrics.dropped_outbound += 1;
                 }
                 self.dial(None, addr);
             }
         }
     }
 
+    /// Keep `frame` for when a link to `key` is up, within the per-peer and total byte
+    /// budgets: the oldest frames for that peer go first.
+    fn queue_pending(&mut self, key: PublicKey, frame: Vec<u8>) {
+        let q = self.pending.entry(key).or_default();
+        while !q.frames.is_empty()
+            && (q.frames.len() >= OUTBOUND_QUEUE
+                || q.bytes + frame.len() > PENDING_BYTES_PER_PEER
+                || self.pending_bytes + frame.len() > PENDING_BYTES_TOTAL)
+        {
+            if let Some(old) = q.frames.pop_front() {
+                q.bytes -= old.len();
+                self.pending_bytes -= old.len();
+                self.metrics.dropped_outbound += 1;
+            }
+        }
+        if self.pending_bytes + frame.len() > PENDING_BYTES_TOTAL {
+            self.metrics.dropped_outbound += 1;
+            return;
+        }
+        q.bytes += frame.len();
+        self.pending_bytes += frame.len();
+        q.frames.push_back(frame);
+    }
+
     fn write(&mut self, key: &PublicKey, frame: Vec<u8>) {
+        use std::sync::atomic::Ordering::Relaxed;
         let Some(link) = self.links.get(key) else {
             return;
         };
+        let len = frame.len();
+        if link.queued.load(Relaxed) + len > LINK_OUTBOUND_BYTES {
+            self.metrics.dropped_outbound += 1;
+            return;
+        }
+        link.queued.fetch_add(len, Relaxed);
         match link.writer.try_send(frame) {
             Ok(()) => self.metrics.frames_out += 1,
-            Err(mpsc::error::TrySendError::Full(_)) => self.metrics.dropped_outbound += 1,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                link.queued.fetch_sub(len, Relaxed);
+                self.metrics.dropped_outbound += 1;
+            }
             Err(mpsc::error::TrySendError::Closed(frame)) => {
                 self.links.remove(key);
-                self.pending.entry(*key).or_default().push_back(frame);
+                self.queue_pending(*key, frame);
             }
         }
     }
@@ -912,6 +1229,9 @@ impl Actor {
         self.metrics.dials += 1;
         let identity = self.identity.clone();
         let tx = self.tx.clone();
+        let Some(ctx) = self.link_ctx.clone() else {
+            return;
+        };
         tokio::spawn(async move {
             let result = match route {
                 (_, PeerAddr::Relayed { relay, target }) => {
@@ -925,10 +1245,7 @@ impl Actor {
                 }
             };
             match result {
-                Ok(c) => {
-                    let k = c.peer_key();
-                    spawn_link(c, k, Some(addr), tx);
-                }
+                Ok(c) => spawn_link_conn(c, Some(addr), ctx),
                 Err(e) => {
                     tracing::debug!("dial {addr} failed: {e}");
                     let _ = tx.send(Inbound::DialFailed { key, addr }).await;
@@ -1010,6 +1327,25 @@ impl Actor {
         for c in &view.children {
             add(&c.peer);
         }
+        // The neighbourhood gets the reserved connection slots and the neighbour's rate.
+        let mut keys = std::collections::HashSet::new();
+        let mut ips = std::collections::HashSet::new();
+        ips.insert(self.cfg.listen.ip());
+        for (k, a) in cands.iter().skip(self.cfg.join.len()) {
+            if let Some(k) = k {
+                keys.insert(*k);
+            }
+            match a.parse::<PeerAddr>() {
+                Ok(PeerAddr::Direct(sock)) => {
+                    ips.insert(sock.ip());
+                }
+                Ok(PeerAddr::Relayed { relay, .. }) => {
+                    ips.insert(relay.ip());
+                }
+                Err(_) => {}
+            }
+        }
+        self.trusted.set(keys, ips);
         self.candidates.send_if_modified(|old| {
             if *old != cands {
                 *old = cands;
@@ -1058,8 +1394,8 @@ impl NodeHandle {
     }
 }
 
-/// Render Prometheus text for a snapshot.
-pub fn render_metrics(s: &Snapshot) -> String {
+/// Render Prometheus text for a snapshot and the counters kept outside the actor.
+pub fn render_metrics(s: &Snapshot, net: &NetCounters) -> String {
     let mut out = String::new();
     let t = &s.tree;
     let m = &s.metrics;
@@ -1073,6 +1409,8 @@ pub fn render_metrics(s: &Snapshot) -> String {
         "unknown_kind",
         "forbidden",
         "handshake",
+        "rate_limited",
+        "timeout",
     ] {
         let v = m.rejected.get(code).copied().unwrap_or(0);
         out.push_str(&format!("borg_rejected_total{{reason=\"{code}\"}} {v}\n"));
@@ -1193,6 +1531,17 @@ pub fn render_metrics(s: &Snapshot) -> String {
             ));
         }
     }
+    out.push_str(&format!(
+        "# HELP borg_links_closed_total Node-to-node links that closed.\n# TYPE borg_links_closed_total counter\nborg_links_closed_total {}\n",
+        m.links_closed
+    ));
+    let links = s
+        .status
+        .get("connections")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    out.push_str(&format!("# HELP borg_links Node-to-node links open now.\n# TYPE borg_links gauge\nborg_links {links}\n"));
+    out.push_str(&net.render());
     let size = s.status.get("size").and_then(|v| v.as_u64()).unwrap_or(0);
     out.push_str(&format!("# HELP borg_tree_size Tree size as this node knows it.\n# TYPE borg_tree_size gauge\nborg_tree_size {size}\n"));
     out

@@ -52,6 +52,14 @@ pub const NONCE_LEN: usize = 12;
 /// A sensible [`ReplayCache`] size for one cell process: at the 60 s retention this absorbs
 /// a sustained ~1600 envelopes per second, in about 10 MB.
 pub const DEFAULT_REPLAY_CAPACITY: usize = 100_000;
+/// Part of a default [`ReplayCache`] kept for quiet senders: once only this much room is
+/// left, senders holding [`QUIET_SENDER_ENTRIES`] or more are refused. An eighth (12,500
+/// entries) holds about 50 quiet senders at their full share.
+pub const DEFAULT_REPLAY_RESERVE: usize = DEFAULT_REPLAY_CAPACITY / 8;
+/// Entries a "quiet" sender holds at most: 256 in the 60 s retention is a sustained ~4
+/// envelopes per second, above a tree neighbour's heartbeats and orders (about one per
+/// heartbeat) but far below a flood.
+pub const QUIET_SENDER_ENTRIES: u32 = 256;
 /// How long the replay cache remembers a nonce after its `ts`: twice the skew window, so a
 /// receiver clock that steps back by up to [`MAX_CLOCK_SKEW_MS`] cannot reopen the window
 /// for an envelope that was already forgotten.
@@ -138,6 +146,10 @@ pub enum EnvelopeError {
     /// (see [`ReplayCache`]).
     #[error("envelope was already received (replay), or the replay cache is full")]
     Replay,
+    /// The replay cache is nearly full and this sender already holds more than a quiet
+    /// sender's share of it: the flooder is refused, quiet senders still get through.
+    #[error("sender is over its share of the replay cache; slow down")]
+    RateLimited,
 }
 
 impl EnvelopeError {
@@ -149,6 +161,7 @@ impl EnvelopeError {
             EnvelopeError::BadSignature => "bad_signature",
             EnvelopeError::Stale { .. } => "stale",
             EnvelopeError::Replay => "replay",
+            EnvelopeError::RateLimited => "rate_limited",
         }
     }
 }
@@ -228,8 +241,10 @@ pub fn open(
 ) -> Result<Verified<Envelope>, EnvelopeError> {
     let envelope = verify_signature_only(bytes)?.into_inner();
     check_time(envelope.ts, now_ms)?;
-    if !replay.check_and_insert(&envelope.from, &envelope.nonce, envelope.ts, now_ms) {
-        return Err(EnvelopeError::Replay);
+    match replay.check(&envelope.from, &envelope.nonce, envelope.ts, now_ms) {
+        ReplayCheck::Fresh => {}
+        ReplayCheck::Replay | ReplayCheck::Full => return Err(EnvelopeError::Replay),
+        ReplayCheck::OverShare => return Err(EnvelopeError::RateLimited),
     }
     Ok(Verified::new(envelope))
 }
@@ -353,41 +368,68 @@ fn decode_b64<const N: usize>(text: &str, name: &'static str) -> Result<[u8; N],
 ///
 /// Envelopes outside the ±[`MAX_CLOCK_SKEW_MS`] window are refused as stale anyway, so a
 /// pair only has to be remembered while its `ts` could still pass the window. Memory is
-/// bounded by `capacity` entries of a 32-byte digest and an expiry time each.
+/// bounded by `capacity` entries of a 32-byte digest, an expiry time and the sender each.
 ///
 /// **When full, the cache fails closed:** new pairs are refused (reported as
 /// [`EnvelopeError::Replay`]) until entries expire, rather than evicting unexpired entries,
-/// which would let an attacker who floods the cache replay older envelopes. The cost is
-/// availability under a flood of validly signed envelopes (keys are free to make), so the
-/// transport must rate-limit peers; callers can tell this case apart with
-/// [`ReplayCache::is_full`] and answer `unavailable` instead of `replay`.
+/// which would let an attacker who floods the cache replay older envelopes. So that one
+/// flooding sender cannot lock everybody else out, the last `reserve` entries are kept for
+/// quiet senders: once the cache is that full, a sender already holding
+/// [`QUIET_SENDER_ENTRIES`] or more is refused ([`ReplayCheck::OverShare`], reported as
+/// [`EnvelopeError::RateLimited`]) while the others still get in. Keys are free to make, so
+/// the transport must still rate-limit connections; this only makes a flood cost the
+/// flooder first.
 #[derive(Debug)]
 pub struct ReplayCache {
     capacity: usize,
-    /// Digest of (from, nonce) -> time after which the entry may be forgotten.
-    seen: HashMap<[u8; 32], u64>,
+    reserve: usize,
+    /// Digest of (from, nonce) -> (time after which the entry may be forgotten, sender).
+    seen: HashMap<[u8; 32], (u64, PublicKey)>,
     /// The same entries ordered by expiry, earliest first.
     expiry: BinaryHeap<Reverse<(u64, [u8; 32])>>,
+    /// Entries held per sender.
+    per_sender: HashMap<PublicKey, u32>,
+}
+
+/// What [`ReplayCache::check`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayCheck {
+    /// Not seen before; now recorded.
+    Fresh,
+    /// Seen before inside the window.
+    Replay,
+    /// The reserve is reached and this sender is not quiet.
+    OverShare,
+    /// No room at all.
+    Full,
 }
 
 impl Default for ReplayCache {
     fn default() -> Self {
-        Self::new(DEFAULT_REPLAY_CAPACITY)
+        Self::with_reserve(DEFAULT_REPLAY_CAPACITY, DEFAULT_REPLAY_RESERVE)
     }
 }
 
 impl ReplayCache {
+    /// A cache of `capacity` entries with no reserve for quiet senders.
     pub fn new(capacity: usize) -> Self {
+        Self::with_reserve(capacity, 0)
+    }
+
+    /// A cache of `capacity` entries whose last `reserve` are kept for quiet senders.
+    pub fn with_reserve(capacity: usize, reserve: usize) -> Self {
         Self {
             capacity,
+            reserve: reserve.min(capacity),
             seen: HashMap::new(),
             expiry: BinaryHeap::new(),
+            per_sender: HashMap::new(),
         }
     }
 
     /// Record `(from, nonce)` and return true if it was not seen before (the envelope may be
-    /// accepted); return false if it is a replay or the cache is full. Expired entries are
-    /// dropped first, so a full cache frees up as time passes.
+    /// accepted); return false if it is a replay or there is no room for it (see
+    /// [`ReplayCache::check`]).
     pub fn check_and_insert(
         &mut self,
         from: &PublicKey,
@@ -395,15 +437,32 @@ impl ReplayCache {
         ts: u64,
         now_ms: u64,
     ) -> bool {
+        self.check(from, nonce, ts, now_ms) == ReplayCheck::Fresh
+    }
+
+    /// Record `(from, nonce)` if it is new and there is room for this sender. Expired
+    /// entries are dropped first, so a full cache frees up as time passes.
+    pub fn check(&mut self, from: &PublicKey, nonce: &str, ts: u64, now_ms: u64) -> ReplayCheck {
         self.prune(now_ms);
         let key = Self::digest(from, nonce);
-        if self.seen.contains_key(&key) || self.seen.len() >= self.capacity {
-            return false;
+        if self.seen.contains_key(&key) {
+            return ReplayCheck::Replay;
+        }
+        if self.seen.len() >= self.capacity {
+            return ReplayCheck::Full;
+        }
+        let held = self.per_sender.get(from).copied().unwrap_or(0);
+        if self.seen.len() >= self.capacity - self.reserve
+            && self.reserve > 0
+            && held >= QUIET_SENDER_ENTRIES
+        {
+            return ReplayCheck::OverShare;
         }
         let expires = ts.saturating_add(REPLAY_RETENTION_MS);
-        self.seen.insert(key, expires);
+        self.seen.insert(key, (expires, *from));
         self.expiry.push(Reverse((expires, key)));
-        true
+        *self.per_sender.entry(*from).or_insert(0) += 1;
+        ReplayCheck::Fresh
     }
 
     /// Entries currently remembered (including any not yet pruned).
@@ -419,6 +478,11 @@ impl ReplayCache {
         self.capacity
     }
 
+    /// Entries `from` holds now.
+    pub fn held_by(&self, from: &PublicKey) -> u32 {
+        self.per_sender.get(from).copied().unwrap_or(0)
+    }
+
     /// True when no new pair can be accepted until something expires.
     pub fn is_full(&self) -> bool {
         self.seen.len() >= self.capacity
@@ -431,7 +495,14 @@ impl ReplayCache {
                 break;
             }
             self.expiry.pop();
-            self.seen.remove(&key);
+            if let Some((_, sender)) = self.seen.remove(&key) {
+                if let Some(n) = self.per_sender.get_mut(&sender) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.per_sender.remove(&sender);
+                    }
+                }
+            }
         }
     }
 
@@ -957,6 +1028,46 @@ mod tests {
         assert!(cache.is_empty());
         assert!(!ReplayCache::new(0).check_and_insert(&a, "n", NOW, NOW));
         assert_eq!(ReplayCache::default().capacity(), DEFAULT_REPLAY_CAPACITY);
+    }
+
+    #[test]
+    fn a_flooding_sender_is_refused_before_quiet_ones_are() {
+        let (flooder, quiet) = (key(7).public(), key(8).public());
+        let mut cache = ReplayCache::with_reserve(1000, 300);
+        let mut refused_at = None;
+        for i in 0..2000u64 {
+            match cache.check(&flooder, &format!("f{i}"), NOW, NOW) {
+                ReplayCheck::Fresh => {}
+                ReplayCheck::OverShare => {
+                    refused_at = Some(i);
+                    break;
+                }
+                other => panic!("flooder got {other:?} at {i}"),
+            }
+        }
+        // The flooder filled the cache up to the reserve and no further.
+        assert_eq!(refused_at, Some(700));
+        assert_eq!(cache.held_by(&flooder), 700);
+        // A quiet sender still gets its share of the reserve, then is refused too.
+        for i in 0..QUIET_SENDER_ENTRIES {
+            assert_eq!(
+                cache.check(&quiet, &format!("q{i}"), NOW, NOW),
+                ReplayCheck::Fresh
+            );
+        }
+        assert_eq!(
+            cache.check(&quiet, "one more", NOW, NOW),
+            ReplayCheck::OverShare
+        );
+        // Replays stay replays, and entries expire for everyone.
+        assert_eq!(cache.check(&quiet, "q0", NOW, NOW), ReplayCheck::Replay);
+        let later = NOW + REPLAY_RETENTION_MS + 1;
+        assert_eq!(
+            cache.check(&flooder, "fresh", later, later),
+            ReplayCheck::Fresh
+        );
+        assert_eq!(cache.held_by(&quiet), 0);
+        assert_eq!(cache.held_by(&flooder), 1);
     }
 
     #[test]

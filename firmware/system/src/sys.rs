@@ -34,6 +34,44 @@ pub fn getpid() -> i32 {
     std::process::id() as i32
 }
 
+/// File descriptors a node wants as its soft limit: the connection caps of the tree port
+/// (64 + 16 handshakes, 256 strangers' links, neighbours), receptor and monitor (72 each),
+/// dials and files add up to well under 1,000; 4,096 leaves room and is a common hard limit.
+pub const WANTED_NOFILE: u64 = 4096;
+
+/// Raise the soft `RLIMIT_NOFILE` to `min(wanted, hard limit)` (never lowers it). Returns
+/// the soft limit in force afterwards.
+// rlim_t is u64 here but u32 on some 32-bit targets: the casts are needed there.
+#[allow(clippy::unnecessary_cast)]
+pub fn raise_nofile_limit(wanted: u64) -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit that outlives the call.
+    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    let target = (wanted as libc::rlim_t).min(lim.rlim_max);
+    if target <= lim.rlim_cur {
+        return Ok(lim.rlim_cur as u64);
+    }
+    lim.rlim_cur = target;
+    // SAFETY: `lim` is a valid rlimit with rlim_cur <= rlim_max, read during the call only.
+    check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
+    Ok(target as u64)
+}
+
+#[cfg(test)]
+mod nofile_tests {
+    #[test]
+    fn nofile_limit_is_raised_up_to_the_hard_limit_and_never_lowered() {
+        let now = super::raise_nofile_limit(0).unwrap();
+        assert!(now > 0);
+        // Asking for less changes nothing; asking for more gives at least what we had.
+        assert_eq!(super::raise_nofile_limit(1).unwrap(), now);
+        assert!(super::raise_nofile_limit(super::WANTED_NOFILE).unwrap() >= now);
+    }
+}
+
 /// Real user id of this process.
 pub fn getuid() -> u32 {
     // SAFETY: getuid has no preconditions and cannot fail.
