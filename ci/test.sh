@@ -21,7 +21,8 @@ cargo build -p borg
 
 stage "unit, simulation, property and multi-process tests"
 # The process tests use distinct 127.x subnets, so test binaries may run side by side.
-cargo test --workspace -- --test-threads=2
+# --no-fail-fast: one run reports every failing test binary, not only the first.
+cargo test --workspace --no-fail-fast -- --test-threads=2
 
 if [ -z "${BORG_SKIP_QEMU:-}" ]; then
   stage "aarch64 image (kernel + initramfs + data disk, and the Pi 4 SD image)"

@@ -114,6 +114,25 @@ impl NsNodes {
         serde_json::from_slice(&out.stdout).ok()
     }
 
+    /// The monitor's `/metrics` text of node `name`, fetched in its namespace (curl).
+    pub fn metrics(&self, name: &str) -> String {
+        let Some(n) = self.nodes.get(name) else {
+            return String::new();
+        };
+        let mut cmd = n.ns.command("curl");
+        cmd.args([
+            "-s",
+            "-m",
+            "5",
+            &format!("http://{}:13310/metrics", n.ns.ip),
+        ]);
+        run_with_deadline(&mut cmd, None, CLI_DEADLINE)
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
     pub fn role(&self, name: &str) -> Option<String> {
         self.status(name)?["nat_role"].as_str().map(String::from)
     }

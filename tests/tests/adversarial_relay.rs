@@ -37,7 +37,7 @@ use borg_proto::identity::{PublicKey, SecretKey};
 use borg_proto::reach::msg::ReachMsg;
 use borg_tests::natnet::NsNodes;
 use borg_tests::netns::{self, InNs, Topology};
-use borg_tests::wait_for;
+use borg_tests::{metric, wait_for};
 
 const HB_MS: u64 = 500;
 const K: u64 = 1;
@@ -213,17 +213,28 @@ fn a_relay_request_flood_costs_the_flooder_and_the_relay_still_works() {
     // the requests still in P1's listener when the attacker's clock stopped).
     let may_admit = (ATTACKER_BURST + ATTACKER_RATE * (flood_ms as f64 / 1000.0 + 1.0)) as u64;
     println!("flood of {sent} requests took {flood_ms} ms: P1 may admit {may_admit}");
-    // P1 refused the rest before they cost anything.
-    let limited = wait_for(Duration::from_secs(20), Duration::from_millis(200), || {
-        let l = nodes.status("p1")?["relay_limited"].as_u64()?;
-        (l + may_admit >= sent as u64).then_some(l)
+    // P1 refused the rest before they cost anything: at the tree port's per-IP connection
+    // cap (before the request line is even read), or by the relay's own request bounds.
+    let refused = || {
+        let limited = nodes.status("p1")?["relay_limited"].as_u64()?;
+        let m = nodes.metrics("p1");
+        let at_door = metric(&m, "borg_connections_refused_per_ip_total{door=\"tree\"}")?
+            + metric(&m, "borg_connections_refused_total{door=\"tree\"}")?;
+        Some((limited, at_door))
+    };
+    let got = wait_for(Duration::from_secs(20), Duration::from_millis(200), || {
+        let (l, d) = refused()?;
+        (l + d + may_admit >= sent as u64).then_some((l, d))
     });
     let p1_status = nodes.status("p1").unwrap();
     assert!(
-        limited.is_some(),
-        "P1 refused only {} of {sent} relay requests",
-        p1_status["relay_limited"]
+        got.is_some(),
+        "P1 refused only {:?} (relay bounds, connection caps) of {sent} relay requests",
+        refused()
     );
+    if let Some((l, d)) = got {
+        println!("refused: {l} by the relay's bounds, {d} at the tree port's connection caps");
+    }
     let splices = p1_status["relay_splices_active"].as_u64().unwrap();
     assert!(
         splices <= may_admit,
