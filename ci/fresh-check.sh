@@ -34,8 +34,9 @@ if [ "${1:-}" = "--inside" ]; then
   }
   owner() { # the Debian package that ships program $1 (merged /usr: try the path and its target)
     local p; p=$(type -P "$1") || return 0
+    case "$p" in /opt/cargo/*|"$HOME"/.cargo/*) echo rustup; return 0 ;; esac
     { dpkg -S "$p" 2>/dev/null || dpkg -S "$(readlink -f "$p")" 2>/dev/null || dpkg -S "${p#/usr}" 2>/dev/null || echo "?: none"; } |
-      head -1 | cut -d: -f1
+      grep -v '^diversion' | head -1 | cut -d: -f1
   }
   T=$(mktemp -d)
   NS=fc$$
