@@ -158,7 +158,7 @@ impl NetCounters {
 }
 
 /// Every code the receptor can refuse with (rendered even when zero).
-pub const RECEPTOR_CODES: [&str; 11] = [
+pub const RECEPTOR_CODES: [&str; 10] = [
     "malformed",
     "bad_signature",
     "stale",
@@ -169,7 +169,6 @@ pub const RECEPTOR_CODES: [&str; 11] = [
     "unavailable",
     "timeout",
     "handshake",
-    "method",
 ];
 
 /// Connection slots, at most `per_ip` per source address and `total` in all; `reserved`

@@ -57,6 +57,11 @@ pub const RECEPTOR_BURST: u32 = 40;
 /// Request bodies the receptor reads at once, in bytes: 8 maximal envelopes (8 MiB). More
 /// concurrent requests wait for room (within [`CONN_DEADLINE`]).
 pub const RECEPTOR_BODY_BYTES: usize = 8 * MAX_REQUEST;
+/// A request announced larger than `MAX_REQUEST` but at most this is read and discarded
+/// before the 413, so an honest client that sent a slightly oversized envelope sees
+/// `too_large` instead of a connection reset; larger ones are refused without reading.
+/// Draining costs bandwidth, never memory.
+const TOO_LARGE_DRAIN_BYTES: u64 = 4 * MAX_REQUEST as u64;
 /// Monitor requests per second per source IP (burst [`MONITOR_BURST`]): rendering the
 /// status is cheap but not free.
 pub const MONITOR_RATE: u32 = 50;
@@ -146,7 +151,8 @@ fn json_response(status: StatusCode, body: &Value) -> Resp {
 const REFUSAL_HEADER: &str = "x-borg-refusal";
 
 /// Refusal codes the receptor counts.
-const RECEPTOR_CODES_BY_NAME: [&str; 11] = crate::guard::RECEPTOR_CODES;
+const RECEPTOR_CODES_BY_NAME: [&str; crate::guard::RECEPTOR_CODES.len()] =
+    crate::guard::RECEPTOR_CODES;
 
 fn error_response(status: u16, code: &str, message: &str) -> Resp {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
@@ -244,7 +250,7 @@ impl Receptor {
         if req.method() != Method::POST || req.uri().path() != "/" {
             return error_response(
                 405,
-                "method",
+                "malformed",
                 "the receptor takes POST / with a signed envelope",
             );
         }
@@ -253,7 +259,18 @@ impl Receptor {
             .get(hyper::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if announced.is_some_and(|n| n > MAX_REQUEST as u64) {
+        if let Some(n) = announced.filter(|&n| n > MAX_REQUEST as u64) {
+            if n <= TOO_LARGE_DRAIN_BYTES {
+                // Read and discard (no buffering), so that the client gets the answer rather
+                // than a reset while it is still writing. Bounded by the announced length and
+                // by the connection deadline.
+                let mut body = req.into_body();
+                while let Some(frame) = body.frame().await {
+                    if frame.is_err() {
+                        break;
+                    }
+                }
+            }
             return error_response(413, "too_large", "envelopes are limited to 1 MiB");
         }
         let Ok(_room) = self
