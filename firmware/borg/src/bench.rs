@@ -1,5 +1,10 @@
 //! `borg bench`: benchmarks that print figures.
-use anyhow::Result;
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context, Result};
 use clap::Subcommand;
 
 #[derive(Subcommand, Debug)]
@@ -17,5 +22,61 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Tree(args) => crate::bench_tree::run(args),
         BenchCommand::Relay(args) => crate::bench_relay::run(args),
         BenchCommand::Flood(args) => crate::bench_flood::run(args),
+    }
+}
+
+/// Real `borg node` processes a bench starts, by index, with their data directories under
+/// one temporary directory; all killed and the directory removed on drop.
+pub(crate) struct NodeProcs {
+    pub children: BTreeMap<usize, Child>,
+    exe: PathBuf,
+    dir: PathBuf,
+}
+
+impl NodeProcs {
+    /// A fresh set under the temporary directory `borg-bench-<tag>-<pid>`.
+    pub fn new(tag: &str) -> Result<NodeProcs> {
+        let exe = std::env::current_exe().context("locating the borg binary")?;
+        let dir = std::env::temp_dir().join(format!("borg-bench-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(NodeProcs {
+            children: BTreeMap::new(),
+            exe,
+            dir,
+        })
+    }
+
+    /// Start node `i` listening on `ip`, joining `join` if given, with `extra` arguments; its
+    /// output is discarded (warnings only).
+    pub fn spawn(
+        &mut self,
+        i: usize,
+        ip: Ipv4Addr,
+        join: Option<Ipv4Addr>,
+        extra: &[String],
+    ) -> Result<&Child> {
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(["node", "--listen", &ip.to_string()])
+            .args(extra)
+            .arg("--data")
+            .arg(self.dir.join(format!("n{i}")));
+        if let Some(j) = join {
+            cmd.args(["--join", &j.to_string()]);
+        }
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .env("BORG_LOG", "warn");
+        let child = cmd.spawn().context("starting a node")?;
+        Ok(self.children.entry(i).insert_entry(child).into_mut())
+    }
+}
+
+impl Drop for NodeProcs {
+    fn drop(&mut self) {
+        for c in self.children.values_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -13,12 +13,11 @@
 //! legitimate newcomer's authenticated link and a receptor ping take to get through.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use borg_net::{client, conn, node::now_ms, TlsIdentity};
 use borg_proto::envelope;
 use borg_proto::identity::{PublicKey, SecretKey};
@@ -52,21 +51,6 @@ fn ip(i: u8) -> Ipv4Addr {
 
 fn outsider(n: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, SUBNET, 9, n))
-}
-
-struct Procs {
-    children: Vec<Child>,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// utime + stime of a process, in clock ticks, and its VmRSS in KiB.
@@ -136,34 +120,15 @@ fn ms(d: Option<Duration>) -> String {
 }
 
 pub fn run(args: FloodBenchArgs) -> Result<()> {
-    let exe = std::env::current_exe().context("locating the borg binary")?;
-    let dir = std::env::temp_dir().join(format!("borg-bench-flood-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let mut procs = Procs {
-        children: Vec::new(),
-        dir: dir.clone(),
-    };
-    let spawn = |i: u8, join: Option<u8>| -> Result<Child> {
-        let mut cmd = Command::new(&exe);
-        cmd.args(["node", "--no-nat", "--listen", &ip(i).to_string()])
-            .arg("--data")
-            .arg(dir.join(format!("n{i}")));
-        if let Some(j) = join {
-            cmd.args(["--join", &ip(j).to_string()]);
-        }
-        cmd.stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .env("BORG_LOG", "warn");
-        cmd.spawn().context("starting a node")
-    };
+    let mut procs = crate::bench::NodeProcs::new("flood")?;
+    let node_args = ["--no-nat".to_string()];
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let mon = SocketAddr::new(ip(0).into(), 13310);
     let recp = SocketAddr::new(ip(0).into(), 13305);
     let target = SocketAddr::new(ip(0).into(), 13300);
-    procs.children.push(spawn(0, None)?);
-    let pid = procs.children[0].id();
+    let pid = procs.spawn(0, ip(0), None, &node_args)?.id();
     let up = Instant::now();
     while rt.block_on(client::status(mon)).is_err() {
         if up.elapsed() > Duration::from_secs(20) {
@@ -171,7 +136,7 @@ pub fn run(args: FloodBenchArgs) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    procs.children.push(spawn(1, Some(0))?);
+    procs.spawn(1, ip(1), Some(ip(0)), &node_args)?;
     let st = rt.block_on(client::status(mon))?;
     let key = PublicKey::from_b64(st["public_key"].as_str().unwrap_or(""))
         .map_err(|e| anyhow::anyhow!("root key: {e}"))?;

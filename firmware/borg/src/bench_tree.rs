@@ -6,10 +6,9 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use borg_net::client;
 use borg_proto::tree::geometry::tree_depth;
 use borg_proto::tree::sim::{Sim, SimConfig};
@@ -128,21 +127,6 @@ fn bench_sim(args: &TreeBenchArgs) -> Result<()> {
     Ok(())
 }
 
-struct Procs {
-    children: BTreeMap<usize, Child>,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in self.children.values_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 fn ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, 2, (i / 250) as u8, (i % 250 + 2) as u8)
 }
@@ -202,38 +186,18 @@ fn bench_procs(args: &TreeBenchArgs) -> Result<()> {
     let n = args.procs.max(2);
     let k = args.max_children;
     let hb = args.heartbeat_ms;
-    let exe = std::env::current_exe().context("locating the borg binary")?;
-    let dir = std::env::temp_dir().join(format!("borg-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let mut procs = Procs {
-        children: BTreeMap::new(),
-        dir: dir.clone(),
-    };
-    let spawn = |i: usize, join: Option<usize>| -> Result<Child> {
-        let mut cmd = Command::new(&exe);
-        cmd.args([
-            "node",
-            "--listen",
-            &ip(i).to_string(),
-            "--max-children",
-            &k.to_string(),
-        ])
-        .args(["--heartbeat-ms", &hb.to_string()])
-        .arg("--data")
-        .arg(dir.join(format!("n{i}")));
-        if let Some(j) = join {
-            cmd.args(["--join", &ip(j).to_string()]);
-        }
-        cmd.stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .env("BORG_LOG", "warn");
-        cmd.spawn().context("starting a node")
-    };
+    let mut procs = crate::bench::NodeProcs::new("tree")?;
+    let node_args = [
+        "--max-children".to_string(),
+        k.to_string(),
+        "--heartbeat-ms".to_string(),
+        hb.to_string(),
+    ];
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     println!("== {n} real `borg node` processes on 127.0.2.x (TLS 1.3, default ports), k={k}, heartbeat {hb} ms");
-    procs.children.insert(0, spawn(0, None)?);
+    procs.spawn(0, ip(0), None, &node_args)?;
     let up = Instant::now();
     while rt.block_on(client::status(mon(0))).is_err() {
         if up.elapsed() > Duration::from_secs(20) {
@@ -244,7 +208,7 @@ fn bench_procs(args: &TreeBenchArgs) -> Result<()> {
     // Join storm: everyone else at once, through the root.
     let storm = Instant::now();
     for i in 1..n {
-        procs.children.insert(i, spawn(i, Some(0))?);
+        procs.spawn(i, ip(i), Some(ip(0)), &node_args)?;
     }
     let ids: Vec<usize> = (0..n).collect();
     loop {

@@ -217,12 +217,7 @@ pub async fn connect(
     identity: &TlsIdentity,
     timeout: Duration,
 ) -> Result<PeerConn, TransportError> {
-    let connector = TlsConnector::from(identity.client_config(expected));
-    bounded(addr, timeout, async {
-        let tcp = tcp_connect(addr, None).await?;
-        tls_client(tcp, addr, Some(expected), connector, ALPN_PEER).await
-    })
-    .await
+    dial_pinned(addr, None, expected, identity, timeout).await
 }
 
 /// [`connect`] from the fixed local address `bind` (e.g. one loopback IP of several, as a
@@ -234,9 +229,19 @@ pub async fn connect_from(
     identity: &TlsIdentity,
     timeout: Duration,
 ) -> Result<PeerConn, TransportError> {
+    dial_pinned(addr, Some(bind), expected, identity, timeout).await
+}
+
+async fn dial_pinned(
+    addr: SocketAddr,
+    bind: Option<SocketAddr>,
+    expected: PublicKey,
+    identity: &TlsIdentity,
+    timeout: Duration,
+) -> Result<PeerConn, TransportError> {
     let connector = TlsConnector::from(identity.client_config(expected));
     bounded(addr, timeout, async {
-        let tcp = tcp_connect(addr, Some(bind)).await?;
+        let tcp = tcp_connect(addr, bind).await?;
         tls_client(tcp, addr, Some(expected), connector, ALPN_PEER).await
     })
     .await
