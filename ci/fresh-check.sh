@@ -49,7 +49,7 @@ if [ "${1:-}" = "--inside" ]; then
 
   # 1. Every program the tests, the image build and the demo execute, with the package owning it.
   for t in cargo cc gcc aarch64-linux-gnu-gcc aarch64-linux-gnu-ar qemu-system-aarch64 ip ss \
-           iptables-legacy iptables-legacy-restore miniupnpd upnpc unshare kill sh date id sleep \
+           iptables-legacy iptables-legacy-restore miniupnpd upnpc unshare nsenter kill sh date id sleep \
            python3 curl mke2fs cpio file depmod gzip xz zstd mcopy mkfs.vfat sfdisk truncate \
            dpkg-deb apt-get dd; do
     # type -P: the program on PATH, not a shell builtin (the tests exec `kill`, not bash's).

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use borg_tests::appliance::{
-    borg_bin, children_of, is_root, send_signal, skip, wait_exit, wait_for, which,
+    borg_bin, children_of, is_root, missing, send_signal, wait_exit, wait_for, which,
 };
 
 /// Stand-in base cell: one thread, like the real node's single-threaded runtime. It serves
@@ -61,13 +61,13 @@ const SERIAL_BYTES_PER_SEC: usize = 11_520;
 
 fn python_ok(test: &str) -> Option<PathBuf> {
     if which("python3").is_none() {
-        skip(test, "needs python3 for the stand-in cell");
+        missing(test, "needs python3 for the stand-in cell");
         return None;
     }
     match borg_bin() {
         Some(b) => Some(b),
         None => {
-            skip(
+            missing(
                 test,
                 "no borg binary: run `cargo build -p borg` first or set BORG_BIN",
             );
@@ -416,17 +416,17 @@ esac
 
 fn ns_prerequisites(test: &str) -> Option<PathBuf> {
     if !is_root() {
-        skip(test, "needs root (PID namespaces)");
+        missing(test, "needs root (PID namespaces)");
         return None;
     }
     if which("unshare").is_none() {
-        skip(test, "needs `unshare` (util-linux)");
+        missing(test, "needs `unshare` (util-linux)");
         return None;
     }
     match borg_bin() {
         Some(b) => Some(b),
         None => {
-            skip(
+            missing(
                 test,
                 "no borg binary: run `cargo build -p borg` first or set BORG_BIN",
             );
@@ -539,7 +539,7 @@ fn pid1_config_error_keeps_reaping_and_handling_signals() {
         return;
     };
     if which("nsenter").is_none() {
-        skip(test, "needs `nsenter` (util-linux)");
+        missing(test, "needs `nsenter` (util-linux)");
         return;
     }
     let (dir, script, log) = ns_setup();
@@ -624,7 +624,7 @@ const NODE_RSS_LIMIT_KIB: u64 = 96 * 1024;
 fn real_node_under_a_broadcast_flood_on_a_slow_console_keeps_working() {
     let test = "real_node_under_a_broadcast_flood_on_a_slow_console_keeps_working";
     let Some(borg) = borg_bin() else {
-        skip(test, "no borg binary: run `cargo build -p borg` first");
+        missing(test, "no borg binary: run `cargo build -p borg` first");
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -772,7 +772,7 @@ fn real_node_under_a_broadcast_flood_on_a_slow_console_keeps_working() {
 fn up_survives_a_panic_in_its_main_loop() {
     let test = "up_survives_a_panic_in_its_main_loop";
     let Some(borg) = borg_bin() else {
-        skip(test, "no borg binary: run `cargo build -p borg` first");
+        missing(test, "no borg binary: run `cargo build -p borg` first");
         return;
     };
     let (dir, script, log) = ns_setup();
