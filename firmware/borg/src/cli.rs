@@ -74,6 +74,10 @@ pub struct NodeArgs {
     /// finds its role and can be relayed.
     #[arg(long)]
     no_port_mapping: bool,
+    /// Test only: run the node's local clock this many seconds off the system clock (e.g.
+    /// -1700000000 for a board without RTC that booted at 1970).
+    #[arg(long, hide = true, default_value_t = 0, allow_hyphen_values = true)]
+    clock_offset_s: i64,
 }
 
 pub fn node(args: NodeArgs) -> Result<()> {
@@ -86,6 +90,7 @@ pub fn node(args: NodeArgs) -> Result<()> {
     opts.heartbeat_ms = args.heartbeat_ms.max(50);
     opts.nat = !args.no_nat;
     opts.port_mapping = !args.no_port_mapping;
+    opts.clock_offset_s = args.clock_offset_s;
     opts.join = args
         .join
         .iter()

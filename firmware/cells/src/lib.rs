@@ -39,6 +39,8 @@ pub struct CellOptions {
     /// Reachability (NAT role, port mapping, relaying, LAN beacons): peerTreeNet's job.
     pub nat: bool,
     pub port_mapping: bool,
+    /// Test only: the local clock reads the system clock plus this many seconds.
+    pub clock_offset_s: i64,
 }
 
 impl CellOptions {
@@ -63,6 +65,7 @@ impl CellOptions {
             heartbeat_ms: DEFAULT_HEARTBEAT_MS,
             nat: dna.name == dna::PEER_TREE_NET.name,
             port_mapping: true,
+            clock_offset_s: 0,
         })
     }
 }
@@ -88,6 +91,10 @@ pub async fn start(opts: &CellOptions) -> Result<Arc<node::NodeHandle>, CellErro
         heartbeat_ms: opts.heartbeat_ms,
         nat: opts.nat,
         port_mapping: opts.port_mapping,
+        clock: borg_net::clock::NetClock::new(
+            opts.clock_offset_s,
+            borg_proto::build::BUILD_UNIX_S * 1_000_000,
+        ),
     };
     let handle = Arc::new(node::start(cfg.clone()).await?);
     borg_net::serve::serve_receptor(handle.clone(), cfg.recp, cfg.cell.clone()).await?;

@@ -27,8 +27,8 @@ use serde_json::{json, Value};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::clock::NetClock;
 use crate::conn::{self, PeerConn};
-use crate::node::now_ms;
 use crate::portmap::{self, MapRequest, PortMapping};
 use crate::tls::TlsIdentity;
 
@@ -49,11 +49,14 @@ pub struct NatConfig {
     /// Probe interval while undecided; decided nodes probe ten times less often.
     pub probe_every: Duration,
     pub rules: ReachConfig,
+    /// The node's network clock (envelope `ts` and windows).
+    pub clock: Arc<NetClock>,
 }
 
 impl NatConfig {
-    pub fn new(cell: &str, listen: SocketAddr, fallback: SocketAddr) -> Self {
+    pub fn new(cell: &str, listen: SocketAddr, fallback: SocketAddr, clock: Arc<NetClock>) -> Self {
         Self {
+            clock,
             cell: cell.to_string(),
             listen,
             fallback,
@@ -212,6 +215,7 @@ pub(crate) struct ProbeCtx {
     /// Datagrams on the beacon port dropped before a signature check (not in [`NatStatus`],
     /// so that a flood of them does not wake the node actor).
     pub(crate) beacons_dropped: AtomicU64,
+    clock: Arc<NetClock>,
 }
 
 /// Beacon sources whose rate is tracked: a /24 LAN has at most 254 hosts.
@@ -262,9 +266,10 @@ pub fn spawn(
         candidates: candidates.clone(),
         probers: Mutex::new(Vec::new()),
         beacons_dropped: AtomicU64::new(0),
+        clock: cfg.clock.clone(),
     });
     let net = crate::localnet::read();
-    let now = now_ms();
+    let now = cfg.clock.mono_ms();
     let task = NatTask {
         reach: Reach::new(cfg.rules, key.public(), net, now),
         cfg,
@@ -372,7 +377,7 @@ impl NatTask {
                         if net != *self.reach.net() {
                             tracing::info!(cell = %self.cfg.cell, "local network changed: {net:?}");
                             self.drop_mapping().await;
-                            self.reach.set_net(net, now_ms());
+                            self.reach.set_net(net, self.cfg.clock.mono_ms());
                             self.referred.clear();
                             self.next_probe = now;
                         }
@@ -391,7 +396,7 @@ impl NatTask {
     }
 
     fn on_event(&mut self, ev: NatEvent) {
-        let now = now_ms();
+        let now = self.cfg.clock.mono_ms();
         match ev {
             NatEvent::Evidence {
                 observer,
@@ -532,10 +537,10 @@ impl NatTask {
             self.ctx.beacons_dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let now = now_ms();
+        let now = self.cfg.clock.mono_ms();
         let env = {
             let mut replay = self.ctx.replay.lock().unwrap_or_else(|e| e.into_inner());
-            match envelope::open(bytes, now, &mut replay) {
+            match envelope::open(bytes, self.cfg.clock.now_ms(), &mut replay) {
                 Ok(e) => e.into_inner(),
                 Err(_) => return,
             }
@@ -599,7 +604,7 @@ impl NatTask {
             &self.key,
             &kind,
             Some(&d.advertise.to_string()),
-            now_ms(),
+            self.cfg.clock.now_ms(),
             body,
         )
         .to_bytes();
@@ -630,7 +635,7 @@ impl NatTask {
 
     /// Probing, mapping and renewal, as the current decision asks.
     fn maintain(&mut self) {
-        let now = now_ms();
+        let now = self.cfg.clock.mono_ms();
         self.reach.expire(now);
         self.tokens
             .retain(|_, (_, at)| at.elapsed() < Duration::from_secs(60));
@@ -769,7 +774,7 @@ impl NatTask {
         // if the router forwards the port to this node (set up by hand).
         let external_ip = self
             .reach
-            .decide(now_ms(), self.cfg.fallback)
+            .decide(self.cfg.clock.mono_ms(), self.cfg.fallback)
             .external_ip
             .filter(|ip| !net.is_mine(*ip));
         let dialback = match (self.reach.map_state(), external_ip) {
@@ -836,7 +841,7 @@ impl NatTask {
     }
 
     fn publish(&mut self) {
-        let now = now_ms();
+        let now = self.cfg.clock.mono_ms();
         let mut d = self.reach.decide(now, self.cfg.fallback);
         // While a decided node re-decides (e.g. its gateway just died), keep advertising the
         // last address that worked rather than an unreachable LAN address.
@@ -927,9 +932,9 @@ pub enum ProbeError {
     Rejected(String),
 }
 
-fn seal(key: &SecretKey, msg: &ReachMsg, addr: &str) -> Vec<u8> {
+fn seal(ctx: &ProbeCtx, msg: &ReachMsg, addr: &str) -> Vec<u8> {
     let (kind, body) = msg.to_kind_body();
-    envelope::seal(key, &kind, Some(addr), now_ms(), body).to_bytes()
+    envelope::seal(&ctx.key, &kind, Some(addr), ctx.clock.now_ms(), body).to_bytes()
 }
 
 /// Open a verified reachability message from `conn`'s peer, with the address it advertises.
@@ -940,7 +945,7 @@ fn open_from(
 ) -> Result<(ReachMsg, Option<String>), ProbeError> {
     let env = {
         let mut replay = ctx.replay.lock().unwrap_or_else(|e| e.into_inner());
-        envelope::open(bytes, now_ms(), &mut replay)
+        envelope::open(bytes, ctx.clock.now_ms(), &mut replay)
             .map_err(|e| ProbeError::Rejected(e.to_string()))?
             .into_inner()
     };
@@ -991,7 +996,7 @@ async fn probe_one(
         dialback,
         token,
     };
-    conn.send(&seal(&ctx.key, &probe, &my_addr)).await?;
+    conn.send(&seal(ctx, &probe, &my_addr)).await?;
     let bytes = recv_within(&mut conn, PROBE_TIMEOUT).await?;
     let (
         ReachMsg::Seen {
@@ -1081,7 +1086,7 @@ async fn answer_probe_inner(ctx: &ProbeCtx, conn: &mut PeerConn) -> Result<(), P
                 addr,
                 peers,
             };
-            conn.send(&seal(&ctx.key, &seen, &addr.to_string())).await?;
+            conn.send(&seal(ctx, &seen, &addr.to_string())).await?;
             // Dial back only to the IP the probe came from: nobody can aim us at a third party.
             if let Some(target) = dialback.filter(|d| d.ip() == remote.ip()) {
                 let (mut back, _) =
@@ -1091,7 +1096,7 @@ async fn answer_probe_inner(ctx: &ProbeCtx, conn: &mut PeerConn) -> Result<(), P
                     addr: target,
                     token,
                 };
-                back.send(&seal(&ctx.key, &msg, &addr.to_string())).await?;
+                back.send(&seal(ctx, &msg, &addr.to_string())).await?;
                 let _ = tokio::time::timeout(PROBE_TIMEOUT, back.recv()).await;
             }
             Ok(())

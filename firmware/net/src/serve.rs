@@ -24,7 +24,7 @@ use tokio::sync::{Mutex, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::guard::{ConnLimiter, Door, NetCounters, RateLimiter, Refusal, Trusted};
-use crate::node::{now_ms, render_metrics, NodeError, NodeHandle, ReceptorRequest};
+use crate::node::{render_metrics, NodeError, NodeHandle, ReceptorRequest};
 
 /// Largest request body the receptor reads (the envelope limit).
 pub const MAX_REQUEST: usize = envelope::MAX_ENVELOPE_BYTES;
@@ -285,7 +285,7 @@ impl Receptor {
             Ok(b) => b.to_bytes(),
             Err(_) => return error_response(413, "too_large", "envelopes are limited to 1 MiB"),
         };
-        let now = now_ms();
+        let now = self.node.clock.now_ms();
         let env = {
             let mut replay = self.replay.lock().await;
             match envelope::open(&body, now, &mut replay) {
@@ -306,7 +306,7 @@ impl Receptor {
             "ping" => Ok(json!({
                 "cell": self.cell,
                 "node": self.node.key.public().to_b64(),
-                "time": now_ms(),
+                "time": self.node.clock.now_ms(),
             })),
             "broadcast" => match env.body.get("text").and_then(|t| t.as_str()) {
                 Some(text) if text.len() <= 64 * 1024 => {
@@ -342,7 +342,7 @@ impl Receptor {
                     &self.node.key,
                     &format!("{}.ok", env.kind),
                     None,
-                    now_ms(),
+                    self.node.clock.now_ms(),
                     body,
                 );
                 let mut r = Response::new(Full::new(Bytes::from(reply.to_bytes())));

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use borg_proto::envelope::{self, Envelope, ReplayCache};
 use borg_proto::identity::{PublicKey, SecretKey};
@@ -28,6 +28,16 @@ use crate::guard::{Bucket, ConnLimiter, Door, NetCounters, Refusal, Trusted};
 use crate::nat::{self, NatConfig, NatHandle, NatStatus};
 use crate::relay::RelayHub;
 use crate::tls::TlsIdentity;
+
+mod follow;
+mod io;
+mod links;
+mod metrics;
+
+pub use crate::clock::system_ms as now_ms;
+use follow::nat_changed;
+use io::{accept_loop, spawn_link_conn};
+pub use metrics::render_metrics;
 
 /// How a node is run.
 #[derive(Debug, Clone)]
@@ -51,6 +61,8 @@ pub struct NodeConfig {
     pub nat: bool,
     /// Let the reachability task map a port on the router (when `nat`).
     pub port_mapping: bool,
+    /// The node's clock (shared by all its cells).
+    pub clock: Arc<crate::clock::NetClock>,
 }
 
 /// Errors that stop a node from starting.
@@ -218,6 +230,8 @@ pub struct NodeHandle {
     pub identity: Arc<TlsIdentity>,
     pub nat: Option<NatHandle>,
     pub relay: Arc<RelayHub>,
+    /// The node's clock (network time for every envelope).
+    pub clock: Arc<crate::clock::NetClock>,
 }
 
 struct EcdsaSeal {
@@ -262,14 +276,6 @@ pub fn broadcast_origin_ok(payload: &Value) -> bool {
         }
         Err(_) => false,
     }
-}
-
-/// Milliseconds since the Unix epoch (network time is the system clock until cronoTree).
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// The tracing target of the one line each delivered broadcast logs (at debug).
@@ -352,6 +358,7 @@ const MAX_RELAYED_PER_IP: usize = 16;
 /// monitor servers are started by [`crate::serve`].
 pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
     let key = SecretKey::load_or_create(&cfg.data_dir)?;
+    let clock = cfg.clock.clone();
     let identity = Arc::new(TlsIdentity::new(&key)?);
     let counters = Arc::new(NetCounters::default());
     let trusted = Arc::new(Trusted::default());
@@ -378,13 +385,13 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
     );
     let nat = cfg.nat.then(|| {
         let fallback = SocketAddr::new(public_ip, cfg.listen.port());
-        let mut nc = NatConfig::new(&cfg.cell, cfg.listen, fallback);
+        let mut nc = NatConfig::new(&cfg.cell, cfg.listen, fallback, cfg.clock.clone());
         nc.port_mapping = cfg.port_mapping;
         nat::spawn(nc, key.clone(), identity.clone(), candidates_rx)
     });
     let relay_hub = Arc::new(RelayHub::default());
     let seed = u64::from_le_bytes(key.sign(b"seed")[..8].try_into().unwrap_or([7; 8]))
-        ^ now_ms().rotate_left(17);
+        ^ crate::clock::system_us().rotate_left(17);
     let tree = TreeNode::new(
         TreeConfig::new(cfg.max_children, cfg.heartbeat_ms),
         me,
@@ -451,7 +458,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
     if actor.nat.is_some() && outside_contacts {
         actor.join_after = Some(Instant::now() + JOIN_WAIT_FOR_ROLE);
     } else {
-        actor.tree.start(now_ms());
+        actor.tree.start(actor.cfg.clock.mono_ms());
     }
     actor.carry_out();
     actor.publish();
@@ -465,6 +472,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
         identity,
         nat,
         relay: relay_hub,
+        clock,
     })
 }
 
@@ -476,247 +484,6 @@ pub(crate) struct LinkCtx {
     counters: Arc<NetCounters>,
     trusted: Arc<Trusted>,
     node_budget: Arc<Semaphore>,
-}
-
-async fn accept_loop(
-    mut listener: Listener,
-    ctx: LinkCtx,
-    hub: Arc<RelayHub>,
-    probes: Option<Arc<nat::ProbeCtx>>,
-) {
-    let strangers = ConnLimiter::new(MAX_UNTRUSTED_LINKS_PER_IP, MAX_UNTRUSTED_LINKS, 0);
-    loop {
-        match listener.accept_incoming().await {
-            Ok(Incoming::Peer(conn)) => {
-                let key = conn.peer_key();
-                let slot = if ctx.trusted.has_key(&key) {
-                    None
-                } else {
-                    match strangers.try_acquire(conn.remote_addr().ip(), false) {
-                        Ok(slot) => Some(slot),
-                        Err(refusal) => {
-                            let c = match refusal {
-                                Refusal::PerIp => &ctx.counters.refused_per_ip,
-                                Refusal::Total => &ctx.counters.refused_total,
-                            };
-                            NetCounters::bump(c, Door::Tree);
-                            continue;
-                        }
-                    }
-                };
-                let remote_ip = conn.remote_addr().ip();
-                let (mut reader, writer) = conn.into_split();
-                if let Some(slot) = slot {
-                    reader.hold(slot);
-                }
-                spawn_link(reader, writer, key, remote_ip, None, ctx.clone());
-            }
-            Ok(Incoming::Probe(conn)) => {
-                if let Some(probe_ctx) = probes.clone() {
-                    tokio::spawn(nat::answer_probe(probe_ctx, conn));
-                }
-            }
-            Ok(Incoming::RelayConnect { tcp, target, from }) => {
-                // Rate and waiting bounds per source IP before anything costs a signature
-                // or a dial (issue 9 item 8).
-                let admission = match hub.admit(from.ip(), Instant::now()) {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::debug!("relay request from {from} refused: {e}");
-                        continue;
-                    }
-                };
-                let (tx, hub) = (ctx.tx.clone(), hub.clone());
-                tokio::spawn(async move {
-                    let (reply, rx) = oneshot::channel();
-                    if tx
-                        .send(Inbound::RelayRequest { target, reply })
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                    let Ok(Some(token)) = rx.await else {
-                        tracing::debug!("relay request from {from} for {} refused", target.short());
-                        return;
-                    };
-                    if let Err(e) = hub.splice(token, tcp, Some(admission)).await {
-                        tracing::debug!("relay {from} -> {}: {e}", target.short());
-                    }
-                });
-            }
-            Ok(Incoming::RelayAccept { tcp, token, .. }) => {
-                hub.answer(&token, tcp);
-            }
-            Err(e) => {
-                tracing::debug!("inbound connection refused: {e}");
-                if matches!(
-                    e,
-                    TransportError::Handshake { .. } | TransportError::PeerKey { .. }
-                ) {
-                    // Never wait on the actor for this: a handshake flood must not queue up.
-                    let _ = ctx.tx.try_send(Inbound::FrameError { code: "handshake" });
-                }
-            }
-        }
-    }
-}
-
-static LINK_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
-fn spawn_link_conn(conn: conn::PeerConn, dialed_addr: Option<String>, ctx: LinkCtx) {
-    let key = conn.peer_key();
-    let remote_ip = conn.remote_addr().ip();
-    let (reader, writer) = conn.into_split();
-    spawn_link(reader, writer, key, remote_ip, dialed_addr, ctx);
-}
-
-fn spawn_link(
-    mut reader: conn::PeerReader,
-    writer: PeerWriter,
-    key: PublicKey,
-    remote_ip: IpAddr,
-    dialed_addr: Option<String>,
-    ctx: LinkCtx,
-) {
-    let id = LINK_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (wtx, wrx) = mpsc::channel::<Vec<u8>>(OUTBOUND_QUEUE);
-    let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    tokio::spawn(write_loop(
-        writer,
-        wrx,
-        queued.clone(),
-        ctx.counters.clone(),
-    ));
-    tokio::spawn(async move {
-        let tx2 = ctx.tx.clone();
-        if tx2
-            .send(Inbound::Connected {
-                key,
-                id,
-                writer: wtx,
-                queued,
-                dialed_addr,
-                remote_ip,
-            })
-            .await
-            .is_err()
-        {
-            return;
-        }
-        let link_budget = Arc::new(Semaphore::new(LINK_INBOUND_BYTES / BUDGET_UNIT));
-        let trusted_at_start = ctx.trusted.has_key(&key);
-        let (rate, burst) = if trusted_at_start {
-            (TRUSTED_LINK_RATE, TRUSTED_LINK_BURST)
-        } else {
-            (UNTRUSTED_LINK_RATE, UNTRUSTED_LINK_BURST)
-        };
-        let mut bucket = Bucket::new(rate, burst, Instant::now());
-        let mut upgraded = trusted_at_start;
-        let mut stalled = false;
-        let mut idle_periods = 0u32;
-        let slot = reader.take_slot();
-        let evicted = async {
-            match slot.as_ref() {
-                Some(slot) => slot.evicted().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(evicted);
-        loop {
-            let next = tokio::select! {
-                next = tokio::time::timeout(FRAME_STALL, reader.recv()) => next,
-                () = &mut evicted => break,
-            };
-            let got = match next {
-                Ok(got) => got,
-                Err(_) => {
-                    let trusted = ctx.trusted.has_key(&key);
-                    if reader.frame_in_progress() {
-                        if stalled {
-                            tracing::debug!("{}: half-sent frame stalled", key.short());
-                            let _ = tx2.try_send(Inbound::FrameError { code: "timeout" });
-                            break;
-                        }
-                        stalled = true;
-                    } else if !trusted {
-                        idle_periods += 1;
-                        if idle_periods >= UNTRUSTED_IDLE_PERIODS {
-                            break;
-                        }
-                    }
-                    continue;
-                }
-            };
-            stalled = false;
-            idle_periods = 0;
-            match got {
-                Ok(Some(bytes)) => {
-                    if !upgraded && ctx.trusted.has_key(&key) {
-                        // Became a neighbour: the neighbour's rate from now on.
-                        bucket = Bucket::new(TRUSTED_LINK_RATE, TRUSTED_LINK_BURST, Instant::now());
-                        upgraded = true;
-                    }
-                    let wait = bucket.take_or_wait(Instant::now());
-                    if !wait.is_zero() {
-                        NetCounters::bump(&ctx.counters.rate_limited, Door::Tree);
-                        tokio::time::sleep(wait).await;
-                    }
-                    let units = u32::try_from(bytes.len() / BUDGET_UNIT + 1).unwrap_or(u32::MAX);
-                    let Ok(link) = link_budget.clone().acquire_many_owned(units).await else {
-                        break;
-                    };
-                    let Ok(node) = ctx.node_budget.clone().acquire_many_owned(units).await else {
-                        break;
-                    };
-                    let ev = Inbound::Frame {
-                        key,
-                        bytes,
-                        _budget: InboundBudget {
-                            _link: link,
-                            _node: node,
-                        },
-                    };
-                    if tx2.send(ev).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let code = match e {
-                        FrameError::TooLarge { .. } => "too_large",
-                        _ => "malformed",
-                    };
-                    let _ = tx2.send(Inbound::FrameError { code }).await;
-                    break;
-                }
-            }
-        }
-        let _ = tx2.send(Inbound::Closed { key, id }).await;
-    });
-}
-
-/// Write queued frames in order. A frame the framing refuses as too large is dropped and
-/// counted; the link stays up for the next one. Any other error ends the link.
-async fn write_loop(
-    mut writer: PeerWriter,
-    mut rx: mpsc::Receiver<Vec<u8>>,
-    queued: Arc<std::sync::atomic::AtomicUsize>,
-    counters: Arc<NetCounters>,
-) {
-    use std::sync::atomic::Ordering::Relaxed;
-    while let Some(frame) = rx.recv().await {
-        let res = writer.send(&frame).await;
-        queued.fetch_sub(frame.len(), Relaxed);
-        match res {
-            Ok(()) => {}
-            Err(FrameError::TooLarge { .. }) => {
-                counters.oversize_outbound.fetch_add(1, Relaxed);
-            }
-            Err(_) => break,
-        }
-    }
-    let _ = writer.shutdown().await;
 }
 
 impl Actor {
@@ -746,7 +513,7 @@ impl Actor {
                         self.start_tree("no NAT role yet");
                     }
                     if self.join_after.is_none() {
-                        self.tree.tick(now_ms());
+                        self.tree.tick(self.cfg.clock.mono_ms());
                     }
                     self.relay_tick();
                 }
@@ -811,7 +578,7 @@ impl Actor {
                     if !self.trusted.has_key(&key) {
                         self.peer_addrs.remove(&key);
                     }
-                    self.tree.link_down(now_ms(), &key);
+                    self.tree.link_down(self.cfg.clock.mono_ms(), &key);
                 }
             }
             Inbound::DialFailed { key, addr } => {
@@ -827,7 +594,7 @@ impl Actor {
                     if !self.trusted.has_key(&key) {
                         self.peer_addrs.remove(&key);
                     }
-                    self.tree.link_down(now_ms(), &key);
+                    self.tree.link_down(self.cfg.clock.mono_ms(), &key);
                 }
             }
             Inbound::FrameError { code } => self.reject(code),
@@ -840,163 +607,10 @@ impl Actor {
         }
     }
 
-    // ----- reachability -------------------------------------------------------------------
-
-    /// The reachability task decided something: advertise the new address, follow the
-    /// relay, and hand LAN nodes to the tree.
-    fn start_tree(&mut self, why: &str) {
-        if self.join_after.take().is_some() {
-            tracing::info!(cell = %self.cfg.cell, "joining as {} ({why})", self.my_addr);
-            self.tree.start(now_ms());
-        }
-    }
-
-    fn on_nat_status(&mut self, st: Arc<NatStatus>) {
-        let now = now_ms();
-        let advertise = st.decision.advertise.to_string();
-        if advertise != self.my_addr {
-            tracing::info!(cell = %self.cfg.cell, "advertising {advertise} ({})", st.decision.role);
-            self.my_addr = advertise.clone();
-            self.tree.set_my_addr(advertise);
-        }
-        let relay = st
-            .decision
-            .relay
-            .filter(|_| st.decision.role == Role::Relayed);
-        match (relay, self.my_relay) {
-            (Some(r), Some((cur, _))) if r == cur => {}
-            (Some(r), _) => {
-                self.my_relay = Some((r, 0));
-                self.relay_tick();
-            }
-            (None, _) => self.my_relay = None,
-        }
-        self.lan_addrs = st.lan.iter().map(|p| (p.key, p.lan_addr)).collect();
-        for p in &st.lan {
-            let stale = self
-                .met
-                .get(&p.key)
-                .is_none_or(|at| now.saturating_sub(*at) > 60_000);
-            if stale {
-                self.met.insert(p.key, now);
-                self.tree.meet(
-                    now,
-                    borg_proto::tree::Peer {
-                        key: p.key,
-                        addr: p.lan_addr.to_string(),
-                        mon: String::new(),
-                    },
-                );
-            }
-        }
-        let decided = st.decision.role != Role::Probing;
-        self.nat_status = Some(st);
-        if decided {
-            self.start_tree("NAT role known");
-        }
-    }
-
-    /// Keep our registration with our relay fresh; forget expired ones we hold.
-    fn relay_tick(&mut self) {
-        let now = now_ms();
-        self.relayed_for.retain(|_, until| *until > now);
-        self.met
-            .retain(|_, at| now.saturating_sub(*at) <= MET_RETENTION_MS);
-        let Some((relay, last)) = self.my_relay else {
-            return;
-        };
-        if now.saturating_sub(last) < RELAY_RENEW_MS && last != 0 {
-            return;
-        }
-        self.my_relay = Some((relay, now));
-        let peer = borg_proto::tree::Peer {
-            key: relay.key,
-            addr: relay.dial.to_string(),
-            mon: String::new(),
-        };
-        let frame = self.seal_reach(&ReachMsg::RelayRegister {});
-        self.send_frame(Target::Peer(peer), frame);
-    }
-
-    fn open_relay(&mut self, target: PublicKey) -> Option<String> {
-        let now = now_ms();
-        let registered = self.relayed_for.get(&target).is_some_and(|u| *u > now);
-        if !registered || !self.links.contains_key(&target) {
-            self.metrics.relay_refused += 1;
-            return None;
-        }
-        let token = nat::relay_token();
-        let frame = self.seal_reach(&ReachMsg::RelayOpen {
-            token: token.clone(),
-        });
-        self.write(&target, frame);
-        Some(token)
-    }
-
-    fn on_reach_frame(&mut self, from: PublicKey, kind: &str, body: &Value) {
-        let msg = match ReachMsg::from_kind_body(kind, body) {
-            Ok(m) => m,
-            Err(_) => return self.reject("malformed"),
-        };
-        let my_role = self.nat_status.as_ref().map(|s| s.decision.role);
-        match msg {
-            ReachMsg::RelayRegister {} => {
-                // Only a node others can reach relays, and only for so many, and only so
-                // many from one IP (fresh keys are free: issue 9 item 8).
-                let can = matches!(my_role, Some(Role::Public | Role::Gateway));
-                let known = self.relayed_for.contains_key(&from);
-                let ip = self.links.get(&from).map(|l| l.remote_ip);
-                let from_ip = self
-                    .relayed_for
-                    .keys()
-                    .filter(|k| ip.is_some() && self.links.get(k).map(|l| l.remote_ip) == ip)
-                    .count();
-                if !can
-                    || ip.is_none()
-                    || (!known
-                        && (self.relayed_for.len() >= MAX_RELAYED || from_ip >= MAX_RELAYED_PER_IP))
-                {
-                    self.metrics.relay_refused += 1;
-                    return;
-                }
-                if self
-                    .relayed_for
-                    .insert(from, now_ms() + RELAY_REGISTRATION_MS)
-                    .is_none()
-                {
-                    self.metrics.relay_registrations += 1;
-                    tracing::info!(cell = %self.cfg.cell, "relaying for {}", from.short());
-                }
-            }
-            ReachMsg::RelayOpen { token } => {
-                let Some((relay, _)) = self.my_relay.filter(|(r, _)| r.key == from) else {
-                    return self.reject("forbidden");
-                };
-                let identity = self.identity.clone();
-                let Some(ctx) = self.link_ctx.clone() else {
-                    return;
-                };
-                tokio::spawn(async move {
-                    match conn::accept_via(relay.dial, &token, &identity, DIAL_TIMEOUT).await {
-                        Ok(c) => spawn_link_conn(c, None, ctx),
-                        Err(e) => tracing::debug!("answering relay {}: {e}", relay.dial),
-                    }
-                });
-            }
-            // Probe messages travel on probe connections only.
-            _ => self.reject("forbidden"),
-        }
-    }
-
-    fn seal_reach(&self, msg: &ReachMsg) -> Vec<u8> {
-        let (kind, body) = msg.to_kind_body();
-        envelope::seal(&self.key, &kind, Some(&self.my_addr), now_ms(), body).to_bytes()
-    }
-
     fn on_frame(&mut self, link_key: PublicKey, bytes: Vec<u8>) {
         self.metrics.frames_in += 1;
-        let now = now_ms();
-        let env = match envelope::open(&bytes, now, &mut self.replay) {
+        let now = self.cfg.clock.mono_ms();
+        let env = match envelope::open(&bytes, self.cfg.clock.now_ms(), &mut self.replay) {
             Ok(env) => env.into_inner(),
             Err(e) => {
                 tracing::debug!("rejected frame from {}: {e}", link_key.short());
@@ -1085,7 +699,7 @@ impl Actor {
     }
 
     fn deliver(&mut self, id: String, origin: PublicKey, payload: Value) {
-        self.last_broadcast = Some((id.clone(), now_ms()));
+        self.last_broadcast = Some((id.clone(), self.cfg.clock.now_ms()));
         // (The tree checked the origin envelope before delivering or forwarding it.)
         let text = payload.get("text").and_then(|t| t.as_str()).unwrap_or("");
         // Peer-supplied text: debug only, truncated, under its own target so that tests and the
@@ -1095,163 +709,19 @@ impl Actor {
 
     fn seal(&self, msg: &TreeMsg) -> Vec<u8> {
         let (kind, body) = msg.to_kind_body();
-        envelope::seal(&self.key, &kind, Some(&self.my_addr), now_ms(), body).to_bytes()
+        envelope::seal(
+            &self.key,
+            &kind,
+            Some(&self.my_addr),
+            self.cfg.clock.now_ms(),
+            body,
+        )
+        .to_bytes()
     }
 
     fn send(&mut self, to: Target, msg: TreeMsg) {
         let frame = self.seal(&msg);
         self.send_frame(to, frame);
-    }
-
-    fn send_frame(&mut self, to: Target, frame: Vec<u8>) {
-        if frame.len() > MAX_FRAME {
-            // Never queued, so it can never take a link down.
-            self.counters
-                .oversize_outbound
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return;
-        }
-        match to {
-            Target::Key(key) => {
-                if self.links.contains_key(&key) {
-                    self.write(&key, frame);
-                }
-            }
-            Target::Peer(peer) => {
-                if self.links.contains_key(&peer.key) {
-                    self.write(&peer.key, frame);
-                    return;
-                }
-                self.queue_pending(peer.key, frame);
-                // The freshest address is the one the peer itself signed last.
-                let addr = self.peer_addrs.get(&peer.key).cloned().unwrap_or(peer.addr);
-                self.dial(Some(peer.key), addr);
-            }
-            Target::Addr(addr) => {
-                let room = self.pending_addr.len() < MAX_PENDING_ADDRS
-                    || self.pending_addr.contains_key(&addr);
-                if !room || self.pending_bytes + frame.len() > PENDING_BYTES_TOTAL {
-                    self.metrics.dropped_outbound += 1;
-                    return;
-                }
-                let q = self.pending_addr.entry(addr.clone()).or_default();
-                if q.frames.len() < OUTBOUND_QUEUE
-                    && q.bytes + frame.len() <= PENDING_BYTES_PER_PEER
-                {
-                    q.bytes += frame.len();
-                    self.pending_bytes += frame.len();
-                    q.frames.push_back(frame);
-                } else {
-                    self.metrics.dropped_outbound += 1;
-                }
-                self.dial(None, addr);
-            }
-        }
-    }
-
-    /// Keep `frame` for when a link to `key` is up, within the per-peer and total byte
-    /// budgets: the oldest frames for that peer go first.
-    fn queue_pending(&mut self, key: PublicKey, frame: Vec<u8>) {
-        let q = self.pending.entry(key).or_default();
-        while !q.frames.is_empty()
-            && (q.frames.len() >= OUTBOUND_QUEUE
-                || q.bytes + frame.len() > PENDING_BYTES_PER_PEER
-                || self.pending_bytes + frame.len() > PENDING_BYTES_TOTAL)
-        {
-            if let Some(old) = q.frames.pop_front() {
-                q.bytes -= old.len();
-                self.pending_bytes -= old.len();
-                self.metrics.dropped_outbound += 1;
-            }
-        }
-        if self.pending_bytes + frame.len() > PENDING_BYTES_TOTAL {
-            self.metrics.dropped_outbound += 1;
-            return;
-        }
-        q.bytes += frame.len();
-        self.pending_bytes += frame.len();
-        q.frames.push_back(frame);
-    }
-
-    fn write(&mut self, key: &PublicKey, frame: Vec<u8>) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let Some(link) = self.links.get(key) else {
-            return;
-        };
-        let len = frame.len();
-        if link.queued.load(Relaxed) + len > LINK_OUTBOUND_BYTES {
-            self.metrics.dropped_outbound += 1;
-            return;
-        }
-        link.queued.fetch_add(len, Relaxed);
-        match link.writer.try_send(frame) {
-            Ok(()) => self.metrics.frames_out += 1,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                link.queued.fetch_sub(len, Relaxed);
-                self.metrics.dropped_outbound += 1;
-            }
-            Err(mpsc::error::TrySendError::Closed(frame)) => {
-                self.links.remove(key);
-                self.queue_pending(*key, frame);
-            }
-        }
-    }
-
-    fn dial(&mut self, key: Option<PublicKey>, addr: String) {
-        let now = Instant::now();
-        if let Some(started) = self.dialing.get(&addr) {
-            if now.duration_since(*started) < DIAL_TIMEOUT + Duration::from_millis(100) {
-                return;
-            }
-        }
-        let Ok(parsed) = addr.parse::<PeerAddr>() else {
-            return;
-        };
-        // A node on our own LAN is dialed there, never through a relay (or a router hairpin).
-        let lan = key
-            .or(match parsed {
-                PeerAddr::Relayed { target, .. } => Some(target),
-                PeerAddr::Direct(_) => None,
-            })
-            .and_then(|k| self.lan_addrs.get(&k).map(|a| (k, *a)));
-        let route = match (lan, parsed) {
-            (Some((k, a)), _) => (Some(k), PeerAddr::Direct(a)),
-            (None, PeerAddr::Relayed { relay, target }) => {
-                if key.is_some_and(|k| k != target) {
-                    return;
-                }
-                self.metrics.relayed_dials += 1;
-                (Some(target), PeerAddr::Relayed { relay, target })
-            }
-            (None, direct) => (key, direct),
-        };
-        self.dialing.insert(addr.clone(), now);
-        self.metrics.dials += 1;
-        let identity = self.identity.clone();
-        let tx = self.tx.clone();
-        let Some(ctx) = self.link_ctx.clone() else {
-            return;
-        };
-        tokio::spawn(async move {
-            let result = match route {
-                (_, PeerAddr::Relayed { relay, target }) => {
-                    conn::connect_via(relay, target, &identity, DIAL_TIMEOUT).await
-                }
-                (Some(k), PeerAddr::Direct(sock)) => {
-                    conn::connect(sock, k, &identity, DIAL_TIMEOUT).await
-                }
-                (None, PeerAddr::Direct(sock)) => {
-                    conn::connect_unpinned(sock, &identity, DIAL_TIMEOUT).await
-                }
-            };
-            match result {
-                Ok(c) => spawn_link_conn(c, Some(addr), ctx),
-                Err(e) => {
-                    tracing::debug!("dial {addr} failed: {e}");
-                    let _ = tx.send(Inbound::DialFailed { key, addr }).await;
-                }
-            }
-        });
     }
 
     fn publish(&mut self) {
@@ -1391,170 +861,6 @@ impl NodeHandle {
     /// The current status JSON.
     pub fn status(&self) -> Value {
         self.snapshot.borrow().status.clone()
-    }
-}
-
-/// Render Prometheus text for a snapshot and the counters kept outside the actor.
-pub fn render_metrics(s: &Snapshot, net: &NetCounters) -> String {
-    let mut out = String::new();
-    let t = &s.tree;
-    let m = &s.metrics;
-    out.push_str("# HELP borg_rejected_total Messages rejected, by reason.\n# TYPE borg_rejected_total counter\n");
-    for code in [
-        "malformed",
-        "bad_signature",
-        "stale",
-        "replay",
-        "too_large",
-        "unknown_kind",
-        "forbidden",
-        "handshake",
-        "rate_limited",
-        "timeout",
-    ] {
-        let v = m.rejected.get(code).copied().unwrap_or(0);
-        out.push_str(&format!("borg_rejected_total{{reason=\"{code}\"}} {v}\n"));
-    }
-    let counters: [(&str, &str, u64); 14] = [
-        ("borg_frames_in_total", "Frames received.", m.frames_in),
-        ("borg_frames_out_total", "Frames sent.", m.frames_out),
-        ("borg_dials_total", "Outbound connection attempts.", m.dials),
-        (
-            "borg_dial_failures_total",
-            "Failed outbound connections.",
-            m.dial_failures,
-        ),
-        (
-            "borg_outbound_dropped_total",
-            "Frames dropped from full queues.",
-            m.dropped_outbound,
-        ),
-        (
-            "borg_tree_topology_sent_total",
-            "Join/repair messages sent.",
-            t.sent_topology,
-        ),
-        (
-            "borg_tree_heartbeats_sent_total",
-            "Heartbeats sent.",
-            t.sent_heartbeat,
-        ),
-        (
-            "borg_tree_broadcast_sent_total",
-            "Broadcast transmissions sent.",
-            t.sent_broadcast,
-        ),
-        (
-            "borg_broadcasts_delivered_total",
-            "Broadcasts delivered here.",
-            t.delivered_broadcasts,
-        ),
-        (
-            "borg_broadcast_duplicates_total",
-            "Duplicate broadcasts dropped.",
-            t.duplicate_broadcasts,
-        ),
-        (
-            "borg_tree_unauthorized_total",
-            "Topology orders refused: sender not entitled.",
-            t.rejected_unauthorized,
-        ),
-        (
-            "borg_tree_joins_assigned_total",
-            "Positions assigned (root).",
-            t.joins_assigned,
-        ),
-        (
-            "borg_tree_repairs_ordered_total",
-            "Moves ordered (root).",
-            t.repairs_ordered,
-        ),
-        (
-            "borg_broadcast_origin_invalid_total",
-            "Broadcasts whose origin envelope did not verify.",
-            t.rejected_broadcast_origin,
-        ),
-    ];
-    for (name, help, v) in counters {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
-        ));
-    }
-    let relay_counters: [(&str, &str, u64); 7] = [
-        (
-            "borg_relay_limited_total",
-            "Relay requests refused by the per-IP rate or the waiting bounds.",
-            m.relay_limited,
-        ),
-        (
-            "borg_relay_splices_total",
-            "Connections spliced for relayed nodes.",
-            m.relay_splices,
-        ),
-        (
-            "borg_relay_failed_total",
-            "Relay requests whose node did not connect back.",
-            m.relay_failed,
-        ),
-        (
-            "borg_relay_bytes_total",
-            "Bytes forwarded for relayed nodes (closed splices).",
-            m.relay_bytes,
-        ),
-        (
-            "borg_relay_registrations_total",
-            "Nodes that registered with this node as their relay.",
-            m.relay_registrations,
-        ),
-        (
-            "borg_relay_refused_total",
-            "Relay registrations or requests refused.",
-            m.relay_refused,
-        ),
-        (
-            "borg_relayed_dials_total",
-            "Outbound connections made through a relay.",
-            m.relayed_dials,
-        ),
-    ];
-    for (name, help, v) in relay_counters {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
-        ));
-    }
-    if let Some(role) = s.status.get("nat_role").and_then(|v| v.as_str()) {
-        out.push_str("# HELP borg_nat_role The node's NAT role (1 for the current one).\n# TYPE borg_nat_role gauge\n");
-        for r in ["probing", "public", "gateway", "relayed", "local"] {
-            out.push_str(&format!(
-                "borg_nat_role{{role=\"{r}\"}} {}\n",
-                u8::from(r == role)
-            ));
-        }
-    }
-    out.push_str(&format!(
-        "# HELP borg_links_closed_total Node-to-node links that closed.\n# TYPE borg_links_closed_total counter\nborg_links_closed_total {}\n",
-        m.links_closed
-    ));
-    let links = s
-        .status
-        .get("connections")
-        .and_then(|v| v.as_u64())
-        .unwrap_or(0);
-    out.push_str(&format!("# HELP borg_links Node-to-node links open now.\n# TYPE borg_links gauge\nborg_links {links}\n"));
-    out.push_str(&net.render());
-    let size = s.status.get("size").and_then(|v| v.as_u64()).unwrap_or(0);
-    out.push_str(&format!("# HELP borg_tree_size Tree size as this node knows it.\n# TYPE borg_tree_size gauge\nborg_tree_size {size}\n"));
-    out
-}
-
-/// The next reachability status, or `None` once the task is gone (never, if there is none).
-async fn nat_changed(rx: Option<&mut watch::Receiver<Arc<NatStatus>>>) -> Option<Arc<NatStatus>> {
-    match rx {
-        Some(rx) => {
-            rx.changed().await.ok()?;
-            Some(rx.borrow_and_update().clone())
-        }
-        None => std::future::pending().await,
     }
 }
 
