@@ -10,9 +10,11 @@
 //! - [`envelope`]: the one signed message format and its one verify function.
 //! - [`tree`]: the PeerTree state machine (positions, joins, repairs, merges, broadcast).
 //! - [`reach`]: reachability: NAT roles from peers' evidence, LAN gateway choice, relayed addresses.
+//! - [`crono`]: network time (cronoTree): `time.*` messages and the sans-IO sync state machine.
 //! - [`dna`]: the compiled-in cell table (names, ports, max children).
 #![forbid(unsafe_code)]
 
+pub mod crono;
 pub mod dna;
 pub mod envelope;
 pub mod identity;
