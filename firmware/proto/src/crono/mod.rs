@@ -3,3 +3,9 @@
 //! µs); nothing here reads a clock or does I/O. See docs/PROTOCOL.md, "Network time".
 
 pub mod msg;
+pub mod sim;
+mod sync;
+#[cfg(test)]
+mod tests;
+
+pub use sync::{Mapping, SyncConfig, SyncError, TimeSource, TimeStatus, TimeSync};
