@@ -5,6 +5,7 @@
 #
 #   ci/fuzz.sh                    # every target, 600 s each
 #   BORG_FUZZ_SECONDS=60 ci/fuzz.sh frame_decode tree_msg_decode   # some targets, 60 s each
+# Targets: envelope_decode tree_msg_decode reach_msg_decode frame_decode time_msg_decode
 #
 # Needs the nightly toolchain (rustup toolchain install nightly) and cargo-fuzz
 # (cargo install cargo-fuzz); both are installed here if missing. Crashes land in

@@ -11,10 +11,12 @@
 //! - [`tree`]: the PeerTree state machine (positions, joins, repairs, merges, broadcast).
 //! - [`reach`]: reachability: NAT roles from peers' evidence, LAN gateway choice, relayed addresses.
 //! - [`build`]: the build time, the floor of network time.
+//! - [`crono`]: network time (cronoTree): `time.*` messages and the sans-IO sync state machine.
 //! - [`dna`]: the compiled-in cell table (names, ports, max children).
 #![forbid(unsafe_code)]
 
 pub mod build;
+pub mod crono;
 pub mod dna;
 pub mod envelope;
 pub mod identity;
