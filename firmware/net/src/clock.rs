@@ -72,11 +72,6 @@ impl NetClock {
         })
     }
 
-    /// The default clock of a process: the system clock, floored at the build time.
-    pub fn system() -> Arc<Self> {
-        Self::new(0, borg_proto::build::BUILD_UNIX_S * 1_000_000)
-    }
-
     /// The local reading now (µs).
     pub fn local_us(&self) -> u64 {
         let elapsed = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);

@@ -154,14 +154,7 @@ impl Actor {
 
     pub(super) fn seal_reach(&self, msg: &ReachMsg) -> Vec<u8> {
         let (kind, body) = msg.to_kind_body();
-        envelope::seal(
-            &self.key,
-            &kind,
-            Some(&self.my_addr),
-            self.cfg.clock.now_ms(),
-            body,
-        )
-        .to_bytes()
+        self.seal_kind_body(&kind, body)
     }
 }
 

@@ -709,9 +709,14 @@ impl Actor {
 
     fn seal(&self, msg: &TreeMsg) -> Vec<u8> {
         let (kind, body) = msg.to_kind_body();
+        self.seal_kind_body(&kind, body)
+    }
+
+    /// Seal `kind`/`body` with our key, our advertised address and network time.
+    fn seal_kind_body(&self, kind: &str, body: Value) -> Vec<u8> {
         envelope::seal(
             &self.key,
-            &kind,
+            kind,
             Some(&self.my_addr),
             self.cfg.clock.now_ms(),
             body,
