@@ -5,6 +5,7 @@
 //!
 //! Real processes' worth of parts (TLS, listeners, actors) in one test process; waits are
 //! conditions with deadlines, never sleeps.
+#![allow(clippy::unwrap_used)]
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -171,7 +172,10 @@ async fn a_toy_cell_registered_in_one_line_runs_its_own_tree_and_doors() {
     let ok = tokio::time::timeout(
         LIMIT,
         until("a toy tree of 3", || {
-            (a[1].status()["size"] == 3 && a[1].status()["state"] == "root").then_some(())
+            (a[1].status()["size"] == 3
+                && a[1].status()["state"] == "root"
+                && [&b, &c].iter().all(|n| n[1].status()["state"] == "joined"))
+            .then_some(())
         }),
     )
     .await;

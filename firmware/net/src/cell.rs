@@ -63,6 +63,8 @@ pub enum CellAction {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct BaseView {
     pub state: Option<TreeState>,
+    /// The base tree's size as this node knows it.
+    pub size: u64,
     pub contacts: Vec<String>,
     pub root: Option<Peer>,
     pub parent: Option<Peer>,

@@ -37,9 +37,13 @@ pub const WARM_WAIT_MS: u64 = 400;
 pub const BOOT_ROUNDS: u32 = 4;
 /// While unsynced, a new bootstrap round this often (ms).
 pub const BOOT_RETRY_MS: u64 = 1_500;
-/// Answers given per second, all askers together (each costs a signature); the rest wait
-/// for the asker's retry. A tree neighbour asks about once a second.
+/// Answers given per second to nodes that are not our tree children, all together (each
+/// costs a signature; they are bootstrapping newcomers or strangers); the rest wait for the
+/// asker's retry.
 pub const ANSWERS_PER_S: u32 = 200;
+/// Answers per second to one tree child (it asks about once a second, four in a burst after
+/// a parent change): strangers spending the shared budget cannot starve our children.
+pub const CHILD_ANSWERS_PER_S: u32 = 20;
 
 /// The cronoTree cell.
 pub struct CronoCell {
@@ -76,6 +80,8 @@ pub struct CronoCell {
     refilled: u64,
     answered: u64,
     refused: u64,
+    /// Our tree children, each with its own answer budget (tokens, last refill).
+    children: std::collections::HashMap<PublicKey, (u32, u64)>,
 }
 
 impl std::fmt::Debug for CronoCell {
@@ -117,6 +123,7 @@ impl CronoCell {
             refilled: 0,
             answered: 0,
             refused: 0,
+            children: std::collections::HashMap::new(),
         }
     }
 
@@ -253,20 +260,41 @@ impl CronoCell {
         self.clock.publish_status(st);
     }
 
-    fn take_token(&mut self, mono_ms: u64) -> bool {
-        let elapsed = mono_ms.saturating_sub(self.refilled);
-        if elapsed >= 1000 / u64::from(ANSWERS_PER_S).max(1) {
-            let add = elapsed.saturating_mul(u64::from(ANSWERS_PER_S)) / 1000;
-            self.tokens = u32::try_from(u64::from(self.tokens).saturating_add(add))
-                .unwrap_or(u32::MAX)
-                .min(ANSWERS_PER_S);
-            self.refilled = mono_ms;
+    /// One answer's worth of budget for `from`: its own as a tree child, else the shared one.
+    fn take_token(&mut self, mono_ms: u64, from: &PublicKey) -> bool {
+        match self.children.get_mut(from) {
+            Some((tokens, refilled)) => take(tokens, refilled, mono_ms, CHILD_ANSWERS_PER_S),
+            None => take(&mut self.tokens, &mut self.refilled, mono_ms, ANSWERS_PER_S),
         }
-        if self.tokens == 0 {
-            return false;
+    }
+}
+
+/// A token bucket of `rate` a second (and as many saved up).
+fn take(tokens: &mut u32, refilled: &mut u64, mono_ms: u64, rate: u32) -> bool {
+    let elapsed = mono_ms.saturating_sub(*refilled);
+    if elapsed >= 1000 / u64::from(rate).max(1) {
+        let add = elapsed.saturating_mul(u64::from(rate)) / 1000;
+        *tokens = u32::try_from(u64::from(*tokens).saturating_add(add))
+            .unwrap_or(u32::MAX)
+            .min(rate);
+        *refilled = mono_ms;
+    }
+    if *tokens == 0 {
+        return false;
+    }
+    *tokens -= 1;
+    true
+}
+
+impl CronoCell {
+    fn set_children(&mut self, view: &TreeView, mono_ms: u64) {
+        let keys: Vec<PublicKey> = view.children.iter().map(|c| c.peer.key).collect();
+        self.children.retain(|k, _| keys.contains(k));
+        for k in keys {
+            self.children
+                .entry(k)
+                .or_insert((CHILD_ANSWERS_PER_S, mono_ms));
         }
-        self.tokens -= 1;
-        true
     }
 }
 
@@ -281,6 +309,7 @@ impl Cell for CronoCell {
 
     fn handle_tree(&mut self, now: CellTime, view: &TreeView) {
         self.tree_state = Some(view.state);
+        self.set_children(view, now.mono_ms);
         match view.state {
             // Alone before the bootstrap is over: our clock may be 1970, do not serve it.
             TreeState::Alone if self.boot_pending => {}
@@ -312,7 +341,7 @@ impl Cell for CronoCell {
             TimeMsg::from_kind_body(kind, body).map_err(|e| CellError::malformed(e.to_string()))?;
         match msg {
             TimeMsg::Req { nonce } => {
-                if !self.take_token(now.mono_ms) {
+                if !self.take_token(now.mono_ms, &from) {
                     self.refused += 1;
                     return Err(CellError {
                         status: 429,

@@ -300,6 +300,7 @@ async fn bootstrap_takes_the_median_so_one_liar_does_not_move_it() {
     let liar = node(3, YEAR_2026_US + 3_600_000_000, Vec::new());
     let base = BaseView {
         state: Some(TreeState::Joining),
+        size: 0,
         contacts: Vec::new(),
         root: None,
         parent: None,
@@ -315,10 +316,10 @@ async fn bootstrap_takes_the_median_so_one_liar_does_not_move_it() {
         ],
     );
     let mut nodes = vec![honest1, honest2, liar, newcomer];
-    for i in 0..3 {
-        let t = now(&nodes[i]);
-        let v = view(&nodes[i], TreeState::Alone, None);
-        nodes[i].cell.handle_tree(t, &v);
+    for n in nodes.iter_mut().take(3) {
+        let t = now(n);
+        let v = view(n, TreeState::Alone, None);
+        n.cell.handle_tree(t, &v);
     }
     let t = now(&nodes[3]);
     nodes[3].cell.handle_base(t, &base);
@@ -333,5 +334,56 @@ async fn bootstrap_takes_the_median_so_one_liar_does_not_move_it() {
     assert!(
         (-1_000..=3_000).contains(&d0),
         "within the honest spread: {d0} µs"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn strangers_spending_the_shared_budget_do_not_starve_our_children() {
+    let mut n = node(1, YEAR_2026_US, Vec::new());
+    let child = SecretKey::generate().public();
+    let t = now(&n);
+    let mut v = view(&n, TreeState::Root, None);
+    v.children = vec![borg_proto::tree::Placed {
+        pos: 2,
+        peer: Peer {
+            key: child,
+            addr: "10.0.0.7:13300".into(),
+            mon: String::new(),
+        },
+    }];
+    n.cell.handle_tree(t, &v);
+    let stranger = SecretKey::generate().public();
+    let req = |i: u32| {
+        let mut b = [1u8; 16];
+        b[..4].copy_from_slice(&i.to_le_bytes());
+        TimeMsg::Req {
+            nonce: Nonce::from_bytes(b),
+        }
+        .to_kind_body()
+    };
+    for i in 0..ANSWERS_PER_S + 50 {
+        let (kind, body) = req(i);
+        let _ = n.cell.handle_message(t, stranger, t.local_us, &kind, &body);
+    }
+    let (kind, body) = req(9_999);
+    assert!(n
+        .cell
+        .handle_message(t, stranger, t.local_us, &kind, &body)
+        .is_err());
+    for i in 0..CHILD_ANSWERS_PER_S {
+        let (kind, body) = req(20_000 + i);
+        assert!(
+            n.cell
+                .handle_message(t, child, t.local_us, &kind, &body)
+                .is_ok(),
+            "child answer {i}"
+        );
+    }
+    let (kind, body) = req(30_000);
+    assert!(
+        n.cell
+            .handle_message(t, child, t.local_us, &kind, &body)
+            .is_err(),
+        "a child has a bound too"
     );
 }

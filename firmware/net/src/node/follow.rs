@@ -54,7 +54,9 @@ impl Actor {
             .iter()
             .map(|p| (p.key, lan_addr(p.lan_addr)))
             .collect();
-        for p in &st.lan {
+        // Only the base tree meets LAN nodes: the other cells follow the base tree (joining
+        // and merging through it, `router.rs`), so they never form LAN-only trees of their own.
+        for p in st.lan.iter().filter(|_| base) {
             let stale = self
                 .met
                 .get(&p.key)

@@ -597,9 +597,11 @@ impl Actor {
             .map(|n| n.status.clone());
         let mut base_rx = self.cfg.base.as_ref().map(|b| b.view.clone());
         loop {
+            // At least 1 ms ahead: a cell that keeps asking for a deadline already past
+            // costs a timer a millisecond, never a hot loop.
             let cell_deadline = self.cell.poll_timeout().map(|t| {
                 let now = self.cfg.clock.mono_ms();
-                tokio::time::Instant::now() + Duration::from_millis(t.saturating_sub(now))
+                tokio::time::Instant::now() + Duration::from_millis(t.saturating_sub(now).max(1))
             });
             tokio::select! {
                 () = router::sleep_until_opt(cell_deadline) => {
@@ -966,6 +968,7 @@ impl Actor {
             self.base_view_tx.send_if_modified(|old| {
                 let new = BaseView {
                     state: Some(view.state),
+                    size: view.size,
                     contacts: old.contacts.clone(),
                     root: view.root.clone(),
                     parent: view.parent.as_ref().map(|p| p.peer.clone()),

@@ -91,8 +91,9 @@ impl Actor {
     }
 
     /// A non-base cell alone in its tree joins through the base tree's parent and root
-    /// (their base addresses; the listener there hands our link to their cell). Since every
-    /// node does this, the cell's tree ends up with the base tree's root as its root.
+    /// (their base addresses; the listener there hands our link to their cell); the root of
+    /// a tree of the cell whose root is not the base root meets the base root, so the trees
+    /// merge. So the cell's tree spans the base tree's nodes.
     pub(super) fn base_join_tick(&mut self, view: &BaseView) {
         if self.join_after.is_some() {
             return;
@@ -102,14 +103,47 @@ impl Actor {
         {
             return;
         }
-        if self.tree.state() != borg_proto::tree::TreeState::Alone {
-            return;
-        }
         let me = self.key.public();
-        let contacts: Vec<String> = view
+        let neighbours: Vec<borg_proto::tree::Peer> = view
             .parent
             .iter()
             .chain(view.root.iter())
+            .chain(view.children.iter())
+            .filter(|p| p.key != me)
+            .cloned()
+            .collect();
+        let mine = self.tree.view();
+        if self.tree.state() == borg_proto::tree::TreeState::Root {
+            // The root of a tree that is smaller than the base tree, or whose root is not the
+            // base root, meets the base tree's nodes around it: where one of them is in
+            // another tree of this cell, the two merge (the smaller into the larger, on a
+            // member's witness, as trees that meet do). Roots of both trees do this, so
+            // whichever is smaller dissolves.
+            let root_differs = view
+                .root
+                .as_ref()
+                .is_some_and(|r| mine.root.as_ref().map(|m| m.key) != Some(r.key));
+            if mine.size < view.size || root_differs {
+                self.last_base_join = now;
+                for p in neighbours {
+                    self.tree.meet(now, p);
+                }
+            }
+            return;
+        }
+        if self.tree.state() != borg_proto::tree::TreeState::Alone {
+            return;
+        }
+        // The base root's cell is the anchor: it never joins (others come to it), so two
+        // lone nodes never try to join each other. Everyone else joins through the base root
+        // first (it places newcomers breadth-first), then its base parent.
+        if view.root.as_ref().is_some_and(|r| r.key == me) {
+            return;
+        }
+        let contacts: Vec<String> = view
+            .root
+            .iter()
+            .chain(view.parent.iter())
             .filter(|p| p.key != me)
             .map(|p| p.addr.clone())
             .collect();

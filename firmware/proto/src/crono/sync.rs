@@ -753,10 +753,14 @@ impl TimeSync {
         }
         if let Boot::Collecting {
             first_answer: Some(f),
-            ..
+            answers,
         } = &self.boot
         {
-            take(Some(f.saturating_add(self.cfg.bootstrap_settle_us)));
+            // The settle deadline only matters once enough answers are in; before that it
+            // would be a deadline in the past, asked for again and again.
+            if answers.len() >= self.cfg.bootstrap_min {
+                take(Some(f.saturating_add(self.cfg.bootstrap_settle_us)));
+            }
             take(Some(f.saturating_add(self.cfg.bootstrap_wait_us)));
         }
         next
