@@ -26,10 +26,17 @@ for i in $(seq 1 $((N - 1))); do
   "$B" node --listen "$(ip "$i")" --join "$(ip $(( i / 2 )))" --data "$DIR/n$i" --max-children "$K" 2>"$DIR/n$i.log" & pids+=($!)
 done
 for _ in $(seq 100); do
-  size=$("$B" status --node "$(ip 0)" --json 2>/dev/null | sed -n 's/.*"size": \([0-9]*\).*/\1/p')
+  size=$("$B" status --node "$(ip 0)" --json 2>/dev/null | sed -n 's/^  "size": \([0-9]*\).*/\1/p' | head -1)
   [ "${size:-0}" -ge "$N" ] && break; sleep 0.2
 done
 "$B" tree --node "$(ip 0)"
+for _ in $(seq 100); do
+  size=$("$B" status --node "$(ip 0):13398" --json 2>/dev/null | sed -n 's/^  "size": \([0-9]*\).*/\1/p' | head -1)
+  [ "${size:-0}" -ge "$N" ] && break; sleep 0.2
+done
+echo; echo "the node's second cell, cronoTree (network time), has its own tree (k=3):"
+"$B" tree --node "$(ip 0):13398"
+echo; echo "network time on node $(ip $((N - 1))):"; "$B" status --node "$(ip $((N - 1)))" | grep -E '^(time|cell) '
 echo; "$B" broadcast --node "$(ip $((N - 1)))" "hello from the demo"
 sleep 1
 echo "nodes that logged the broadcast: $(grep -l 'hello from the demo' "$DIR"/*.log | wc -l) of $N"

@@ -34,9 +34,13 @@ pub const BOOT_FANOUT: usize = 5;
 /// How long the bootstrap proper waits for the slowest warm-up after the first came back.
 pub const WARM_WAIT_MS: u64 = 400;
 /// Bootstrap rounds before a node with contacts falls back to its own clock.
-pub const BOOT_ROUNDS: u32 = 4;
+pub const BOOT_ROUNDS: u32 = 6;
 /// While unsynced, a new bootstrap round this often (ms).
-pub const BOOT_RETRY_MS: u64 = 1_500;
+pub const BOOT_RETRY_MS: u64 = 3_000;
+/// After falling back to the local clock, a node keeps asking this often while it is alone
+/// in its tree: a slow first contact (a board in TCG emulation, a congested link) must not
+/// leave it on a wrong clock for good.
+pub const BOOT_FALLBACK_RETRY_MS: u64 = 10_000;
 /// Answers given per second to nodes that are not our tree children, all together (each
 /// costs a signature; they are bootstrapping newcomers or strangers); the rest wait for the
 /// asker's retry.
@@ -70,6 +74,8 @@ pub struct CronoCell {
     /// A node with contacts asks them before it trusts its own clock as a root: set until a
     /// bootstrap succeeded or [`BOOT_ROUNDS`] rounds found nobody synced.
     boot_pending: bool,
+    /// Running on the local clock because nobody answered: keep asking (while alone).
+    fell_back: bool,
     boot_rounds: u32,
     /// The last state of this cell's tree (re-applied when the bootstrap ends).
     tree_state: Option<TreeState>,
@@ -117,6 +123,7 @@ impl CronoCell {
             warm_keys: Vec::new(),
             boot_at: None,
             boot_pending: !init.contacts.is_empty(),
+            fell_back: false,
             boot_rounds: 0,
             tree_state: None,
             tokens: ANSWERS_PER_S,
@@ -166,7 +173,8 @@ impl CronoCell {
     }
 
     fn maybe_bootstrap(&mut self, now: CellTime) {
-        if self.sync.status(now.local_us).synced {
+        let alone = matches!(self.tree_state, Some(TreeState::Alone));
+        if self.sync.status(now.local_us).synced && !(self.fell_back && alone) {
             self.boot_pending = false;
             return;
         }
@@ -180,6 +188,7 @@ impl CronoCell {
                 "no synced peer answered {BOOT_ROUNDS} time requests: using the local clock"
             );
             self.boot_pending = false;
+            self.fell_back = true;
             if matches!(self.tree_state, Some(TreeState::Alone | TreeState::Root)) {
                 self.sync.set_root(now.local_us);
             }
@@ -189,7 +198,12 @@ impl CronoCell {
             return;
         }
         self.boot_rounds = self.boot_rounds.saturating_add(1);
-        self.next_boot = now.mono_ms + BOOT_RETRY_MS;
+        self.next_boot = now.mono_ms
+            + if self.fell_back {
+                BOOT_FALLBACK_RETRY_MS
+            } else {
+                BOOT_RETRY_MS
+            };
         self.warm.clear();
         self.warm_keys.clear();
         self.boot_at = None;
@@ -365,6 +379,10 @@ impl Cell for CronoCell {
                 let r = self
                     .sync
                     .handle_answer_at(now.local_us, rx_local_us, &from, &ans);
+                if r.is_ok() {
+                    // A synced peer answered: the bootstrap (or a parent) set our time.
+                    self.fell_back = false;
+                }
                 self.poll_sync(now);
                 self.publish(now);
                 r.map_err(|e| CellError::forbidden(e.to_string()))

@@ -205,7 +205,7 @@ async fn with_no_synced_peer_a_node_falls_back_to_its_own_clock() {
     run(
         &mut nodes,
         Duration::from_millis(10),
-        Duration::from_secs(8),
+        Duration::from_secs(20),
     )
     .await;
     assert!(

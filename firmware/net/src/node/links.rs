@@ -144,6 +144,12 @@ impl Actor {
                 }
             };
             match result {
+                // An address that leads back to this node (a peer's loopback address seen
+                // from elsewhere): never a link to ourselves.
+                Ok(c) if c.peer_key() == identity.public_key() => {
+                    tracing::debug!("dial {addr} reached this node itself");
+                    let _ = tx.send(Inbound::DialFailed { key, addr }).await;
+                }
                 Ok(c) => spawn_link_conn(c, Some(addr), ctx),
                 Err(e) => {
                     tracing::debug!("dial {addr} failed: {e}");

@@ -410,6 +410,10 @@ struct Actor {
 
 /// How long a node waits for its NAT role, or for network time, before joining anyway.
 const JOIN_WAIT_FOR_ROLE: Duration = Duration::from_secs(10);
+/// How long a node waits for network time before joining anyway: a node with a wrong clock
+/// cannot join (its messages are stale), and the time cell falls back to the local clock
+/// after about 18 s without a synced answer.
+const JOIN_WAIT_FOR_TIME: Duration = Duration::from_secs(20);
 /// How often a non-base cell alone in its tree tries to join through the base tree.
 const BASE_JOIN_EVERY_MS: u64 = 3_000;
 
@@ -548,7 +552,12 @@ pub async fn start(cfg: NodeConfig, cell: Box<dyn Cell>) -> Result<NodeHandle, N
     actor.wait_for_time =
         actor.cfg.clock.has_source() && !actor.cfg.clock.is_synced() && !actor.cfg.join.is_empty();
     if actor.wait_for_role || actor.wait_for_time {
-        actor.join_after = Some(Instant::now() + JOIN_WAIT_FOR_ROLE);
+        let wait = if actor.wait_for_time {
+            JOIN_WAIT_FOR_TIME
+        } else {
+            JOIN_WAIT_FOR_ROLE
+        };
+        actor.join_after = Some(Instant::now() + wait);
     } else {
         actor.tree.start(actor.cfg.clock.mono_ms());
     }

@@ -140,12 +140,15 @@ impl Actor {
         if view.root.as_ref().is_some_and(|r| r.key == me) {
             return;
         }
+        // Last, the node's own contacts: a base root's advertised address may be one we
+        // cannot reach (a host node on loopback seen from a VM), its contact address we can.
         let contacts: Vec<String> = view
             .root
             .iter()
             .chain(view.parent.iter())
             .filter(|p| p.key != me)
             .map(|p| p.addr.clone())
+            .chain(view.contacts.iter().cloned())
             .collect();
         if contacts.is_empty() {
             return;
