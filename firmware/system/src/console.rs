@@ -588,9 +588,9 @@ mod tests {
             s.time = Some(TimeStatus {
                 synced: true,
                 offset_ms: 2.0,
-                error_bound_ms: 0.8,
+                error_bound_ms: Some(0.8),
                 source: "bootstrap".into(),
-                stratum: 1,
+                stratum: Some(1),
                 now_ms: 1_796_083_200_000,
                 system_offset_ms: Some(-3.0),
             });

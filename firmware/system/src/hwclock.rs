@@ -96,12 +96,12 @@ pub struct TimeStatus {
     pub synced: bool,
     /// Network time minus the node's local clock.
     pub offset_ms: f64,
-    /// Error bound of network time.
-    pub error_bound_ms: f64,
+    /// Error bound of network time (`null` before the first sync).
+    pub error_bound_ms: Option<f64>,
     /// `local`, `bootstrap` or the parent's key.
     pub source: String,
-    /// Hops from the time root.
-    pub stratum: u8,
+    /// Hops from the time root (`null` before the first sync).
+    pub stratum: Option<u8>,
     /// Network time when the snapshot was made (ms since the epoch).
     pub now_ms: u64,
     /// Network time minus the system clock when the snapshot was made.
@@ -110,16 +110,35 @@ pub struct TimeStatus {
 
 impl TimeStatus {
     /// Read `v["time"]` of a monitor status. None when the field is missing or malformed
-    /// (a wrong type is never taken for a value).
+    /// (a wrong type is never taken for a value). `stratum` and `error_bound_ms` may be
+    /// `null` only while unsynced.
     pub fn from_status(v: &serde_json::Value) -> Option<TimeStatus> {
         let t = v.get("time")?.as_object()?;
         let f = |k: &str| t.get(k).and_then(|x| x.as_f64()).filter(|x| x.is_finite());
+        let nullable = |k: &str| -> Option<Option<&serde_json::Value>> {
+            match t.get(k) {
+                None | Some(serde_json::Value::Null) => Some(None),
+                Some(x) => Some(Some(x)),
+            }
+        };
+        let bound = match nullable("error_bound_ms")? {
+            None => None,
+            Some(x) => Some(x.as_f64().filter(|x| x.is_finite())?),
+        };
+        let stratum = match nullable("stratum")? {
+            None => None,
+            Some(x) => Some(u8::try_from(x.as_u64()?).ok()?),
+        };
+        let synced = t.get("synced")?.as_bool()?;
+        if synced && (bound.is_none() || stratum.is_none()) {
+            return None;
+        }
         Some(TimeStatus {
-            synced: t.get("synced")?.as_bool()?,
+            synced,
             offset_ms: f("offset_ms")?,
-            error_bound_ms: f("error_bound_ms")?,
+            error_bound_ms: bound,
             source: t.get("source")?.as_str()?.to_string(),
-            stratum: u8::try_from(t.get("stratum")?.as_u64()?).ok()?,
+            stratum,
             now_ms: t.get("now_ms")?.as_u64()?,
             system_offset_ms: f("system_offset_ms"),
         })
@@ -127,10 +146,10 @@ impl TimeStatus {
 
     /// One word for the console: `synced s2 ±1.2ms` or `unsynced`.
     pub fn summary(&self) -> String {
-        if self.synced {
-            format!("synced s{} ±{:.1}ms", self.stratum, self.error_bound_ms)
-        } else {
-            "unsynced".to_string()
+        match (self.synced, self.stratum, self.error_bound_ms) {
+            (true, Some(s), Some(b)) => format!("synced s{s} ±{b:.1}ms"),
+            (true, ..) => "synced".to_string(),
+            (false, ..) => "unsynced".to_string(),
         }
     }
 }
@@ -345,8 +364,8 @@ impl Keeper {
                 match sys::set_realtime_ms(to) {
                     Ok(()) => {
                         tracing::info!(
-                            stratum = t.stratum,
-                            error_bound_ms = t.error_bound_ms,
+                            stratum = t.stratum.unwrap_or(u8::MAX),
+                            error_bound_ms = t.error_bound_ms.unwrap_or(f64::NAN),
                             "clock set from network time: {} -> {} ({:+} ms)",
                             utc_string(now),
                             utc_string(to),
@@ -401,9 +420,9 @@ mod tests {
         TimeStatus {
             synced,
             offset_ms: 0.0,
-            error_bound_ms: 1.25,
+            error_bound_ms: Some(1.25),
             source: "bootstrap".into(),
-            stratum: 2,
+            stratum: Some(2),
             now_ms,
             system_offset_ms: off,
         }
@@ -564,7 +583,7 @@ mod tests {
             "system_offset_ms":-12.25}});
         let t = TimeStatus::from_status(&v).unwrap();
         assert!(t.synced);
-        assert_eq!(t.stratum, 2);
+        assert_eq!(t.stratum, Some(2));
         assert_eq!(t.now_ms, 1_796_083_200_123);
         assert_eq!(t.system_offset_ms, Some(-12.25));
         assert_eq!(t.summary(), "synced s2 ±1.2ms");
@@ -584,6 +603,17 @@ mod tests {
         let no_sys = serde_json::json!({"time":{"synced":false,"offset_ms":0,"error_bound_ms":1,
             "source":"local","stratum":0,"now_ms":-1}});
         assert_eq!(TimeStatus::from_status(&no_sys), None);
+        // Before the first sync the node reports null stratum and error bound.
+        let unsynced = serde_json::json!({"time":{"synced":false,"offset_ms":0.0,
+            "error_bound_ms":null,"source":"local","stratum":null,"now_ms":1796083200000u64,
+            "system_offset_ms":0.0,"samples":0,"rejected":0}});
+        let u = TimeStatus::from_status(&unsynced).unwrap();
+        assert_eq!((u.stratum, u.error_bound_ms), (None, None));
+        assert_eq!(u.summary(), "unsynced");
+        // ... but a synced status without them is malformed.
+        let mut bad = unsynced.clone();
+        bad["time"]["synced"] = serde_json::Value::Bool(true);
+        assert_eq!(TimeStatus::from_status(&bad), None);
     }
 
     #[test]
