@@ -161,14 +161,19 @@ fn time_lines(s: &Snapshot, system_ms: u64) -> String {
     let _ = writeln!(o, "system:    {}", hwclock::utc_string(system_ms));
     match &s.time {
         Some(t) => {
+            // A status made before our last setting of the clock shows the offset we removed.
+            let stale = c.last_set.is_some_and(|(_, to)| t.now_ms <= to);
+            let sys = match t.system_offset_ms {
+                Some(_) if stale => "system clock set since".to_string(),
+                Some(x) => format!("system clock {:+.1} ms from it", -x),
+                None => "system clock offset unknown".to_string(),
+            };
             let _ = writeln!(
                 o,
-                "network:   {} source {} offset {:+.1} ms, system clock {} ms from it",
+                "network:   {} source {} offset {:+.1} ms, {sys}",
                 t.summary(),
                 t.source,
                 t.offset_ms,
-                t.system_offset_ms
-                    .map_or("?".into(), |x| format!("{:+.1}", -x))
             );
         }
         None => {
@@ -615,6 +620,13 @@ mod tests {
         );
         assert!(
             t.contains("set:       1x from network time, last 2026-"),
+            "{t}"
+        );
+        // A status from before that setting does not show the offset it removed.
+        shared.lock().time.as_mut().unwrap().now_ms = 1_796_083_000_000;
+        let t = time_lines(&shared.get(), 1_796_083_200_000);
+        assert!(
+            t.contains("offset +2.0 ms, system clock set since\n"),
             "{t}"
         );
         assert!(t.contains("saved:     2026-11-30T23:58:20.000Z"), "{t}");
