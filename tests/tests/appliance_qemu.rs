@@ -234,20 +234,38 @@ fn qemu_boots_to_a_working_node() {
 fn qemu_second_boot_keeps_data_and_rejects_nothing() {
     let test = "qemu_second_boot_keeps_data_and_rejects_nothing";
     let Some(img) = enabled(test) else { return };
+    let node = node_available();
     let data = tempfile::tempdir().expect("tempdir");
-    let mut c = boot(&img, "", &data, &[]);
+    let mut c = boot(&img, "", &data, &RTC_1970);
     let first_host = {
         step(&mut c, "host name set hostname=", BOOT);
         step(&mut c, "\n", STEP).trim().to_string()
     };
     step(&mut c, "borg> ", STEP);
+    if node {
+        // A node alone is its own time source: once it is synced, network time is saved
+        // (and saved again at power-off).
+        step(&mut c, "network time: synced", STEP);
+    }
     power_off(&mut c);
-    // Same disk again: mounted (not formatted), same node key, same host name.
+    // Same disk again: mounted (not formatted), same node key, same host name; the clock,
+    // again at 1970, is raised to the network time saved by the first boot, not to the build
+    // time.
     let disk = data.path().join("data.img");
     let mut cmd = Command::new(workspace_root().join("image/qemu-run"));
-    cmd.env("OUT", &img).env("BORG_DATA_IMG", &disk);
+    cmd.env("OUT", &img)
+        .env("BORG_DATA_IMG", &disk)
+        .args(RTC_1970);
     let mut c = Console::spawn(cmd).expect("start QEMU");
     step(&mut c, "data partition: mounted /dev/vda", BOOT);
+    step(&mut c, "clock raised to its floor", STEP);
+    let raised = step(&mut c, "\n", STEP);
+    if node {
+        assert!(
+            raised.contains("from=1970-01-01T") && raised.contains("source=\"saved network time\""),
+            "{raised}"
+        );
+    }
     step(&mut c, "host name set hostname=", STEP);
     let second_host = step(&mut c, "\n", STEP).trim().to_string();
     assert_eq!(
