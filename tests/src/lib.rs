@@ -124,6 +124,11 @@ impl Net {
     /// Start node `i`, joining through node `join` if given. Its data dir persists across
     /// restarts (same key).
     pub fn spawn(&mut self, i: usize, join: Option<usize>) {
+        self.spawn_with(i, join, &[]);
+    }
+
+    /// [`Net::spawn`] with extra `borg node` arguments (e.g. a clock offset).
+    pub fn spawn_with(&mut self, i: usize, join: Option<usize>, extra: &[&str]) {
         let ip = self.ip(i);
         let data = self.dir.path().join(format!("n{i}"));
         let log = self.dir.path().join(format!("n{i}.log"));
@@ -140,6 +145,7 @@ impl Net {
         if let Some(j) = join {
             cmd.arg("--join").arg(self.ip(j).to_string());
         }
+        cmd.args(extra);
         let logf = std::fs::File::create(&log).unwrap();
         cmd.stdout(Stdio::null())
             .stderr(logf)
@@ -183,6 +189,22 @@ impl Net {
 
     pub fn metrics(&self, i: usize) -> String {
         http_get(self.mon(i), "/metrics").unwrap_or_default()
+    }
+
+    /// `/status` of the cell of node `i` whose monitor is on `mon_port`.
+    pub fn cell_status(&self, i: usize, mon_port: u16) -> Option<Value> {
+        let mon = SocketAddr::new(self.ip(i).into(), mon_port);
+        serde_json::from_str(&http_get(mon, "/status")?).ok()
+    }
+
+    /// [`Net::check_tree`] for the cell whose monitor is on `mon_port` (k = `k`).
+    pub fn check_cell_tree(&self, mon_port: u16, k: u64) -> Result<(usize, u64), String> {
+        check_tree_statuses(
+            k,
+            self.nodes
+                .keys()
+                .map(|&i| (i.to_string(), self.cell_status(i, mon_port))),
+        )
     }
 
     /// Check the live tree: every running node answers, positions 1..N are each held once,

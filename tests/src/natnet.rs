@@ -104,9 +104,15 @@ impl NsNodes {
 
     /// `borg status --json` of node `name`, run in its namespace.
     pub fn status(&self, name: &str) -> Option<Value> {
+        self.cell_status(name, 13310)
+    }
+
+    /// `borg status --json` of the cell whose monitor is on `mon_port` in node `name`.
+    pub fn cell_status(&self, name: &str, mon_port: u16) -> Option<Value> {
         let n = self.nodes.get(name)?;
         let mut cmd = n.ns.command(borg_bin());
-        cmd.args(["status", "--json", "--node", &n.ns.ip.to_string()]);
+        let node = format!("{}:{mon_port}", n.ns.ip);
+        cmd.args(["status", "--json", "--node", &node]);
         let out = run_with_deadline(&mut cmd, None, CLI_DEADLINE).ok()?;
         if !out.status.success() {
             return None;
@@ -160,6 +166,16 @@ impl NsNodes {
         check_tree_statuses(
             self.max_children,
             self.nodes.keys().map(|n| (n.clone(), self.status(n))),
+        )
+    }
+
+    /// [`Self::check_tree`] for the tree of the cell whose monitor is on `mon_port` (k = `k`).
+    pub fn check_cell_tree(&self, mon_port: u16, k: u64) -> Result<(usize, u64), String> {
+        check_tree_statuses(
+            k,
+            self.nodes
+                .keys()
+                .map(|n| (n.clone(), self.cell_status(n, mon_port))),
         )
     }
 

@@ -190,6 +190,42 @@ fn seven_nodes_across_two_nats_form_one_tree_and_survive_the_gateway() {
     let (size, depth) = nodes.check_tree().unwrap();
     assert_eq!((size, depth), (7, 2));
     println!("tree of 7 complete {:.1} s after roles", took.as_secs_f64());
+    // The second cell type (cronoTree, k=3) forms its own tree over the same seven nodes,
+    // its links to the LAN nodes entering through the gateway's one mapped port or a relay
+    // (ALPN routing), and every node's network time is synced.
+    let start = Instant::now();
+    let mut last = String::new();
+    let crono = wait_for(TREE_WITHIN, Duration::from_millis(300), || {
+        match nodes.check_cell_tree(13398, 3) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                last = e;
+                None
+            }
+        }
+    })
+    .unwrap_or_else(|| panic!("no cronoTree of 7: {last}"));
+    assert_eq!(crono.0, 7);
+    println!(
+        "cronoTree of 7 (depth {}) {:.1} s after the base tree",
+        crono.1,
+        start.elapsed().as_secs_f64()
+    );
+    for n in ["a1", "a2", "a3", "b1", "b2", "p1", "p2"] {
+        let st = nodes.cell_status(n, 13398).unwrap();
+        assert_eq!(st["time"]["synced"], true, "{n}: {st}");
+        let addr = st["addr"].as_str().unwrap_or_default();
+        let base = nodes.status(n).unwrap();
+        match base["nat_role"].as_str() {
+            // Reached only through the mapped port or a relay: the cell advertises that.
+            Some("gateway" | "relayed") => assert_eq!(addr, base["addr"], "{n}"),
+            _ => assert!(addr.ends_with(":13396"), "{n}: {addr}"),
+        }
+        println!(
+            "{n}: cronoTree {} via {addr}, error vs system clock {} ms",
+            st["state"], st["time"]["system_offset_ms"]
+        );
+    }
     nodes.broadcast("b1", "hello-from-lan-b");
     let t = nodes
         .wait_delivered("hello-from-lan-b", DELIVER_WITHIN)

@@ -267,7 +267,35 @@ pub fn status(args: StatusArgs) -> Result<()> {
             println!("mapping     {state} {detail}");
         }
     }
+    println!("time        {}", time_line(&st["time"]));
+    if let Some(cells) = st["cells"].as_array() {
+        for c in cells {
+            println!(
+                "cell        {:<12} {:<8} size {:<5} net {}",
+                c["name"].as_str().unwrap_or("?"),
+                c["state"].as_str().unwrap_or("?"),
+                c["size"],
+                c["net"].as_str().unwrap_or("?"),
+            );
+        }
+    }
     Ok(())
+}
+
+/// One line on network time, from a status' `time` object.
+fn time_line(t: &Value) -> String {
+    if t["synced"].as_bool() != Some(true) {
+        return "not synced (local clock, raised to the build time)".into();
+    }
+    let source = match t["source"].as_str() {
+        Some(s @ ("local" | "bootstrap")) => s.to_string(),
+        Some(k) => format!("parent {}", short(k)),
+        None => "?".into(),
+    };
+    format!(
+        "synced, stratum {}, error bound {} ms, {source}, network - local clock {} ms",
+        t["stratum"], t["error_bound_ms"], t["offset_ms"]
+    )
 }
 
 fn short(key: &str) -> String {

@@ -194,6 +194,15 @@ pub async fn start(opts: &CellOptions) -> Result<Arc<NodeHandle>, CellError> {
 /// cell on `opts`' ports), sharing the key in `opts.data_dir` and one network clock. Returns
 /// the handles, the base cell first.
 pub async fn start_node(opts: &CellOptions) -> Result<Vec<Arc<NodeHandle>>, CellError> {
+    start_node_with(opts, REGISTRY).await
+}
+
+/// [`start_node`] with another registry (tests register toy cells); its first entry must be
+/// the base cell.
+pub async fn start_node_with(
+    opts: &CellOptions,
+    registry: &[CellType],
+) -> Result<Vec<Arc<NodeHandle>>, CellError> {
     let clock = node_clock(opts);
     let key = borg_proto::identity::SecretKey::load_or_create(&opts.data_dir)
         .map_err(NodeError::from)?
@@ -201,7 +210,7 @@ pub async fn start_node(opts: &CellOptions) -> Result<Vec<Arc<NodeHandle>>, Cell
     let router = Arc::new(CellRouter::default());
     // Make every cell first: a time cell announces itself to the clock, and the base cell
     // then waits (bounded) for network time before it joins.
-    let mut made: Vec<(&CellType, Box<dyn Cell>)> = REGISTRY
+    let mut made: Vec<(&CellType, Box<dyn Cell>)> = registry
         .iter()
         .map(|ty| (ty, (ty.make)(init_for(ty, opts, key, &clock))))
         .collect();

@@ -564,4 +564,22 @@ mod tests {
         cli_client_config(None).unwrap();
         cli_client_config(Some(other)).unwrap();
     }
+
+    proptest::proptest! {
+        /// Any ALPN bytes a client offers: a cell only for the exact id of a cell in the DNA
+        /// table, and that id round-trips.
+        #[test]
+        fn alpn_names_a_cell_only_exactly(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40)) {
+            if let Some(cell) = cell_of_alpn(&bytes) {
+                proptest::prop_assert_eq!(alpn_of(cell), bytes);
+            }
+        }
+    }
+
+    #[test]
+    fn every_cell_has_a_distinct_alpn() {
+        for c in borg_proto::dna::CELLS {
+            assert_eq!(cell_of_alpn(&alpn_of(c.name)), Some(c.name));
+        }
+    }
 }

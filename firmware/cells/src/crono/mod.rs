@@ -333,7 +333,9 @@ impl Cell for CronoCell {
                     }
                     return Ok(());
                 }
-                let r = self.sync.handle_answer(rx_local_us, &from, &ans);
+                let r = self
+                    .sync
+                    .handle_answer_at(now.local_us, rx_local_us, &from, &ans);
                 self.poll_sync(now);
                 self.publish(now);
                 r.map_err(|e| CellError::forbidden(e.to_string()))

@@ -277,8 +277,8 @@ impl OrderSeal for EcdsaSeal {
             Err(_) => false,
         }
     }
-    fn check_broadcast(&self, _origin: &PublicKey, payload: &Value) -> bool {
-        broadcast_origin_ok(payload)
+    fn check_broadcast(&self, origin: &PublicKey, payload: &Value) -> bool {
+        broadcast_origin_ok(payload) || cell_broadcast_origin_ok(origin, payload)
     }
 }
 
@@ -300,6 +300,35 @@ pub fn broadcast_origin_ok(payload: &Value) -> bool {
     match envelope::verify_signature_only(env.as_bytes()) {
         Ok(env) => {
             env.kind == "broadcast" && env.body.get("text").and_then(|t| t.as_str()) == Some(text)
+        }
+        Err(_) => false,
+    }
+}
+
+/// Kind of the envelope that vouches for a broadcast a cell started ([`CellAction::Broadcast`]).
+pub const CELL_BCAST_KIND: &str = "cell.bcast";
+
+/// Whether a broadcast payload is `{data, origin_env}` where `origin_env` is a `cell.bcast`
+/// envelope signed by `origin` whose body is exactly `{"data": data}`.
+pub fn cell_broadcast_origin_ok(origin: &PublicKey, payload: &Value) -> bool {
+    let Some(obj) = payload.as_object() else {
+        return false;
+    };
+    let (Some(data), Some(env)) = (
+        obj.get("data"),
+        obj.get("origin_env").and_then(|e| e.as_str()),
+    ) else {
+        return false;
+    };
+    if obj.len() != 2 {
+        return false;
+    }
+    match envelope::verify_signature_only(env.as_bytes()) {
+        Ok(env) => {
+            env.from == *origin
+                && env.kind == CELL_BCAST_KIND
+                && env.body.as_object().is_some_and(|b| b.len() == 1)
+                && env.body.get("data") == Some(data)
         }
         Err(_) => false,
     }
@@ -832,7 +861,23 @@ impl Actor {
                     self.send_frame(to, frame);
                 }
                 CellAction::Broadcast { payload } => {
-                    self.tree.broadcast(payload);
+                    // Vouched for by our signature, so every hop can check the origin.
+                    let origin = envelope::seal(
+                        &self.key,
+                        CELL_BCAST_KIND,
+                        None,
+                        self.cfg.clock.now_ms(),
+                        json!({ "data": payload }),
+                    );
+                    let wrapped = json!({
+                        "data": payload,
+                        "origin_env": String::from_utf8_lossy(&origin.to_bytes()),
+                    });
+                    if wrapped.to_string().len() * 2 + BCAST_ENVELOPE_OVERHEAD > MAX_FRAME {
+                        self.metrics.dropped_outbound += 1;
+                        continue;
+                    }
+                    self.tree.broadcast(wrapped);
                 }
             }
         }
@@ -852,8 +897,10 @@ impl Actor {
 
     fn deliver(&mut self, id: String, origin: PublicKey, payload: Value) {
         self.last_broadcast = Some((id.clone(), self.cfg.clock.now_ms()));
+        // A cell's own broadcasts reach it as the data it sent; text broadcasts as they are.
+        let data = payload.get("data").unwrap_or(&payload);
         self.cell
-            .handle_broadcast(CellTime::of(&self.cfg.clock), &id, &origin, &payload);
+            .handle_broadcast(CellTime::of(&self.cfg.clock), &id, &origin, data);
         // (The tree checked the origin envelope before delivering or forwarding it.)
         let text = payload.get("text").and_then(|t| t.as_str()).unwrap_or("");
         // Peer-supplied text: debug only, truncated, under its own target so that tests and the

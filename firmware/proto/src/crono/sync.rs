@@ -14,9 +14,6 @@ use super::msg::{Nonce, TimeAns, TimeMsg, MAX_HOLD_US, MAX_STRATUM, MAX_WIRE_INT
 use crate::identity::PublicKey;
 
 const PPB: i128 = 1_000_000_000;
-/// Readings up to this much older than the newest one seen are out-of-order timestamps (a
-/// frame stamped on arrival and handled after a timer), not a local clock that went back.
-const OUT_OF_ORDER_US: u64 = 10_000_000;
 
 /// Tunables; the defaults suit a LAN/Internet tree with tens of ms of latency.
 #[derive(Debug, Clone, Copy)]
@@ -265,10 +262,6 @@ impl TimeSync {
                 rate_ppb: 0,
                 floor_net: now.max(self.floor_us),
             };
-        } else if now < self.last_local && self.last_local - now <= OUT_OF_ORDER_US {
-            // A timestamp taken earlier than the last one we saw (a frame stamped when it
-            // was read, handled after a timer): not a clock step, nothing to re-base.
-            return;
         } else if now < self.last_local {
             let held = self.map.net_at(self.last_local);
             self.map = Mapping {
@@ -438,8 +431,21 @@ impl TimeSync {
         from: &PublicKey,
         ans: &TimeAns,
     ) -> Result<(), SyncError> {
+        self.handle_answer_at(now_local, now_local, from, ans)
+    }
+
+    /// An answer that was read off the link at `t4_local` is handled at `now_local` (the I/O
+    /// layer stamps frames as they arrive; a timer may have run in between, so `t4_local` can
+    /// be older than readings already seen without the local clock having gone back).
+    pub fn handle_answer_at(
+        &mut self,
+        now_local: u64,
+        t4_local: u64,
+        from: &PublicKey,
+        ans: &TimeAns,
+    ) -> Result<(), SyncError> {
         self.observe(now_local);
-        let r = self.accept(now_local, from, ans);
+        let r = self.accept(t4_local.min(now_local), from, ans);
         if r.is_err() {
             self.n_rejected = self.n_rejected.saturating_add(1);
         }
