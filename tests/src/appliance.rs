@@ -118,6 +118,40 @@ pub fn send_signal(pid: u32, sig: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Decode the complete UTF-8 prefix of `buf` (invalid bytes become U+FFFD) and leave in it only
+/// an incomplete character at its end, to be completed by the next read.
+pub fn take_utf8(buf: &mut Vec<u8>) -> String {
+    let mut out = String::new();
+    let mut rest: &[u8] = buf;
+    loop {
+        match std::str::from_utf8(rest) {
+            Ok(s) => {
+                out.push_str(s);
+                rest = &[];
+                break;
+            }
+            Err(e) => {
+                let (ok, after) = rest.split_at(e.valid_up_to());
+                out.push_str(std::str::from_utf8(ok).unwrap_or_default());
+                match e.error_len() {
+                    Some(bad) => {
+                        out.push('\u{fffd}');
+                        rest = &after[bad..];
+                    }
+                    // An incomplete character at the end: keep it.
+                    None => {
+                        rest = after;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let keep = rest.to_vec();
+    *buf = keep;
+    out
+}
+
 /// A process whose output (stdout+stderr, e.g. a QEMU serial console) is collected by a
 /// background thread so the test can wait for text with a deadline.
 pub struct Console {
@@ -155,12 +189,16 @@ impl Console {
             readers.push(std::thread::spawn(move || {
                 let mut stream = stream;
                 let mut chunk = [0u8; 4096];
+                // Bytes of a UTF-8 character split across two reads (a serial line delivers
+                // a few bytes at a time), kept for the next read instead of turned into U+FFFD.
+                let mut pending: Vec<u8> = Vec::new();
                 let echo = std::env::var_os("BORG_TEST_ECHO").is_some();
                 while let Ok(n) = stream.read(&mut chunk) {
                     if n == 0 {
                         break;
                     }
-                    let text = String::from_utf8_lossy(&chunk[..n]).replace('\r', "");
+                    pending.extend_from_slice(&chunk[..n]);
+                    let text = take_utf8(&mut pending).replace('\r', "");
                     if echo {
                         eprint!("{text}");
                     }
@@ -276,5 +314,18 @@ impl Drop for Console {
         if let Ok(None) = self.child.try_wait() {
             self.kill();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utf8_split_across_reads_is_kept_whole() {
+        let mut buf = b"time=synced s1 \xc2".to_vec();
+        assert_eq!(super::take_utf8(&mut buf), "time=synced s1 ");
+        assert_eq!(buf, b"\xc2");
+        buf.extend_from_slice(b"\xb11.2ms \xff!");
+        assert_eq!(super::take_utf8(&mut buf), "\u{b1}1.2ms \u{fffd}!");
+        assert!(buf.is_empty());
     }
 }

@@ -225,26 +225,19 @@ fn parse_dropped(text: &str) -> Option<(u64, u64)> {
 
 fn up_command(borg: &Path, dir: &Path, script: &Path, mon_ip: &str) -> Command {
     let mut cmd = Command::new(borg);
-    cmd.args([
-        "up",
-        "--console",
-        "--cell-user",
-        "root",
-        "--cells",
-        "peerTreeNet",
-    ])
-    .arg("--data")
-    .arg(dir.join("data"))
-    .arg("--cell-program")
-    .arg(script)
-    .arg("--state-file")
-    .arg(dir.join("state.json"))
-    .args(["--leds", "none", "--backoff-base-ms", "200"])
-    .args(["--backoff-max-ms", "800", "--grace-ms", "1500"])
-    .arg("--monitor")
-    .arg(format!("{mon_ip}:13310"))
-    .env("BORG_TEST_MON_IP", mon_ip)
-    .env("BORG_LOG", "info");
+    cmd.args(["up", "--console", "--cell-user", "root", "--cells", "node"])
+        .arg("--data")
+        .arg(dir.join("data"))
+        .arg("--cell-program")
+        .arg(script)
+        .arg("--state-file")
+        .arg(dir.join("state.json"))
+        .args(["--leds", "none", "--backoff-base-ms", "200"])
+        .args(["--backoff-max-ms", "800", "--grace-ms", "1500"])
+        .arg("--monitor")
+        .arg(format!("{mon_ip}:13310"))
+        .env("BORG_TEST_MON_IP", mon_ip)
+        .env("BORG_LOG", "info");
     cmd
 }
 
@@ -374,8 +367,8 @@ fn a_frozen_cell_is_killed_and_restarted() {
     });
     let back_after = frozen_at.elapsed();
     let st = read_state(&state);
-    let c = st.as_ref().and_then(|s| cell(s, "peerTreeNet")).cloned();
-    let table = sup.ask("cells", "peerTreeNet", Duration::from_secs(5));
+    let c = st.as_ref().and_then(|s| cell(s, "node")).cloned();
+    let table = sup.ask("cells", "node ", Duration::from_secs(5));
     send_signal(sup.child.id(), "TERM");
     let exit = wait_exit(&mut sup.child, Duration::from_secs(20));
     eprintln!("frozen cell: restarted {back_after:?} after SIGSTOP (silence bound {silence:?})");
@@ -632,7 +625,7 @@ fn real_node_under_a_broadcast_flood_on_a_slow_console_keeps_working() {
     let mon: SocketAddr = format!("{ip}:13310").parse().unwrap();
     let recp: SocketAddr = format!("{ip}:13305").parse().unwrap();
     let mut cmd = Command::new(&borg);
-    cmd.args(["up", "--cell-user", "root", "--cells", "peerTreeNet"])
+    cmd.args(["up", "--cell-user", "root"])
         .arg("--data")
         .arg(dir.path().join("data"))
         .arg("--state-file")
@@ -651,7 +644,7 @@ fn real_node_under_a_broadcast_flood_on_a_slow_console_keeps_working() {
     );
     let cell_pid = wait_for(Duration::from_secs(5), || {
         let st = read_state(&dir.path().join("state.json"))?;
-        cell(&st, "peerTreeNet")?["pid"].as_u64()
+        cell(&st, "node")?["pid"].as_u64()
     })
     .expect("cell pid") as u32;
 

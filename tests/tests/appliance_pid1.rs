@@ -8,7 +8,9 @@
 //! - the LED simulator shows the state.
 //!
 //! Needs root and `unshare` (util-linux); skips with a message otherwise. `borg up` (no
-//! namespace, no root) is tested the same way at the end.
+//! namespace, no root) is tested the same way at the end, with a stand-in node monitor: node
+//! state, network time and the node's cells on the console, network time saved to
+//! DATA/nettime at the orderly stop.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -355,13 +357,26 @@ fn up_supervises_without_root() {
 }
 
 const MONITOR_SCRIPT: &str = r#"#!/usr/bin/env python3
-# Stand-in base cell: serves the monitor contract (GET /status JSON) on $BORG_TEST_MON_PORT.
-import http.server, json, os
+# Stand-in node: serves peerTreeNet's monitor contract (GET /status JSON, with the network
+# time of the node and the cells it hosts) on $BORG_TEST_MON_PORT. Its network time runs
+# one day ahead of the system clock.
+import http.server, json, os, time
+DAY_MS = 86400000
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
+        now_ms = int(time.time() * 1000) + DAY_MS
         body = json.dumps({"state": "root", "position": 1, "parent": None, "children": [],
                            "root": "k", "size": 1, "depth": 0, "public_key": "k",
-                           "uptime_s": 1, "delivered_broadcasts": 0}).encode()
+                           "uptime_s": 1, "delivered_broadcasts": 0,
+                           "time": {"synced": True, "offset_ms": 0.5, "error_bound_ms": 1.25,
+                                    "source": "bootstrap", "stratum": 2, "now_ms": now_ms,
+                                    "system_offset_ms": float(DAY_MS)},
+                           "cells": [{"name": "peerTreeNet", "state": "root", "size": 1,
+                                      "net": "127.0.0.1:13300", "recp": "127.0.0.1:13305",
+                                      "mon": "127.0.0.1:13310"},
+                                     {"name": "cronoTree", "state": "root", "size": 1,
+                                      "net": "127.0.0.1:13396", "recp": "127.0.0.1:13397",
+                                      "mon": "127.0.0.1:13398"}]}).encode()
         self.send_response(200 if self.path == "/status" else 404)
         self.send_header("content-length", str(len(body)))
         self.end_headers()
@@ -390,7 +405,7 @@ fn up_shows_node_state_on_leds_and_console() {
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port();
-    let mut args = base_args(&s, "peerTreeNet");
+    let mut args = base_args(&s, "node");
     let i = args
         .iter()
         .position(|a| a == "--cell-program")
@@ -413,14 +428,51 @@ fn up_shows_node_state_on_leds_and_console() {
     let st = c
         .expect("node:  state=root", Duration::from_secs(10))
         .and_then(|_| c.expect("\n", Duration::from_secs(10)));
+    c.send("cells").expect("type");
+    let cells = c
+        .expect("cronoTree", Duration::from_secs(10))
+        .and_then(|t| c.expect("\n", Duration::from_secs(10)).map(|r| t + &r));
+    c.send("time").expect("type");
+    let time = c
+        .expect("saved:", Duration::from_secs(10))
+        .and_then(|t| c.expect("\n", Duration::from_secs(10)).map(|r| t + &r));
     c.send("bogus").expect("type");
     let bad = c.expect("Type 'help'", Duration::from_secs(10));
+    let before_stop = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64;
     c.send("poweroff").expect("type");
     let exit = wait_exit(&mut c.child, Duration::from_secs(20));
     r.expect("node state logged");
     assert!(leds.is_some(), "LED simulator never showed root");
     let st = st.expect("status");
     assert!(st.contains("position=1 size=1 depth=0"), "{st}");
+    assert!(st.contains("time=synced s2 ±1.2ms"), "{st}");
+    let cells = cells.expect("cells");
+    assert!(cells.contains("PROCESS"), "{cells}");
+    assert!(cells.contains("node           running"), "{cells}");
+    assert!(
+        cells.contains("cronoTree      root         1  127.0.0.1:13396"),
+        "{cells}"
+    );
+    let time = time.expect("time");
+    assert!(time.contains("network:   synced s2"), "{time}");
+    // `borg up` is not PID 1 of an appliance: it never sets the host's clock.
+    assert!(time.contains("set:       not by this process"), "{time}");
     bad.expect("helpful message for bad input");
     assert!(exit.expect("borg up exits after poweroff").success());
+    // Network time (a day ahead here) was saved at the orderly stop, strictly in the format.
+    let saved = std::fs::read_to_string(s.root.join("data/nettime")).expect("DATA/nettime");
+    let ms: u64 = saved
+        .strip_prefix("borg-nettime-v1 ")
+        .and_then(|r| r.strip_suffix('\n'))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("bad nettime file {saved:?}"));
+    let day = 86_400_000;
+    assert!(
+        ms >= before_stop + day - 5_000 && ms <= before_stop + day + 60_000,
+        "saved {ms}, expected about {}",
+        before_stop + day
+    );
 }

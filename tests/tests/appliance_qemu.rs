@@ -5,10 +5,14 @@
 //!
 //! Every wait reads the console with a deadline; nothing sleeps and hopes.
 //!
-//! Node assertions (base cell running, root of a tree of one, joining a host node) need the
-//! `borg cell` subcommand of the node work; until the host `borg` has it they are reported as
-//! SKIP and the rest (PID 1, DHCP, data partition, supervisor, console, clean power-off) is still
-//! checked. Set `BORG_QEMU_EXPECT_NODE=1` to make their absence a failure.
+//! Node assertions (the node process running, root of a tree of one, joining a host node) need
+//! the `borg node` subcommand; until the host `borg` has it they are reported as SKIP and the
+//! rest (PID 1, DHCP, data partition, supervisor, console, clean power-off) is still checked.
+//! Set `BORG_QEMU_EXPECT_NODE=1` to make their absence a failure.
+//!
+//! The guests boot with their real-time clock at 1970-01-01 (`-rtc base=1970-01-01T00:00:00`),
+//! like a Raspberry Pi 4, which has no RTC: PID 1 raises the clock to its floor (build time)
+//! before it starts the node, and sets it from network time once the node has synced.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -47,27 +51,41 @@ fn enabled(test: &str) -> Option<PathBuf> {
     Some(img)
 }
 
-/// Does the host borg implement `borg cell` (the node)? If so, so does the image's.
+/// Does the host borg implement `borg node`? If so, so does the image's.
 fn node_available() -> bool {
     let has = borg_bin()
-        .and_then(|b| Command::new(b).args(["cell", "--help"]).output().ok())
+        .and_then(|b| Command::new(b).args(["node", "--help"]).output().ok())
         .is_some_and(|o| o.status.success());
     if !has && std::env::var("BORG_QEMU_EXPECT_NODE").as_deref() == Ok("1") {
-        panic!("BORG_QEMU_EXPECT_NODE=1 but `borg cell` is not available");
+        panic!("BORG_QEMU_EXPECT_NODE=1 but `borg node` is not available");
     }
     has
 }
 
-/// Start QEMU with a fresh blank data disk (first boot formats it) and extra kernel args.
-fn boot(img: &std::path::Path, append: &str, data: &tempfile::TempDir) -> Console {
+/// QEMU arguments for a guest without a real-time clock: it boots at 1970-01-01.
+const RTC_1970: [&str; 2] = ["-rtc", "base=1970-01-01T00:00:00"];
+
+/// Start QEMU with a fresh blank data disk (first boot formats it), extra kernel args and
+/// extra QEMU args (image/qemu-run passes them on).
+fn boot(img: &std::path::Path, append: &str, data: &tempfile::TempDir, qemu: &[&str]) -> Console {
     let disk = data.path().join("data.img");
     let f = std::fs::File::create(&disk).expect("data disk");
     f.set_len(256 << 20).expect("size data disk");
     let mut cmd = Command::new(workspace_root().join("image/qemu-run"));
     cmd.env("OUT", img)
         .env("BORG_DATA_IMG", &disk)
-        .env("BORG_APPEND", append);
+        .env("BORG_APPEND", append)
+        .args(qemu);
     Console::spawn(cmd).expect("start QEMU")
+}
+
+/// The host's UTC date (YYYY-MM-DD) now.
+fn host_date() -> String {
+    let out = Command::new("date")
+        .args(["-u", "+%F"])
+        .output()
+        .expect("run date");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 fn step(c: &mut Console, needle: &str, t: Duration) -> String {
@@ -106,7 +124,7 @@ fn qemu_boots_to_a_working_node() {
     let node = node_available();
     let data = tempfile::tempdir().expect("tempdir");
     let t0 = Instant::now();
-    let mut c = boot(&img, "", &data);
+    let mut c = boot(&img, "", &data, &RTC_1970);
 
     step(&mut c, "Run /init as init process", BOOT);
     let s = step(&mut c, "borg init starting", STEP);
@@ -122,6 +140,13 @@ fn qemu_boots_to_a_working_node() {
         "data partition: formatted blank /dev/vda and mounted",
         STEP,
     );
+    // No RTC: the clock read 1970 and is raised to the build time before the node starts.
+    step(&mut c, "clock raised to its floor", STEP);
+    let s = step(&mut c, "\n", STEP);
+    assert!(
+        s.contains("from=1970-01-01T") && s.contains("source=\"build time\""),
+        "{s}"
+    );
     step(&mut c, "host name set hostname=borg-", STEP);
     step(
         &mut c,
@@ -131,13 +156,11 @@ fn qemu_boots_to_a_working_node() {
     let t_dhcp = t0.elapsed();
     // The supervisor may start the cell before or after the lease: look at all output.
     let started = borg_tests::appliance::wait_for(STEP, || {
-        c.text()
-            .contains("cell started cell=peerTreeNet")
-            .then_some(())
+        c.text().contains("cell started cell=node").then_some(())
     });
     assert!(
         started.is_some(),
-        "peerTreeNet never started:\n{}",
+        "the node process never started:\n{}",
         c.text()
     );
 
@@ -176,9 +199,13 @@ fn qemu_boots_to_a_working_node() {
         assert!(s.contains("unavailable"), "{s}");
     }
     c.send("cells").expect("type cells");
-    let s = step(&mut c, "peerTreeNet", STEP) + &step(&mut c, "\n", STEP);
+    let s = step(&mut c, "PROCESS", STEP);
+    let s = s + &step(&mut c, "node ", STEP) + &step(&mut c, "\n", STEP);
     if node {
         assert!(s.contains("running"), "{s}");
+        // ... and the cells the node hosts, from its peerTreeNet status.
+        let s = step(&mut c, "peerTreeNet", STEP) + &step(&mut c, "\n", STEP);
+        assert!(s.contains("13300"), "{s}");
     }
     c.send("sh -i").expect("type");
     step(&mut c, "unknown command 'sh -i'. Type 'help'", STEP);
@@ -207,20 +234,38 @@ fn qemu_boots_to_a_working_node() {
 fn qemu_second_boot_keeps_data_and_rejects_nothing() {
     let test = "qemu_second_boot_keeps_data_and_rejects_nothing";
     let Some(img) = enabled(test) else { return };
+    let node = node_available();
     let data = tempfile::tempdir().expect("tempdir");
-    let mut c = boot(&img, "", &data);
+    let mut c = boot(&img, "", &data, &RTC_1970);
     let first_host = {
         step(&mut c, "host name set hostname=", BOOT);
         step(&mut c, "\n", STEP).trim().to_string()
     };
     step(&mut c, "borg> ", STEP);
+    if node {
+        // A node alone is its own time source: once it is synced, network time is saved
+        // (and saved again at power-off).
+        step(&mut c, "network time: synced", STEP);
+    }
     power_off(&mut c);
-    // Same disk again: mounted (not formatted), same node key, same host name.
+    // Same disk again: mounted (not formatted), same node key, same host name; the clock,
+    // again at 1970, is raised to the network time saved by the first boot, not to the build
+    // time.
     let disk = data.path().join("data.img");
     let mut cmd = Command::new(workspace_root().join("image/qemu-run"));
-    cmd.env("OUT", &img).env("BORG_DATA_IMG", &disk);
+    cmd.env("OUT", &img)
+        .env("BORG_DATA_IMG", &disk)
+        .args(RTC_1970);
     let mut c = Console::spawn(cmd).expect("start QEMU");
     step(&mut c, "data partition: mounted /dev/vda", BOOT);
+    step(&mut c, "clock raised to its floor", STEP);
+    let raised = step(&mut c, "\n", STEP);
+    if node {
+        assert!(
+            raised.contains("from=1970-01-01T") && raised.contains("source=\"saved network time\""),
+            "{raised}"
+        );
+    }
     step(&mut c, "host name set hostname=", STEP);
     let second_host = step(&mut c, "\n", STEP).trim().to_string();
     assert_eq!(
@@ -236,24 +281,21 @@ fn qemu_guest_joins_a_host_node() {
     let test = "qemu_guest_joins_a_host_node";
     let Some(img) = enabled(test) else { return };
     if !node_available() {
-        skip(
-            test,
-            "`borg cell` (the node) is not implemented yet; nothing to join",
-        );
+        skip(test, "`borg node` is not available; nothing to join");
         return;
     }
     let Some(borg) = borg_bin() else {
         missing(test, "no host borg binary");
         return;
     };
-    // Host node on 127.0.0.1: the guest reaches it as 10.0.2.2 through slirp. Tree links are
-    // dialed child -> parent, so NAT on the guest side is fine.
+    // Host node on 127.0.0.1 (every cell, cronoTree included): the guest reaches it as
+    // 10.0.2.2 through slirp. Tree links are dialed child -> parent, so NAT on the guest side
+    // is fine.
     let host_dir = tempfile::tempdir().expect("tempdir");
     let mut host = Console::spawn({
         let mut c = Command::new(&borg);
-        c.args(["cell", "peerTreeNet", "--data"])
-            .arg(host_dir.path())
-            .args(["--listen", "127.0.0.1"]);
+        c.args(["node", "--listen", "127.0.0.1", "--data"])
+            .arg(host_dir.path());
         c
     })
     .expect("start host node");
@@ -267,12 +309,50 @@ fn qemu_guest_joins_a_host_node() {
     );
 
     let data = tempfile::tempdir().expect("tempdir");
-    let mut c = boot(&img, "borg.join=10.0.2.2:13300", &data);
+    // The guest boots at 1970 (no RTC), like a Raspberry Pi 4.
+    let date_before = host_date();
+    let mut c = boot(&img, "borg.join=10.0.2.2:13300", &data, &RTC_1970);
+    step(&mut c, "clock raised to its floor", BOOT);
     step(&mut c, "DHCP lease configured", BOOT);
     step(&mut c, "node state: joined", Duration::from_secs(180));
+    // Network time from the host node; PID 1 sets the system clock on its first poll of a
+    // synced status. The node syncs before it joins the base tree, so that line may come
+    // before or after the join: look at all output.
+    let set = borg_tests::appliance::wait_for(STEP, || {
+        c.text()
+            .lines()
+            .find(|l| l.contains("clock set from network time: "))
+            .map(str::to_string)
+    });
+    let Some(set) = set else {
+        let text = c.text();
+        c.kill();
+        panic!("the clock was never set from network time:\n{text}");
+    };
+    assert!(set.contains(" -> ") && set.contains("stratum="), "{set}");
     c.send("tree").expect("type tree");
     let s = step(&mut c, "depth", STEP) + &step(&mut c, "\n", STEP);
     assert!(s.contains("state       joined"), "{s}");
+    c.send("status").expect("type status");
+    let s = step(&mut c, "node:", STEP) + &step(&mut c, "\n", STEP);
+    assert!(s.contains("state=joined"), "{s}");
+    assert!(
+        s.contains("time=synced s") && s.contains("\u{b1}"),
+        "status shows synced network time: {s}"
+    );
+    c.send("time").expect("type time");
+    let s = step(&mut c, "saved:", STEP) + &step(&mut c, "\n", STEP);
+    let date_after = host_date();
+    let guest_date = s
+        .lines()
+        .find_map(|l| l.strip_prefix("system:"))
+        .map(|d| d.trim().get(..10).unwrap_or_default().to_string())
+        .unwrap_or_default();
+    assert!(
+        guest_date == date_before || guest_date == date_after,
+        "guest system clock {guest_date} is not the host's date {date_after} (set: {set}):\n{s}"
+    );
+    assert!(s.contains("x from network time, last "), "{s}");
     power_off(&mut c);
     host.kill();
 }
@@ -284,7 +364,7 @@ fn qemu_link_loss_and_return() {
     let test = "qemu_link_loss_and_return";
     let Some(img) = enabled(test) else { return };
     let data = tempfile::tempdir().expect("tempdir");
-    let mut c = boot(&img, "", &data);
+    let mut c = boot(&img, "", &data, &[]);
     step(&mut c, "DHCP lease configured addr=10.0.2.15/24", BOOT);
     step(&mut c, "DHCP state bound", STEP);
     // Ctrl-A c switches the -nographic console to the QEMU monitor and back.

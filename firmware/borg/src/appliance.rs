@@ -15,10 +15,10 @@ use borg_system::supervisor::RestartPolicy;
 /// Flags shared by `init` and `up`.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct CellFlags {
-    /// Contact IP:PORT the base cell joins (repeatable). On the appliance also `borg.join=`.
+    /// Contact IP:PORT the node joins (repeatable). On the appliance also `borg.join=`.
     #[arg(long = "join", value_name = "IP:PORT")]
     pub join: Vec<String>,
-    /// Address the base cell listens on.
+    /// Address the node listens on (default 0.0.0.0).
     #[arg(long, value_name = "IP")]
     pub listen: Option<String>,
     /// Status LEDs: auto, sysfs, gpio, sim:PATH, none.
@@ -27,20 +27,21 @@ pub struct CellFlags {
     /// BCM pins STATUS,POWER for --leds gpio.
     #[arg(long, value_name = "S,P")]
     pub led_gpio: Option<String>,
-    /// Grace period per cell at shutdown (ms) before SIGKILL.
+    /// Grace period per supervised process at shutdown (ms) before SIGKILL.
     #[arg(long, value_name = "MS")]
     pub grace_ms: Option<u64>,
     /// Write the supervisor's cell reports (JSON) to this file whenever they change.
     #[arg(long, value_name = "FILE")]
     pub state_file: Option<PathBuf>,
-    /// Run cells as this user when root: NAME (from /etc/passwd), UID:GID, or "root".
+    /// Run the node as this user when root: NAME (from /etc/passwd), UID:GID, or "root".
     /// Default: user "borg", else 1000:1000.
     #[arg(long, value_name = "USER")]
     pub cell_user: Option<String>,
-    /// Program started for each cell (default: this executable). For tests.
+    /// Program started for each supervised process (default: this executable). For tests.
     #[arg(long, value_name = "PATH", hide = true)]
     pub cell_program: Option<PathBuf>,
-    /// Cells to run, comma-separated (default: implemented cells of the DNA table). For tests.
+    /// Processes to supervise, comma-separated (default: `node`, the one `borg node` process
+    /// hosting every cell; other names run `PROGRAM cell NAME --data DATA/cells/NAME`). Tests.
     #[arg(long, value_name = "A,B", hide = true, value_delimiter = ',')]
     pub cells: Option<Vec<String>>,
     /// First restart delay (ms); doubles per consecutive failure.
@@ -49,14 +50,14 @@ pub struct CellFlags {
     /// Restart delay cap (ms).
     #[arg(long, value_name = "MS", hide = true)]
     pub backoff_max_ms: Option<u64>,
-    /// Monitor address of the base cell (default 127.0.0.1:13310).
+    /// Monitor address of the node's peerTreeNet (default 127.0.0.1:13310).
     #[arg(long, value_name = "IP:PORT", hide = true)]
     pub monitor: Option<std::net::SocketAddr>,
-    /// Liveness: ms a fresh base cell has to answer on its monitor before it is restarted
+    /// Liveness: ms a fresh node has to answer on its monitor before it is restarted
     /// (0 turns the liveness check off).
     #[arg(long, value_name = "MS", hide = true)]
     pub liveness_startup_ms: Option<u64>,
-    /// Liveness: ms the base cell's monitor may stay silent before the cell is restarted.
+    /// Liveness: ms the node's monitor may stay silent before the node is restarted.
     #[arg(long, value_name = "MS", hide = true)]
     pub liveness_silence_ms: Option<u64>,
     /// For tests: panic once in PID 1's main loop (PID 1 must carry on).
@@ -81,10 +82,11 @@ pub struct InitArgs {
     pub cells: CellFlags,
 }
 
-/// `borg up`: run the cells under the supervisor on an ordinary machine.
+/// `borg up`: run the node under the supervisor on an ordinary machine.
 #[derive(clap::Args, Debug, Clone)]
 pub struct UpArgs {
-    /// Data directory; cells keep their state in DATA/cells/NAME.
+    /// Data directory; the node keeps its key and state in DATA/node, network time in
+    /// DATA/nettime.
     #[arg(long)]
     pub data: PathBuf,
     /// Serve the `borg> ` prompt on stdin/stdout.
@@ -283,7 +285,8 @@ mod tests {
         // Explicit subcommands win, even as PID 1 of a namespace.
         assert!(decide_dispatch(&v(&["borg", "init", "--no-system"]), true).is_none());
         assert!(decide_dispatch(&v(&["/init", "up", "--data", "x"]), true).is_none());
-        // Cells run as `borg cell ...` (argv0 "borg"), never as init.
+        // The node runs as `borg node ...` (argv0 "borg"), never as init.
+        assert!(decide_dispatch(&v(&["borg", "node", "--listen", "0.0.0.0"]), false).is_none());
         assert!(decide_dispatch(&v(&["borg", "cell", "peerTreeNet"]), false).is_none());
         assert!(decide_dispatch(&v(&["/usr/bin/borg", "status"]), false).is_none());
     }

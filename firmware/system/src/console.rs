@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::hwclock::{self, TimeStatus};
 use crate::state::{Shared, Snapshot};
 
 /// The prompt.
@@ -18,8 +19,10 @@ pub enum Command {
     Status,
     /// The node's place in the base tree.
     Tree,
-    /// The supervised cells.
+    /// The supervised node process and the cells it hosts.
     Cells,
+    /// System clock, network time, clock settings, saved network time.
+    Time,
     /// Network details.
     Net,
     /// The last N log lines.
@@ -53,7 +56,8 @@ const HELP: &str = "\
 commands:
   status     version, uptime, network and node state
   tree       this node's place in the base tree (peerTreeNet)
-  cells      supervised cells: state, pid, restarts, last exit
+  cells      the node process (pid, restarts, last exit) and its cells (state, size, ports)
+  time       system clock, network time sync, clock settings, saved network time
   net        interface, DHCP lease, router, NAT role, port mapping, relay
   log [N]    last N log lines (default 20)
   leds       LED state and backend
@@ -72,6 +76,7 @@ pub fn parse(line: &str) -> Command {
         ("status", None) => Command::Status,
         ("tree", None) => Command::Tree,
         ("cells", None) => Command::Cells,
+        ("time" | "date", None) => Command::Time,
         ("net", None) => Command::Net,
         ("log", None) => Command::Log(20),
         ("log", Some(n)) => match n.parse() {
@@ -106,14 +111,106 @@ fn node_line(v: &serde_json::Value) -> String {
         Some(x) => x.to_string(),
     };
     format!(
-        "state={} position={} size={} depth={} children={} nat={}",
+        "state={} position={} size={} depth={} children={} nat={} time={}",
         g("state"),
         g("position"),
         g("size"),
         g("depth"),
         g("children"),
-        g("nat_role")
+        g("nat_role"),
+        TimeStatus::from_status(v).map_or("-".into(), |t| t.summary())
     )
+}
+
+/// The cells the node hosts, from the `cells` array of peerTreeNet's status.
+fn node_cells_table(v: &serde_json::Value) -> String {
+    let Some(cells) = v.get("cells").and_then(|c| c.as_array()) else {
+        return "(the node reports no cells)".into();
+    };
+    let g = |c: &serde_json::Value, k: &str| match c.get(k) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Null) | None => "-".into(),
+        Some(x) => x.to_string(),
+    };
+    let mut o = format!(
+        "{:<14} {:<8} {:>5}  {:<21} {:<21} {}",
+        "CELL", "STATE", "SIZE", "NET", "RECEPTOR", "MONITOR"
+    );
+    for c in cells {
+        let _ = write!(
+            o,
+            "\n{:<14} {:<8} {:>5}  {:<21} {:<21} {}",
+            g(c, "name"),
+            g(c, "state"),
+            g(c, "size"),
+            g(c, "net"),
+            g(c, "recp"),
+            g(c, "mon")
+        );
+    }
+    if cells.is_empty() {
+        o.push_str("\n(no cells)");
+    }
+    o
+}
+
+/// The `time` command: the system clock, network time from the node, what PID 1 did.
+fn time_lines(s: &Snapshot, system_ms: u64) -> String {
+    let c = &s.clock;
+    let mut o = String::new();
+    let _ = writeln!(o, "system:    {}", hwclock::utc_string(system_ms));
+    match &s.time {
+        Some(t) => {
+            // A status made before our last setting of the clock shows the offset we removed.
+            let stale = c.last_set.is_some_and(|(_, to)| t.now_ms <= to);
+            let sys = match t.system_offset_ms {
+                Some(_) if stale => "system clock set since".to_string(),
+                Some(x) => format!("system clock {:+.1} ms from it", -x),
+                None => "system clock offset unknown".to_string(),
+            };
+            let _ = writeln!(
+                o,
+                "network:   {} source {} offset {:+.1} ms, {sys}",
+                t.summary(),
+                t.source,
+                t.offset_ms,
+            );
+        }
+        None => {
+            let _ = writeln!(o, "network:   unknown (node not answering)");
+        }
+    }
+    let _ = writeln!(
+        o,
+        "floor:     {}{}",
+        hwclock::utc_string(c.floor_ms),
+        c.raised_from_ms.map_or(String::new(), |f| format!(
+            " (clock raised from {} at boot)",
+            hwclock::utc_string(f)
+        ))
+    );
+    let set = if !c.sets_clock {
+        "not by this process (not PID 1 of the appliance)".to_string()
+    } else {
+        match c.last_set {
+            Some((from, to)) => format!(
+                "{}x from network time, last {} -> {}",
+                c.sets,
+                hwclock::utc_string(from),
+                hwclock::utc_string(to)
+            ),
+            None => "not yet from network time".to_string(),
+        }
+    };
+    let _ = write!(
+        o,
+        "set:       {set}\nsaved:     {}",
+        c.saved_ms.map_or("never".into(), hwclock::utc_string)
+    );
+    if let Some(n) = &c.note {
+        let _ = write!(o, "\nnote:      {n}");
+    }
+    o
 }
 
 /// The reachability part of the base cell's status, for `net`.
@@ -194,7 +291,7 @@ fn net_lines(s: &Snapshot) -> String {
 fn cells_table(s: &Snapshot) -> String {
     let mut o = format!(
         "{:<14} {:<8} {:>7} {:>6} {:>8}  {}",
-        "CELL", "PHASE", "PID", "STARTS", "RESTARTS", "LAST EXIT"
+        "PROCESS", "PHASE", "PID", "STARTS", "RESTARTS", "LAST EXIT"
     );
     for c in &s.cells {
         let phase = serde_json::to_value(c.phase)
@@ -223,7 +320,7 @@ fn cells_table(s: &Snapshot) -> String {
         );
     }
     if s.cells.is_empty() {
-        o.push_str("\n(no cells)");
+        o.push_str("\n(no processes)");
     }
     o
 }
@@ -290,7 +387,14 @@ pub fn execute(cmd: &Command, shared: &Shared, monitor: SocketAddr) -> (String, 
             }
             Err(e) => (format!("tree unavailable: {e}"), Request::None),
         },
-        Command::Cells => (cells_table(&s), Request::None),
+        Command::Cells => {
+            let cells = match query() {
+                Ok(v) => node_cells_table(&v),
+                Err(e) => format!("cells unavailable ({e})"),
+            };
+            (format!("{}\n{cells}", cells_table(&s)), Request::None)
+        }
+        Command::Time => (time_lines(&s, hwclock::system_now_ms()), Request::None),
         Command::Net => {
             let nat = match query() {
                 Ok(v) => nat_lines(&v),
@@ -394,7 +498,8 @@ mod tests {
         assert!(text.starts_with(PROMPT));
         assert!(text.contains("poweroff   orderly power-off"));
         assert!(text.contains("unknown command 'bogus'. Type 'help'"));
-        assert!(text.contains("(no cells)"));
+        assert!(text.contains("(no processes)"));
+        assert!(text.contains("cells unavailable"), "{text}");
         assert!(text.contains("node:  unavailable"));
         assert!(text.contains("host borg-test"));
         assert!(text.contains("log:   dropped "), "{text}");
@@ -407,8 +512,126 @@ mod tests {
             "root":"k","size":1,"depth":0,"nat_role":"gateway"});
         assert_eq!(
             node_line(&v),
-            "state=root position=1 size=1 depth=0 children=0 nat=gateway"
+            "state=root position=1 size=1 depth=0 children=0 nat=gateway time=-"
         );
+        let v = serde_json::json!({"state":"joined","position":3,"size":2,"depth":1,
+            "children":[],"nat_role":"public","time":{"synced":true,"offset_ms":0.4,
+            "error_bound_ms":1.24,"source":"Akey","stratum":2,"now_ms":1796083200000u64,
+            "system_offset_ms":0.1}});
+        assert_eq!(
+            node_line(&v),
+            "state=joined position=3 size=2 depth=1 children=0 nat=public time=synced s2 ±1.2ms"
+        );
+        let mut u = v.clone();
+        u["time"]["synced"] = serde_json::Value::Bool(false);
+        assert!(
+            node_line(&u).ends_with(" time=unsynced"),
+            "{}",
+            node_line(&u)
+        );
+    }
+
+    #[test]
+    fn cells_lists_the_process_and_the_node_cells() {
+        let shared = Shared::new("borg-test".into(), "/data".into());
+        shared.lock().cells = vec![crate::supervisor::CellReport {
+            name: "node".into(),
+            phase: crate::supervisor::Phase::Running,
+            pid: Some(42),
+            starts: 1,
+            restarts: 0,
+            failures: 0,
+            last_exit: None,
+            next_start_in_ms: None,
+            last_error: None,
+            hung_kills: 0,
+        }];
+        let t = cells_table(&shared.get());
+        assert!(t.starts_with("PROCESS"), "{t}");
+        assert!(
+            t.contains("\nnode           running       42      1        0  -"),
+            "{t}"
+        );
+        let v = serde_json::json!({"cells":[
+            {"name":"peerTreeNet","state":"joined","size":5,"net":"10.0.2.15:13300",
+             "recp":"10.0.2.15:13305","mon":"10.0.2.15:13310"},
+            {"name":"cronoTree","state":"root","size":1,"net":"10.0.2.15:13396",
+             "recp":13397,"mon":null}]});
+        let t = node_cells_table(&v);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert!(
+            lines[0].starts_with("CELL           STATE     SIZE  NET"),
+            "{t}"
+        );
+        assert_eq!(
+            lines[1],
+            "peerTreeNet    joined       5  10.0.2.15:13300       10.0.2.15:13305       10.0.2.15:13310"
+        );
+        assert_eq!(
+            lines[2],
+            "cronoTree      root         1  10.0.2.15:13396       13397                 -"
+        );
+        assert_eq!(
+            node_cells_table(&serde_json::json!({"state":"root"})),
+            "(the node reports no cells)"
+        );
+    }
+
+    #[test]
+    fn time_shows_clock_sync_and_saves() {
+        let shared = Shared::new("borg-test".into(), "/data".into());
+        let t = time_lines(&shared.get(), 1_796_083_200_000);
+        assert!(
+            t.starts_with("system:    2026-12-01T00:00:00.000Z\n"),
+            "{t}"
+        );
+        assert!(t.contains("network:   unknown"), "{t}");
+        assert!(t.contains("saved:     never"), "{t}");
+        {
+            let mut s = shared.lock();
+            s.time = Some(TimeStatus {
+                synced: true,
+                offset_ms: 2.0,
+                error_bound_ms: Some(0.8),
+                source: "bootstrap".into(),
+                stratum: Some(1),
+                now_ms: 1_796_083_200_000,
+                system_offset_ms: Some(-3.0),
+            });
+            s.clock = hwclock::ClockInfo {
+                floor_ms: 1_796_000_000_000,
+                raised_from_ms: Some(0),
+                saved_ms: Some(1_796_083_100_000),
+                sets: 1,
+                last_set: Some((1_796_000_000_000, 1_796_083_000_000)),
+                sets_clock: true,
+                note: None,
+            };
+        }
+        let t = time_lines(&shared.get(), 1_796_083_200_000);
+        assert!(
+            t.contains("network:   synced s1 ±0.8ms source bootstrap offset +2.0 ms, system clock +3.0 ms from it"),
+            "{t}"
+        );
+        assert!(
+            t.contains("(clock raised from 1970-01-01T00:00:00.000Z at boot)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("set:       1x from network time, last 2026-"),
+            "{t}"
+        );
+        // A status from before that setting does not show the offset it removed.
+        shared.lock().time.as_mut().unwrap().now_ms = 1_796_083_000_000;
+        let t = time_lines(&shared.get(), 1_796_083_200_000);
+        assert!(
+            t.contains("offset +2.0 ms, system clock set since\n"),
+            "{t}"
+        );
+        assert!(t.contains("saved:     2026-11-30T23:58:20.000Z"), "{t}");
+        assert_eq!(parse("time"), Command::Time);
+        assert_eq!(parse("date"), Command::Time);
     }
 
     #[test]

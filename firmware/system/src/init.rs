@@ -8,21 +8,28 @@
 //!    `/lib/modules/borg/load-order`; read `borg.*` settings from `/proc/cmdline`;
 //! 3. mount the data partition (formatting it only if blank; a damaged one is reported and the
 //!    node runs on a RAM disk with the fault LED);
-//! 4. node key -> host name; start the network, LED, console and node-watch threads;
-//! 5. start the cells and loop: wait for signals, reap every child with `waitpid(-1)`, hand
-//!    statuses to the supervisor, restart cells when their backoff passes, and kill the base
-//!    cell when its monitor stays silent past the liveness bound (it then restarts). Each
-//!    round runs under `catch_unwind`: a bug that panics costs a round, not PID 1.
+//! 4. raise the system clock to its floor (build time, saved network time: [`hwclock`]);
+//!    node key (moved once from the old per-cell directory) -> host name; start the network,
+//!    LED, console and node-watch threads (the node watch also sets the clock from network
+//!    time and saves it);
+//! 5. start the node (`borg node`, all cells in one process) and loop: wait for signals, reap
+//!    every child with `waitpid(-1)`, hand statuses to the supervisor, restart the node when
+//!    its backoff passes, and kill it when its peerTreeNet monitor stays silent past the
+//!    liveness bound (it then restarts). Each round runs under `catch_unwind`: a bug that
+//!    panics costs a round, not PID 1.
 //!
-//! SIGTERM/SIGPWR power off, SIGINT (Ctrl-Alt-Del) reboots: TERM cells in reverse order,
-//! grace, KILL, TERM/KILL everything else, sync, unmount (or remount read-only), `reboot(2)`.
+//! SIGTERM/SIGPWR power off, SIGINT (Ctrl-Alt-Del) reboots: TERM the node (processes in
+//! reverse order), grace, KILL, TERM/KILL everything else, save network time, sync, unmount
+//! (or remount read-only), `reboot(2)`.
 //! PID 1 never returns from [`run`]; outside PID 1 (`system = false`) it returns after the
 //! cells have stopped.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::hwclock::{Keeper, TimeStatus};
 use crate::leds::{self, LedDriver, NodeState};
 use crate::state::Shared;
 use crate::supervisor::{self, CellReport, CellSpec, Liveness, RestartPolicy, Supervisor};
@@ -61,13 +68,15 @@ pub struct InitConfig {
     pub system: bool,
     /// Data directory (on the appliance: the data partition's mount point).
     pub data_dir: PathBuf,
-    /// Program run for each cell (normally our own executable).
+    /// Program run for each supervised process (normally our own executable).
     pub cell_program: PathBuf,
-    /// Cells to run, in start order (default: the implemented cells of the DNA table).
+    /// Processes to supervise, in start order. Default: [`NODE`] alone, the one `borg node`
+    /// process that hosts every cell. Any other name is a test stand-in, run as
+    /// `cell NAME --data DATA/cells/NAME`.
     pub cells: Vec<String>,
-    /// Contacts the base cell joins.
+    /// Contacts the node joins.
     pub join: Vec<String>,
-    /// Listen address for the base cell.
+    /// Listen address of the node (default [`DEFAULT_LISTEN`]).
     pub listen: Option<String>,
     /// LED backend spec (`auto`, `sysfs`, `gpio`, `sim:PATH`, `none`).
     pub leds: String,
@@ -109,11 +118,7 @@ impl InitConfig {
             system: false,
             data_dir,
             cell_program,
-            cells: borg_proto::dna::CELLS
-                .iter()
-                .filter(|c| c.implemented)
-                .map(|c| c.name.to_string())
-                .collect(),
+            cells: vec![NODE.to_string()],
             join: vec![],
             listen: None,
             leds: "auto".into(),
@@ -178,27 +183,86 @@ pub fn default_mkfs() -> Vec<String> {
     vec!["/bin/busybox".to_string(), "mke2fs".to_string()]
 }
 
-/// The command line of one cell: `cell NAME --data DIR/cells/NAME [--listen IP] [--join X]...`
-/// (`--listen`/`--join` only for the base cell, whose contacts they are).
+/// Supervisor name of the one node process (`borg node`, every cell in one process).
+pub const NODE: &str = "node";
+
+/// Listen address of the node when none is given: every address (the node advertises the
+/// one DHCP gave it; its monitors stay reachable on 127.0.0.1).
+pub const DEFAULT_LISTEN: &str = "0.0.0.0";
+
+/// Data directory of a supervised process: `DATA/node` for the node (its key is
+/// `DATA/node/node.key`), `DATA/cells/NAME` for a test stand-in.
+pub fn process_data_dir(data_dir: &Path, name: &str) -> PathBuf {
+    if name == NODE {
+        data_dir.join(NODE)
+    } else {
+        data_dir.join("cells").join(name)
+    }
+}
+
+/// The command line of a supervised process. The node:
+/// `node --listen IP --data DATA/node [--join IP:PORT]...`; a test stand-in:
+/// `cell NAME --data DATA/cells/NAME`.
 pub fn cell_args(cfg: &InitConfig, name: &str) -> Vec<String> {
-    let dir = cfg.data_dir.join("cells").join(name);
+    let dir = process_data_dir(&cfg.data_dir, name)
+        .to_string_lossy()
+        .into_owned();
+    if name != NODE {
+        return vec!["cell".into(), name.into(), "--data".into(), dir];
+    }
     let mut a = vec![
-        "cell".to_string(),
-        name.to_string(),
+        "node".to_string(),
+        "--listen".to_string(),
+        cfg.listen.clone().unwrap_or_else(|| DEFAULT_LISTEN.into()),
         "--data".to_string(),
-        dir.to_string_lossy().into_owned(),
+        dir,
     ];
-    if name == borg_proto::dna::PEER_TREE_NET.name {
-        if let Some(l) = &cfg.listen {
-            a.push("--listen".into());
-            a.push(l.clone());
-        }
-        for j in &cfg.join {
-            a.push("--join".into());
-            a.push(j.clone());
-        }
+    for j in &cfg.join {
+        a.push("--join".into());
+        a.push(j.clone());
     }
     a
+}
+
+/// Where the node key lived before the node hosted every cell in one process: the data
+/// directory of the `borg cell peerTreeNet` process.
+pub fn old_key_path(data_dir: &Path) -> PathBuf {
+    data_dir
+        .join("cells")
+        .join(borg_proto::dna::PEER_TREE_NET.name)
+        .join(borg_proto::identity::NODE_KEY_FILE)
+}
+
+/// Move the node key once from the old per-cell directory to `DATA/node`, so the node keeps
+/// its identity (and host name) across the upgrade. Only when `DATA/node` has no key yet; the
+/// copy is written to a temp file, fsynced and renamed into place (then the directory is
+/// fsynced), so a power cut leaves either no new key or a whole one. The old file stays, for
+/// an older image booted from the other slot. Returns whether a key was copied.
+pub fn migrate_node_key(data_dir: &Path) -> std::io::Result<bool> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let new_dir = process_data_dir(data_dir, NODE);
+    let new = new_dir.join(borg_proto::identity::NODE_KEY_FILE);
+    let old = old_key_path(data_dir);
+    if new.exists() || !old.is_file() {
+        return Ok(false);
+    }
+    let bytes = std::fs::read(&old)?;
+    std::fs::create_dir_all(&new_dir)?;
+    let tmp = new_dir.join("node.key.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &new)?;
+    std::fs::File::open(&new_dir)?.sync_all()?;
+    Ok(true)
 }
 
 /// Host name from the node's public key: `borg-` + 8 hex digits of the key.
@@ -282,11 +346,24 @@ pub fn run(mut cfg: InitConfig) -> Result<(), InitError> {
         source,
     })?;
 
-    // Node identity lives with the base cell (its data dir), so the cell and the host name agree.
-    let base_dir = cfg
-        .data_dir
-        .join("cells")
-        .join(borg_proto::dna::PEER_TREE_NET.name);
+    // The clock floor before anything reads the clock for long: the node reads it once when
+    // it starts. Only PID 1 of the appliance sets the clock; `borg up` only keeps nettime.
+    let keeper = Keeper::boot(&cfg.data_dir, cfg.system && pid1);
+    let clock_info = keeper.info();
+    let keeper = Arc::new(Mutex::new(keeper));
+
+    // Node identity lives in the node's data dir, so the node and the host name agree.
+    match migrate_node_key(&cfg.data_dir) {
+        Ok(true) => tracing::info!(
+            from = %old_key_path(&cfg.data_dir).display(),
+            "node key moved to the node's data directory"
+        ),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "cannot move the node key from the old cell directory")
+        }
+    }
+    let base_dir = process_data_dir(&cfg.data_dir, NODE);
     let hostname = match std::fs::create_dir_all(&base_dir)
         .map_err(|e| e.to_string())
         .and_then(|_| {
@@ -320,6 +397,7 @@ pub fn run(mut cfg: InitConfig) -> Result<(), InitError> {
         let mut s = shared.lock();
         s.data_note = data_note;
         s.faults = faults;
+        s.clock = clock_info;
     }
     let net_enabled = cfg.system && cfg.network;
     if net_enabled {
@@ -331,7 +409,7 @@ pub fn run(mut cfg: InitConfig) -> Result<(), InitError> {
         s.net.note = Some("networking managed by the host".into());
     }
     start_leds(&cfg, &shared, net_enabled);
-    start_node_watch(&shared, cfg.monitor);
+    start_node_watch(&shared, cfg.monitor, keeper.clone());
     start_console(&cfg, &shared);
 
     let specs: Vec<CellSpec> = cfg
@@ -341,16 +419,16 @@ pub fn run(mut cfg: InitConfig) -> Result<(), InitError> {
             name: name.clone(),
             program: cfg.cell_program.clone(),
             args: cell_args(&cfg, name),
-            data_dir: cfg.data_dir.join("cells").join(name),
+            data_dir: process_data_dir(&cfg.data_dir, name),
             user: cell_user(&cfg),
         })
         .collect();
     let mut sup = Supervisor::new(specs, cfg.policy);
     let mut last_reports = String::new();
     shared.lock().booted = true;
-    tracing::info!(cells = ?cfg.cells, "starting cells");
+    tracing::info!(processes = ?cfg.cells, "starting cells");
 
-    let base = borg_proto::dna::PEER_TREE_NET.name;
+    let base = NODE;
     let mut inject_panic = cfg.inject_panic;
     let request = loop {
         // A panic in one round (a bug) must not unwind out of PID 1: catch it, log it (the
@@ -416,6 +494,15 @@ pub fn run(mut cfg: InitConfig) -> Result<(), InitError> {
     sup.shutdown(cfg.grace, &mut wait_exits);
     publish(&shared, &sup, &cfg, &mut last_reports);
     tracing::info!("all cells stopped");
+    // The node is gone: its last synced status plus the monotonic time since is network time.
+    {
+        let mut k = match keeper.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        k.save();
+        shared.lock().clock = k.info();
+    }
     if pid1 {
         // Everything else (orphans, helpers) gets TERM, a short grace, then KILL.
         let _ = sys::kill(-1, signals::SIGTERM);
@@ -627,7 +714,7 @@ fn start_leds(cfg: &InitConfig, shared: &Shared, net_enabled: bool) {
     let mut driver = LedDriver::new(backend);
     shared.lock().led_backend = driver.backend_name();
     let sh = shared.clone();
-    let base = borg_proto::dna::PEER_TREE_NET.name;
+    let base = NODE;
     spawn_thread("leds", move || {
         let start = Instant::now();
         let mut logged_err = false;
@@ -676,14 +763,32 @@ pub const NODE_WATCH_EVERY: Duration = Duration::from_millis(1000);
 /// longer counts as not answering this round (the liveness bound allows many such rounds).
 pub const NODE_WATCH_TIMEOUT: Duration = Duration::from_millis(800);
 
-/// Poll the base cell's monitor and log node-state transitions (the console shows when the
-/// node becomes root or joins).
-fn start_node_watch(shared: &Shared, addr: SocketAddr) {
+/// Poll the node's peerTreeNet monitor, log node-state transitions (the console shows when
+/// the node becomes root or joins) and hand its network time to the clock keeper.
+fn start_node_watch(shared: &Shared, addr: SocketAddr, keeper: Arc<Mutex<Keeper>>) {
     let sh = shared.clone();
     spawn_thread("node-watch", move || {
         let mut last: Option<NodeState> = None;
+        let mut last_sync: Option<bool> = None;
         loop {
             let st = monitor::status(addr, NODE_WATCH_TIMEOUT).ok();
+            let received = Instant::now();
+            let time = st.as_ref().and_then(TimeStatus::from_status);
+            let synced = time.as_ref().map(|t| t.synced);
+            if synced.is_some() && synced != last_sync {
+                if let Some(t) = &time {
+                    tracing::info!(source = %t.source, offset_ms = t.offset_ms, "network time: {}", t.summary());
+                }
+                last_sync = synced;
+            }
+            let clock = time.as_ref().map(|t| {
+                let mut k = match keeper.lock() {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+                k.on_status(t, received);
+                k.info()
+            });
             let node = st
                 .as_ref()
                 .and_then(|v| v.get("state"))
@@ -707,6 +812,10 @@ fn start_node_watch(shared: &Shared, addr: SocketAddr) {
                 s.node = node;
                 if st.is_some() {
                     s.monitor_ok_at = Some(Instant::now());
+                }
+                s.time = time;
+                if let Some(c) = clock {
+                    s.clock = c;
                 }
             }
             std::thread::sleep(NODE_WATCH_EVERY);
@@ -763,28 +872,65 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cell_args_follow_the_contract() {
+    fn the_node_is_one_process_with_the_contract_args() {
         let mut cfg = InitConfig::new("/data".into(), "/init".into());
-        cfg.join = vec!["10.0.2.2:13300".into()];
-        cfg.listen = Some("0.0.0.0".into());
+        assert_eq!(cfg.cells, vec![NODE]);
         assert_eq!(
-            cell_args(&cfg, "peerTreeNet"),
+            cell_args(&cfg, NODE),
+            vec!["node", "--listen", "0.0.0.0", "--data", "/data/node"]
+        );
+        cfg.join = vec!["10.0.2.2:13300".into(), "10.0.2.3:13300".into()];
+        cfg.listen = Some("10.0.2.15".into());
+        assert_eq!(
+            cell_args(&cfg, NODE),
             vec![
-                "cell",
-                "peerTreeNet",
-                "--data",
-                "/data/cells/peerTreeNet",
+                "node",
                 "--listen",
-                "0.0.0.0",
+                "10.0.2.15",
+                "--data",
+                "/data/node",
                 "--join",
-                "10.0.2.2:13300"
+                "10.0.2.2:13300",
+                "--join",
+                "10.0.2.3:13300"
             ]
         );
         assert_eq!(
-            cell_args(&cfg, "shardTree"),
-            vec!["cell", "shardTree", "--data", "/data/cells/shardTree"]
+            process_data_dir(Path::new("/data"), NODE),
+            Path::new("/data/node")
         );
-        assert_eq!(cfg.cells, vec!["peerTreeNet"]);
+        // Test stand-ins keep the per-cell layout.
+        assert_eq!(
+            cell_args(&cfg, "steady"),
+            vec!["cell", "steady", "--data", "/data/cells/steady"]
+        );
+    }
+
+    #[test]
+    fn the_node_key_moves_once_from_the_old_cell_directory() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let d = tempfile::tempdir().unwrap();
+        // Nothing to move on a fresh disk.
+        assert!(!migrate_node_key(d.path()).unwrap());
+        let old_dir = d.path().join("cells/peerTreeNet");
+        std::fs::create_dir_all(&old_dir).unwrap();
+        let key = borg_proto::identity::SecretKey::load_or_create(&old_dir).unwrap();
+        assert!(migrate_node_key(d.path()).unwrap());
+        let new_dir = d.path().join("node");
+        let moved = borg_proto::identity::SecretKey::load_or_create(&new_dir).unwrap();
+        assert_eq!(moved.public(), key.public(), "identity kept");
+        let mode = std::fs::metadata(new_dir.join("node.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!new_dir.join("node.key.tmp").exists());
+        // Once only: an existing new key is never overwritten.
+        std::fs::remove_file(old_dir.join("node.key")).unwrap();
+        borg_proto::identity::SecretKey::load_or_create(&old_dir).unwrap();
+        assert!(!migrate_node_key(d.path()).unwrap());
+        let still = borg_proto::identity::SecretKey::load_or_create(&new_dir).unwrap();
+        assert_eq!(still.public(), key.public());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use crate::hwclock::{ClockInfo, TimeStatus};
 use crate::leds::{LedState, NodeState};
 use crate::supervisor::CellReport;
 
@@ -64,6 +65,10 @@ pub struct Snapshot {
     pub updating: bool,
     /// Shutting down.
     pub stopping: bool,
+    /// The node's network time (`time` of the base monitor's last answer).
+    pub time: Option<TimeStatus>,
+    /// The clock keeper's facts (floor, settings, saved network time).
+    pub clock: ClockInfo,
 }
 
 /// Shared handle.
@@ -88,6 +93,8 @@ impl Shared {
             faults: vec![],
             updating: false,
             stopping: false,
+            time: None,
+            clock: ClockInfo::default(),
         })))
     }
 

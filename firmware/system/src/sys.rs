@@ -531,3 +531,21 @@ mod tests {
         assert!(reap_one().is_ok());
     }
 }
+
+/// Set `CLOCK_REALTIME` (the system's wall clock) to `ms` milliseconds since the Unix epoch:
+/// `clock_settime(2)`. Needs `CAP_SYS_TIME` (PID 1 is root). Monotonic clocks do not move.
+pub fn set_realtime_ms(ms: u64) -> io::Result<()> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // (Not naming time_t: musl's libc marks that alias deprecated.)
+    ts.tv_sec = (ms / 1000)
+        .try_into()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "time out of range"))?;
+    // (ms % 1000) * 1_000_000 < 1e9 fits every c_long.
+    ts.tv_nsec = ((ms % 1000) * 1_000_000) as libc::c_long;
+    // SAFETY: `ts` is a valid, initialized timespec (0 <= tv_nsec < 1e9) that outlives the
+    // call; clock_settime only reads it.
+    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) }).map(|_| ())
+}
