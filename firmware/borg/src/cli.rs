@@ -97,7 +97,7 @@ pub fn node(args: NodeArgs) -> Result<()> {
         .map(|j| parse_endpoint(j, PEER_TREE_NET.net_port))
         .collect::<Result<_>>()?;
     raise_fd_limit();
-    runtime()?.block_on(borg_cells::run(opts))?;
+    runtime()?.block_on(borg_cells::run_node(opts))?;
     Ok(())
 }
 
@@ -114,10 +114,14 @@ pub struct CellArgs {
     /// Nodes to join through, IP[:PORT].
     #[arg(long = "join", value_name = "IP[:PORT]")]
     join: Vec<String>,
+    /// Test only: run the local clock this many seconds off the system clock.
+    #[arg(long, hide = true, default_value_t = 0, allow_hyphen_values = true)]
+    clock_offset_s: i64,
 }
 
 pub fn cell(args: CellArgs) -> Result<()> {
     let mut opts = CellOptions::from_dna(&args.name, args.listen, args.data)?;
+    opts.clock_offset_s = args.clock_offset_s;
     opts.join = args
         .join
         .iter()

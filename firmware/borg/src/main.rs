@@ -26,9 +26,11 @@ enum Command {
     Init(appliance::InitArgs),
     /// Run the cell supervisor on this machine, without the PID-1 duties (development).
     Up(appliance::UpArgs),
-    /// Run a peerTreeNet node in the foreground (ports default to the peerTreeNet DNA).
+    /// Run a whole node in the foreground: every registered cell (peerTreeNet, cronoTree),
+    /// each on its DNA ports on the --listen IP, sharing one key and one network clock.
     Node(cli::NodeArgs),
-    /// Run one cell type by name, as the supervisor does (`borg cell peerTreeNet --data DIR`).
+    /// Run the base cell alone (`borg cell peerTreeNet --data DIR`), for debugging; other
+    /// cells find their peers through it and run only inside `borg node`.
     Cell(cli::CellArgs),
     /// User identities: BIP39 phrases and the P-256 key derived from them.
     #[command(subcommand)]

@@ -1,17 +1,51 @@
-//! # borg-cells: the cell runtime
+//! # borg-cells: the cell types and the node that hosts them
 //!
-//! A cell type is its DNA (name, ports, max children; see `borg_proto::dna`). Running a cell
-//! means: load the node key, start the tree node on the net port, the receptor on the recp
-//! port and the monitor on the mon port, then run until told to stop. `peerTreeNet` is the
-//! base cell; later cell types add their receptor kinds on top of the same runtime.
+//! A cell type is its DNA (name, ports, max children; see `borg_proto::dna`) plus a sans-IO
+//! implementation of [`borg_net::cell::Cell`], registered in one line of [`REGISTRY`]. A node
+//! ([`run_node`]) runs every registered cell in one process, sharing one key and one network
+//! clock: each cell gets its own tree on its DNA net port, its receptor and its monitor.
+//! `peerTreeNet` is the base cell (all runtime, no cell logic); [`crono`] is network time.
 #![forbid(unsafe_code)]
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use borg_net::node::{self, NodeConfig, NodeError};
+use borg_net::cell::{Cell, CellInit, NoCell};
+use borg_net::clock::NetClock;
+use borg_net::node::{self, BaseFollow, CellRouter, NodeConfig, NodeError, NodeHandle};
 use borg_proto::dna::{self, CellDna};
+
+pub mod crono;
+
+/// One cell type: its DNA and how to make its behaviour.
+#[derive(Debug, Clone, Copy)]
+pub struct CellType {
+    pub dna: CellDna,
+    pub make: fn(CellInit) -> Box<dyn Cell>,
+}
+
+fn base_cell(_: CellInit) -> Box<dyn Cell> {
+    Box::new(NoCell)
+}
+
+/// Every cell type this build runs, the base cell first. Adding a cell type is one line here
+/// (and its module): the node actor, the receptor, the monitor and PID 1 need no edit.
+pub const REGISTRY: &[CellType] = &[
+    CellType {
+        dna: dna::PEER_TREE_NET,
+        make: base_cell,
+    },
+    CellType {
+        dna: dna::CRONO_TREE,
+        make: crono::CronoCell::boxed,
+    },
+];
+
+/// The registered cell type called `name`.
+pub fn registered(name: &str) -> Option<&'static CellType> {
+    REGISTRY.iter().find(|c| c.dna.name == name)
+}
 
 /// Errors starting a cell.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +54,8 @@ pub enum CellError {
     UnknownCell(String, String),
     #[error("cell {0} is not implemented in this build yet")]
     NotImplemented(String),
+    #[error("cell {0} finds its peers through peerTreeNet: run it with `borg node`")]
+    NeedsNode(String),
     #[error(transparent)]
     Node(#[from] NodeError),
 }
@@ -50,7 +86,7 @@ impl CellOptions {
             let known: Vec<&str> = dna::CELLS.iter().map(|c| c.name).collect();
             CellError::UnknownCell(name.to_string(), known.join(", "))
         })?;
-        if !dna.implemented {
+        if registered(name).is_none() {
             return Err(CellError::NotImplemented(name.to_string()));
         }
         Ok(Self {
@@ -73,8 +109,15 @@ impl CellOptions {
 /// Heartbeat period of a real node.
 pub const DEFAULT_HEARTBEAT_MS: u64 = 1000;
 
-/// Start a cell and return its node handle; the servers run on the current runtime.
-pub async fn start(opts: &CellOptions) -> Result<Arc<node::NodeHandle>, CellError> {
+/// Start one cell on `clock` and return its handle; the servers run on the current runtime.
+/// `base` is set for every cell but the base cell (which it follows).
+async fn start_cell(
+    opts: &CellOptions,
+    clock: Arc<NetClock>,
+    router: Arc<CellRouter>,
+    base: Option<BaseFollow>,
+    cell: Box<dyn Cell>,
+) -> Result<Arc<NodeHandle>, CellError> {
     let cfg = NodeConfig {
         cell: opts.dna.name.to_string(),
         data_dir: opts.data_dir.clone(),
@@ -91,12 +134,11 @@ pub async fn start(opts: &CellOptions) -> Result<Arc<node::NodeHandle>, CellErro
         heartbeat_ms: opts.heartbeat_ms,
         nat: opts.nat,
         port_mapping: opts.port_mapping,
-        clock: borg_net::clock::NetClock::new(
-            opts.clock_offset_s,
-            borg_proto::build::BUILD_UNIX_S * 1_000_000,
-        ),
+        clock,
+        router,
+        base,
     };
-    let handle = Arc::new(node::start(cfg.clone()).await?);
+    let handle = Arc::new(node::start(cfg.clone(), cell).await?);
     borg_net::serve::serve_receptor(handle.clone(), cfg.recp, cfg.cell.clone()).await?;
     borg_net::serve::serve_monitor(handle.clone(), cfg.mon).await?;
     tracing::info!(
@@ -108,6 +150,109 @@ pub async fn start(opts: &CellOptions) -> Result<Arc<node::NodeHandle>, CellErro
         "cell started"
     );
     Ok(handle)
+}
+
+/// The node's clock: the system clock (plus the test offset), never below the build time.
+fn node_clock(opts: &CellOptions) -> Arc<NetClock> {
+    NetClock::new(
+        opts.clock_offset_s,
+        borg_proto::build::BUILD_UNIX_S * 1_000_000,
+    )
+}
+
+fn init_for(
+    ty: &CellType,
+    opts: &CellOptions,
+    key: borg_proto::identity::PublicKey,
+    clock: &Arc<NetClock>,
+) -> CellInit {
+    CellInit {
+        name: ty.dna.name,
+        key,
+        clock: clock.clone(),
+        contacts: opts.join.iter().map(|a| a.to_string()).collect(),
+    }
+}
+
+/// Start one registered cell on its own (`borg cell NAME`): only the base cell can run
+/// alone, since every other cell finds its peers through the base tree.
+pub async fn start(opts: &CellOptions) -> Result<Arc<NodeHandle>, CellError> {
+    let ty = registered(opts.dna.name)
+        .ok_or_else(|| CellError::NotImplemented(opts.dna.name.to_string()))?;
+    if ty.dna.name != dna::PEER_TREE_NET.name {
+        return Err(CellError::NeedsNode(ty.dna.name.to_string()));
+    }
+    let clock = node_clock(opts);
+    let key = borg_proto::identity::SecretKey::load_or_create(&opts.data_dir)
+        .map_err(NodeError::from)?
+        .public();
+    let cell = (ty.make)(init_for(ty, opts, key, &clock));
+    start_cell(opts, clock, Arc::new(CellRouter::default()), None, cell).await
+}
+
+/// Start a whole node: every registered cell, each on its DNA ports on `opts.ip` (the base
+/// cell on `opts`' ports), sharing the key in `opts.data_dir` and one network clock. Returns
+/// the handles, the base cell first.
+pub async fn start_node(opts: &CellOptions) -> Result<Vec<Arc<NodeHandle>>, CellError> {
+    let clock = node_clock(opts);
+    let key = borg_proto::identity::SecretKey::load_or_create(&opts.data_dir)
+        .map_err(NodeError::from)?
+        .public();
+    let router = Arc::new(CellRouter::default());
+    // Make every cell first: a time cell announces itself to the clock, and the base cell
+    // then waits (bounded) for network time before it joins.
+    let mut made: Vec<(&CellType, Box<dyn Cell>)> = REGISTRY
+        .iter()
+        .map(|ty| (ty, (ty.make)(init_for(ty, opts, key, &clock))))
+        .collect();
+    let mut handles: Vec<Arc<NodeHandle>> = Vec::new();
+    let mut follow: Option<BaseFollow> = None;
+    for (ty, cell) in made.drain(..) {
+        let mut o = opts.clone();
+        if follow.is_some() {
+            o.dna = ty.dna;
+            o.net_port = ty.dna.net_port;
+            o.recp_port = ty.dna.recp_port;
+            o.mon_port = ty.dna.mon_port;
+            o.max_children = ty.dna.max_children as u64;
+            o.nat = false;
+            o.port_mapping = false;
+            // Its peers come from the base tree.
+            o.join = Vec::new();
+        }
+        let h = start_cell(&o, clock.clone(), router.clone(), follow.clone(), cell).await?;
+        if follow.is_none() {
+            follow = Some(BaseFollow {
+                nat: h.nat.clone(),
+                view: h.base_view.clone(),
+            });
+        }
+        handles.push(h);
+    }
+    if let Some(base) = handles.first() {
+        let sibs = handles
+            .iter()
+            .skip(1)
+            .map(|h| {
+                let name = h.status()["cell"].as_str().unwrap_or("").to_string();
+                (name, h.snapshot.clone())
+            })
+            .collect();
+        let _ = base.siblings.set(sibs);
+    }
+    Ok(handles)
+}
+
+/// Run a whole node until SIGTERM or SIGINT.
+pub async fn run_node(opts: CellOptions) -> Result<(), CellError> {
+    let handles = start_node(&opts).await?;
+    wait_for_stop().await;
+    tracing::info!("stopping");
+    for h in &handles {
+        h.shutdown().await;
+    }
+    tracing::info!("stopped");
+    Ok(())
 }
 
 /// The address of the interface that holds the default route, found by "connecting" a UDP

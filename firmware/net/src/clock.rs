@@ -13,7 +13,10 @@
 //! Network time never goes backwards in a process: every reading is at least the previous
 //! one ([`NetClock::now_us`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use borg_proto::crono::{TimeSource, TimeStatus};
+use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -27,6 +30,12 @@ pub struct NetClock {
     floor_us: u64,
     mapping: Mutex<Option<MappingFn>>,
     last_us: AtomicU64,
+    /// Set once a time cell has synced network time (bootstrap, parent or root).
+    synced: AtomicBool,
+    /// Set when a time cell runs in this node: cells wait (bounded) for it before joining.
+    has_source: AtomicBool,
+    /// What the time cell last reported (shown as `time` in every cell's status).
+    status: Mutex<Option<TimeStatus>>,
 }
 
 impl std::fmt::Debug for NetClock {
@@ -69,6 +78,9 @@ impl NetClock {
             floor_us,
             mapping: Mutex::new(None),
             last_us: AtomicU64::new(0),
+            synced: AtomicBool::new(false),
+            has_source: AtomicBool::new(false),
+            status: Mutex::new(None),
         })
     }
 
@@ -124,11 +136,80 @@ impl NetClock {
 
     /// Install the mapping from local to network time (the cronoTree cell does, whenever its
     /// estimate changes). Readings stay monotone across the switch.
+    ///
+    /// The first mapping may move network time back (a clock that ran ahead of the network
+    /// until the first sync): only synced readings never go backwards.
     pub fn set_mapping(&self, f: MappingFn) {
+        if !self.is_synced() {
+            self.last_us.store(0, Ordering::Release);
+        }
         match self.mapping.lock() {
             Ok(mut m) => *m = Some(f),
             Err(p) => *p.into_inner() = Some(f),
         }
+    }
+
+    /// A time cell runs in this node (it will publish a mapping).
+    pub fn expect_source(&self) {
+        self.has_source.store(true, Ordering::Release);
+    }
+
+    /// Whether a time cell runs in this node.
+    pub fn has_source(&self) -> bool {
+        self.has_source.load(Ordering::Acquire)
+    }
+
+    /// Whether network time is synced (a time cell said so).
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// The time cell's report: its status, and whether network time is now synced.
+    pub fn publish_status(&self, status: TimeStatus) {
+        self.synced.store(status.synced, Ordering::Release);
+        match self.status.lock() {
+            Ok(mut s) => *s = Some(status),
+            Err(p) => *p.into_inner() = Some(status),
+        }
+    }
+
+    /// The `time` object of every cell's status: sync state, offset (network minus local
+    /// clock), error bound, source, stratum, network time now and its offset from the system
+    /// clock (in tests all processes share CLOCK_REALTIME, so that shows the true error).
+    pub fn status_json(&self) -> Value {
+        let st = match self.status.lock() {
+            Ok(s) => *s,
+            Err(p) => *p.into_inner(),
+        };
+        let now_us = self.now_us();
+        let offset_us = i128::from(now_us) - i128::from(self.local_us());
+        let sys_off = self.system_offset_us();
+        let ms = |us: i128| us as f64 / 1000.0;
+        let (source, stratum, bound, samples, rejected) = match st {
+            Some(st) => (
+                match st.source {
+                    TimeSource::Local => "local".to_string(),
+                    TimeSource::Bootstrap => "bootstrap".to_string(),
+                    TimeSource::Parent(k) => k.to_b64(),
+                },
+                json!(st.stratum),
+                json!(ms(i128::from(st.error_bound_us))),
+                st.samples,
+                st.rejected,
+            ),
+            None => ("local".to_string(), Value::Null, Value::Null, 0, 0),
+        };
+        json!({
+            "synced": self.is_synced(),
+            "offset_ms": ms(offset_us),
+            "error_bound_ms": bound,
+            "source": source,
+            "stratum": stratum,
+            "now_ms": now_us / 1000,
+            "system_offset_ms": ms(i128::from(sys_off)),
+            "samples": samples,
+            "rejected": rejected,
+        })
     }
 
     /// Network time minus the system clock, in µs (observability: in tests every process
@@ -154,8 +235,33 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_first_mapping_may_go_back_later_ones_do_not() {
+        let c = NetClock::starting_at(10_000_000, 0);
+        assert_eq!(c.now_us(), 10_000_000);
+        c.set_mapping(Box::new(|l| l.saturating_sub(4_000_000)));
+        assert_eq!(c.now_us(), 6_000_000, "unsynced time is only a guess");
+        c.publish_status(synced());
+        assert!(c.is_synced());
+        c.set_mapping(Box::new(|l| l.saturating_sub(5_000_000)));
+        assert_eq!(c.now_us(), 6_000_000, "synced time is clamped");
+    }
+
+    fn synced() -> TimeStatus {
+        TimeStatus {
+            synced: true,
+            offset_us: 0,
+            error_bound_us: 0,
+            source: TimeSource::Local,
+            stratum: 0,
+            samples: 0,
+            rejected: 0,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_mapping_that_goes_back_does_not_move_readings_back() {
         let c = NetClock::starting_at(10_000_000, 0);
+        c.publish_status(synced());
         let before = c.now_us();
         c.set_mapping(Box::new(|l| l.saturating_sub(1_000_000)));
         assert_eq!(c.now_us(), before, "clamped at the last reading");

@@ -92,6 +92,8 @@ impl TransportError {
 pub struct PeerConn {
     reader: PeerReader,
     writer: PeerWriter,
+    /// The cell whose tree this link belongs to (negotiated by ALPN, [`crate::tls::alpn_of`]).
+    cell: &'static str,
 }
 
 /// Receiving half of a [`PeerConn`].
@@ -116,6 +118,7 @@ impl PeerConn {
     fn new(stream: PeerStream, peer: PublicKey, remote: SocketAddr) -> Self {
         let (r, w) = tokio::io::split(stream);
         Self {
+            cell: borg_proto::dna::PEER_TREE_NET.name,
             reader: PeerReader {
                 frames: FrameReader::new(r),
                 peer,
@@ -133,6 +136,16 @@ impl PeerConn {
     /// The peer's authenticated key.
     pub fn peer_key(&self) -> PublicKey {
         self.reader.peer
+    }
+
+    /// The cell whose tree this link belongs to.
+    pub fn cell(&self) -> &'static str {
+        self.cell
+    }
+
+    fn for_cell(mut self, cell: &'static str) -> Self {
+        self.cell = cell;
+        self
     }
 
     pub fn remote_addr(&self) -> SocketAddr {
@@ -247,6 +260,45 @@ async fn dial_pinned(
     .await
 }
 
+/// Dial `addr` for the tree of `cell` (its ALPN), pinned to `expected` or, with `None`, as a
+/// first contact (see [`connect_unpinned`]). `addr` may be the node's own port of that cell
+/// or any of its tree ports: the listener hands the link to the cell the ALPN names.
+pub async fn connect_cell(
+    addr: SocketAddr,
+    expected: Option<PublicKey>,
+    cell: &'static str,
+    identity: &TlsIdentity,
+    timeout: Duration,
+) -> Result<PeerConn, TransportError> {
+    let connector = TlsConnector::from(identity.cell_client_config(expected, cell));
+    let alpn = crate::tls::alpn_of(cell);
+    bounded(addr, timeout, async {
+        let tcp = tcp_connect(addr, None).await?;
+        let conn = tls_client(tcp, addr, expected, connector, &alpn).await?;
+        Ok(conn.for_cell(cell))
+    })
+    .await
+}
+
+/// [`connect_via`] for the tree of `cell`.
+pub async fn connect_via_cell(
+    relay: SocketAddr,
+    target: PublicKey,
+    cell: &'static str,
+    identity: &TlsIdentity,
+    timeout: Duration,
+) -> Result<PeerConn, TransportError> {
+    let connector = TlsConnector::from(identity.cell_client_config(Some(target), cell));
+    let alpn = crate::tls::alpn_of(cell);
+    bounded(relay, timeout, async {
+        let line = format!("{RELAY_CONNECT} {}\n", target.to_b64());
+        let tcp = tcp_connect_with_line(relay, &line).await?;
+        let conn = tls_client(tcp, relay, Some(target), connector, &alpn).await?;
+        Ok(conn.for_cell(cell))
+    })
+    .await
+}
+
 /// Dial `addr` for a first contact, when only its address is known (`--join IP`): the
 /// server may present any node key, which is returned in the connection. Everything after
 /// the handshake is authenticated by that key (signed envelopes), and from then on the peer is
@@ -294,7 +346,7 @@ pub async fn accept_via(
     bounded(relay, timeout, async {
         let tcp = tcp_connect_with_line(relay, &format!("{RELAY_ACCEPT} {token}\n")).await?;
         match tls_server(acceptor, tcp, relay).await? {
-            (conn, Alpn::Peer) => Ok(conn),
+            (conn, Alpn::Peer(cell)) => Ok(conn.for_cell(cell)),
             (_, Alpn::Probe) => Err(TransportError::Alpn { addr: relay }),
         }
     })
@@ -409,7 +461,8 @@ const MAX_PREAMBLE: usize = 128;
 /// Which protocol an accepted TLS connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Alpn {
-    Peer,
+    /// A tree link of the named cell.
+    Peer(&'static str),
     Probe,
 }
 
@@ -613,7 +666,7 @@ async fn classify(
         };
     }
     match tls_server(acceptor, tcp, addr).await? {
-        (conn, Alpn::Peer) => Ok(Incoming::Peer(conn)),
+        (conn, Alpn::Peer(cell)) => Ok(Incoming::Peer(conn.for_cell(cell))),
         (conn, Alpn::Probe) => Ok(Incoming::Probe(conn)),
     }
 }
@@ -652,9 +705,12 @@ async fn tls_server(
         .map_err(|source| TransportError::Handshake { addr, source })?;
     let (_, session) = tls.get_ref();
     let alpn = match session.alpn_protocol() {
-        Some(p) if p == ALPN_PEER => Alpn::Peer,
         Some(p) if p == ALPN_PROBE => Alpn::Probe,
-        _ => return Err(TransportError::Alpn { addr }),
+        Some(p) => match crate::tls::cell_of_alpn(p) {
+            Some(cell) => Alpn::Peer(cell),
+            None => return Err(TransportError::Alpn { addr }),
+        },
+        None => return Err(TransportError::Alpn { addr }),
     };
     let key = peer_key(session).map_err(|source| TransportError::PeerKey { addr, source })?;
     Ok((PeerConn::new(TlsStream::Server(tls), key, addr), alpn))

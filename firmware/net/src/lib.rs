@@ -6,6 +6,7 @@
 //! (pinning), and a server requires a client certificate and learns from it which node
 //! connected. Messages travel as length-prefixed frames of at most [`frame::MAX_FRAME`] bytes.
 //!
+//! - [`cell`]: the cell seam, the sans-IO trait a cell type implements.
 //! - [`clock`]: the node's local (monotonic) and network clocks, shared by its cells.
 //! - [`tls`]: certificates from node keys, pinning verifiers, the rustls configurations (node to
 //!   node with mutual authentication, the HTTPS receptor, command-line clients).
@@ -23,6 +24,7 @@
 //! - [`client`]: small clients for the CLI and tests.
 #![forbid(unsafe_code)]
 
+pub mod cell;
 pub mod client;
 pub mod clock;
 pub mod conn;

@@ -325,13 +325,27 @@ impl Receptor {
                 )),
             },
             "status" => Ok(self.node.status()),
-            other => Err((
-                400,
-                "unknown_kind",
-                format!(
-                    "this receptor does not know kind {other:?}; it knows ping, broadcast, status"
-                ),
-            )),
+            other if self.node.receptor_kinds.contains(&other) => {
+                self.node
+                    .request(ReceptorRequest::Cell {
+                        from: env.from,
+                        kind: other.to_string(),
+                        body: env.body.clone(),
+                    })
+                    .await
+            }
+            other => {
+                let mut known = vec!["ping", "broadcast", "status"];
+                known.extend(self.node.receptor_kinds.iter().copied());
+                Err((
+                    400,
+                    "unknown_kind",
+                    format!(
+                        "this receptor does not know kind {other:?}; it knows {}",
+                        known.join(", ")
+                    ),
+                ))
+            }
         };
         match result {
             Ok(mut body) => {
@@ -411,7 +425,7 @@ fn monitor(node: &NodeHandle, req: &Request<Incoming>) -> Resp {
     }
     let snap = node.snapshot.borrow().clone();
     match req.uri().path() {
-        "/status" => json_response(StatusCode::OK, &snap.status),
+        "/status" => json_response(StatusCode::OK, &node.status()),
         "/metrics" => {
             let mut r = Response::new(Full::new(Bytes::from(render_metrics(
                 &snap,

@@ -46,6 +46,29 @@ use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY};
 /// can never be confused with an HTTPS connection to a receptor (which does not offer it).
 pub const ALPN_PEER: &[u8] = b"borg-peer/1";
 
+/// ALPN protocol id of the links of cell `cell`'s tree: [`ALPN_PEER`] for the base cell,
+/// `borg-peer/1/<cell>` for every other. Every tree listener of a node accepts them all and
+/// hands each connection to the cell it names, so one mapped or relayed port serves all cells.
+pub fn alpn_of(cell: &str) -> Vec<u8> {
+    if cell == borg_proto::dna::PEER_TREE_NET.name {
+        ALPN_PEER.to_vec()
+    } else {
+        format!("borg-peer/1/{cell}").into_bytes()
+    }
+}
+
+/// The cell an ALPN id names (see [`alpn_of`]); `None` for anything else.
+pub fn cell_of_alpn(alpn: &[u8]) -> Option<&'static str> {
+    if alpn == ALPN_PEER {
+        return Some(borg_proto::dna::PEER_TREE_NET.name);
+    }
+    let name = alpn.strip_prefix(b"borg-peer/1/")?;
+    borg_proto::dna::CELLS
+        .iter()
+        .find(|c| c.name.as_bytes() == name && c.name != borg_proto::dna::PEER_TREE_NET.name)
+        .map(|c| c.name)
+}
+
 /// ALPN protocol id of reachability probes: one short exchange on a fresh connection that
 /// never becomes a tree link (docs/NAT.md).
 pub const ALPN_PROBE: &[u8] = b"borg-probe/1";
@@ -171,6 +194,12 @@ impl TlsIdentity {
             .with_client_cert_verifier(Arc::new(NodeClientVerifier::new(&provider)))
             .with_single_cert(vec![cert.clone()], private.clone_key())?;
         server.alpn_protocols = vec![ALPN_PEER.to_vec(), ALPN_PROBE.to_vec()];
+        server.alpn_protocols.extend(
+            borg_proto::dna::CELLS
+                .iter()
+                .skip(1)
+                .map(|c| alpn_of(c.name)),
+        );
         // No resumption: a resumed session would skip the client verifier.
         server.session_storage = Arc::new(NoServerSessionStorage {});
         server.send_tls13_tickets = 0;
@@ -242,6 +271,18 @@ impl TlsIdentity {
             .dangerous()
             .set_certificate_verifier(Arc::new(PinnedServerVerifier::new(expected, &provider)));
         config.alpn_protocols = vec![ALPN_PROBE.to_vec()];
+        Arc::new(config)
+    }
+
+    /// Node-to-node client for the tree of `cell` (its ALPN, [`alpn_of`]), pinned to
+    /// `expected` or, with `None`, accepting any node key (first contact).
+    pub fn cell_client_config(&self, expected: Option<PublicKey>, cell: &str) -> Arc<ClientConfig> {
+        let mut config = self.client_template.clone();
+        let provider = config.crypto_provider().clone();
+        config
+            .dangerous()
+            .set_certificate_verifier(Arc::new(PinnedServerVerifier::new(expected, &provider)));
+        config.alpn_protocols = vec![alpn_of(cell)];
         Arc::new(config)
     }
 
@@ -503,9 +544,17 @@ mod tests {
         let id = TlsIdentity::new(&key).unwrap();
         assert_eq!(id.public_key(), key.public());
         assert_eq!(
-            id.server_config().alpn_protocols,
-            vec![ALPN_PEER.to_vec(), ALPN_PROBE.to_vec()]
+            id.server_config().alpn_protocols[..2],
+            [ALPN_PEER.to_vec(), ALPN_PROBE.to_vec()]
         );
+        assert!(id
+            .server_config()
+            .alpn_protocols
+            .contains(&b"borg-peer/1/cronoTree".to_vec()));
+        assert_eq!(cell_of_alpn(b"borg-peer/1/cronoTree"), Some("cronoTree"));
+        assert_eq!(cell_of_alpn(ALPN_PEER), Some("peerTreeNet"));
+        assert_eq!(cell_of_alpn(b"borg-peer/1/peerTreeNet"), None);
+        assert_eq!(cell_of_alpn(b"borg-peer/1/nope"), None);
         assert!(id.receptor_server_config().alpn_protocols.is_empty());
         let other = SecretKey::generate().public();
         assert_eq!(

@@ -54,6 +54,8 @@ pub const CELLS: &[CellDna] = &[
 
 /// The base cell every node runs first.
 pub const PEER_TREE_NET: CellDna = CELLS[0];
+/// Network time.
+pub const CRONO_TREE: CellDna = CELLS[3];
 
 /// Look a cell type up by name (exact, case-sensitive as in the DNA).
 pub fn cell(name: &str) -> Option<&'static CellDna> {
@@ -75,5 +77,6 @@ mod tests {
         }
         assert_eq!(cell("peerTreeNet"), Some(&PEER_TREE_NET));
         assert_eq!(cell("nope"), None);
+        assert_eq!(CRONO_TREE.name, "cronoTree");
     }
 }

@@ -17,7 +17,13 @@ impl Actor {
 
     pub(super) fn on_nat_status(&mut self, st: Arc<NatStatus>) {
         let now = self.cfg.clock.mono_ms();
-        let advertise = st.decision.advertise.to_string();
+        // Only the base cell maps, registers with relays and relays; the others follow it.
+        let base = self.cfg.base.is_none();
+        let advertise = if base {
+            st.decision.advertise.to_string()
+        } else {
+            self.cell_addr(&st)
+        };
         if advertise != self.my_addr {
             tracing::info!(cell = %self.cfg.cell, "advertising {advertise} ({})", st.decision.role);
             self.my_addr = advertise.clone();
@@ -26,7 +32,7 @@ impl Actor {
         let relay = st
             .decision
             .relay
-            .filter(|_| st.decision.role == Role::Relayed);
+            .filter(|_| base && st.decision.role == Role::Relayed);
         match (relay, self.my_relay) {
             (Some(r), Some((cur, _))) if r == cur => {}
             (Some(r), _) => {
@@ -35,7 +41,19 @@ impl Actor {
             }
             (None, _) => self.my_relay = None,
         }
-        self.lan_addrs = st.lan.iter().map(|p| (p.key, p.lan_addr)).collect();
+        let port = self.cfg.listen.port();
+        let lan_addr = |a: SocketAddr| {
+            if base {
+                a
+            } else {
+                SocketAddr::new(a.ip(), port)
+            }
+        };
+        self.lan_addrs = st
+            .lan
+            .iter()
+            .map(|p| (p.key, lan_addr(p.lan_addr)))
+            .collect();
         for p in &st.lan {
             let stale = self
                 .met
@@ -47,7 +65,7 @@ impl Actor {
                     now,
                     borg_proto::tree::Peer {
                         key: p.key,
-                        addr: p.lan_addr.to_string(),
+                        addr: lan_addr(p.lan_addr).to_string(),
                         mon: String::new(),
                     },
                 );
@@ -56,7 +74,10 @@ impl Actor {
         let decided = st.decision.role != Role::Probing;
         self.nat_status = Some(st);
         if decided {
-            self.start_tree("NAT role known");
+            self.wait_for_role = false;
+            if !self.wait_for_time {
+                self.start_tree("NAT role known");
+            }
         }
     }
 
@@ -142,7 +163,11 @@ impl Actor {
                 };
                 tokio::spawn(async move {
                     match conn::accept_via(relay.dial, &token, &identity, DIAL_TIMEOUT).await {
-                        Ok(c) => spawn_link_conn(c, None, ctx),
+                        Ok(c) => match ctx.router.get(c.cell()) {
+                            // Relayed links arrive at the base cell; the ALPN names the cell.
+                            Some(cell_ctx) => spawn_link_conn(c, None, cell_ctx),
+                            None => tracing::debug!("relayed link for a cell we do not run"),
+                        },
                         Err(e) => tracing::debug!("answering relay {}: {e}", relay.dial),
                     }
                 });

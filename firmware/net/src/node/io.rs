@@ -13,6 +13,15 @@ pub(super) async fn accept_loop(
     loop {
         match listener.accept_incoming().await {
             Ok(Incoming::Peer(conn)) => {
+                // Any tree port takes every cell's links; the ALPN says whose.
+                let ctx = if conn.cell() == ctx.cell {
+                    ctx.clone()
+                } else if let Some(other) = ctx.router.get(conn.cell()) {
+                    other
+                } else {
+                    tracing::debug!("link for a cell this node does not run: {}", conn.cell());
+                    continue;
+                };
                 let key = conn.peer_key();
                 let slot = if ctx.trusted.has_key(&key) {
                     None
@@ -177,6 +186,7 @@ pub(super) fn spawn_link(
             idle_periods = 0;
             match got {
                 Ok(Some(bytes)) => {
+                    let rx_local_us = ctx.clock.local_us();
                     if !upgraded && ctx.trusted.has_key(&key) {
                         // Became a neighbour: the neighbour's rate from now on.
                         bucket = Bucket::new(TRUSTED_LINK_RATE, TRUSTED_LINK_BURST, Instant::now());
@@ -197,6 +207,7 @@ pub(super) fn spawn_link(
                     let ev = Inbound::Frame {
                         key,
                         bytes,
+                        rx_local_us,
                         _budget: InboundBudget {
                             _link: link,
                             _node: node,

@@ -134,15 +134,13 @@ impl Actor {
             return;
         };
         tokio::spawn(async move {
+            let cell = ctx.cell;
             let result = match route {
                 (_, PeerAddr::Relayed { relay, target }) => {
-                    conn::connect_via(relay, target, &identity, DIAL_TIMEOUT).await
+                    conn::connect_via_cell(relay, target, cell, &identity, DIAL_TIMEOUT).await
                 }
-                (Some(k), PeerAddr::Direct(sock)) => {
-                    conn::connect(sock, k, &identity, DIAL_TIMEOUT).await
-                }
-                (None, PeerAddr::Direct(sock)) => {
-                    conn::connect_unpinned(sock, &identity, DIAL_TIMEOUT).await
+                (k, PeerAddr::Direct(sock)) => {
+                    conn::connect_cell(sock, k, cell, &identity, DIAL_TIMEOUT).await
                 }
             };
             match result {

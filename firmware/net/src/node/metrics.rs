@@ -152,5 +152,63 @@ pub fn render_metrics(s: &Snapshot, net: &NetCounters) -> String {
     out.push_str(&net.render());
     let size = s.status.get("size").and_then(|v| v.as_u64()).unwrap_or(0);
     out.push_str(&format!("# HELP borg_tree_size Tree size as this node knows it.\n# TYPE borg_tree_size gauge\nborg_tree_size {size}\n"));
+    out.push_str(&time_metrics(&s.status));
+    out.push_str(&s.extra_metrics);
+    out
+}
+
+/// Network time as every cell shows it (the node's one clock).
+fn time_metrics(status: &Value) -> String {
+    let t = &status["time"];
+    let f = |k: &str| t[k].as_f64().unwrap_or(0.0) / 1000.0;
+    let mut out = String::new();
+    let gauges = [
+        (
+            "borg_time_synced",
+            "1 once network time is synced.",
+            if t["synced"].as_bool() == Some(true) {
+                1.0
+            } else {
+                0.0
+            },
+        ),
+        (
+            "borg_time_offset_seconds",
+            "Network time minus the node's local clock.",
+            f("offset_ms"),
+        ),
+        (
+            "borg_time_error_bound_seconds",
+            "Bound on the error of network time against the root.",
+            f("error_bound_ms"),
+        ),
+        (
+            "borg_time_stratum",
+            "Hops from the time root (16: none).",
+            t["stratum"].as_f64().unwrap_or(16.0),
+        ),
+    ];
+    for (name, help, v) in gauges {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
+        ));
+    }
+    for (name, help, key) in [
+        (
+            "borg_time_samples_total",
+            "Time answers taken as samples.",
+            "samples",
+        ),
+        (
+            "borg_time_rejected_total",
+            "Time answers refused (unknown nonce, wrong key, late, out of range).",
+            "rejected",
+        ),
+    ] {
+        let v = t[key].as_u64().unwrap_or(0);
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+        ));
+    }
     out
 }

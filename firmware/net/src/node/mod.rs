@@ -22,6 +22,7 @@ use borg_proto::tree::{
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
+use crate::cell::{BaseView, Cell, CellAction, CellTime};
 use crate::conn::{self, Incoming, Listener, PeerWriter, TransportError};
 use crate::frame::{FrameError, MAX_FRAME};
 use crate::guard::{Bucket, ConnLimiter, Door, NetCounters, Refusal, Trusted};
@@ -33,11 +34,13 @@ mod follow;
 mod io;
 mod links;
 mod metrics;
+mod router;
 
 pub use crate::clock::system_ms as now_ms;
 use follow::nat_changed;
 use io::{accept_loop, spawn_link_conn};
 pub use metrics::render_metrics;
+pub use router::{BaseFollow, CellRouter};
 
 /// How a node is run.
 #[derive(Debug, Clone)]
@@ -63,6 +66,10 @@ pub struct NodeConfig {
     pub port_mapping: bool,
     /// The node's clock (shared by all its cells).
     pub clock: Arc<crate::clock::NetClock>,
+    /// The node's cells' tree links, by ALPN (shared by all its cells' listeners).
+    pub router: Arc<CellRouter>,
+    /// For a non-base cell: the base cell it follows for its address and its peers.
+    pub base: Option<BaseFollow>,
 }
 
 /// Errors that stop a node from starting.
@@ -96,6 +103,8 @@ pub(crate) enum Inbound {
     Frame {
         key: PublicKey,
         bytes: Vec<u8>,
+        /// Local clock (µs) when the frame was read off the link.
+        rx_local_us: u64,
         /// This frame's share of the inbound byte budgets, given back once it is handled.
         _budget: InboundBudget,
     },
@@ -184,7 +193,16 @@ const BCAST_ENVELOPE_OVERHEAD: usize = 4096;
 
 /// What a receptor asks the actor to do (already verified).
 pub(crate) enum ReceptorRequest {
-    Broadcast { text: String, origin: Envelope },
+    Broadcast {
+        text: String,
+        origin: Envelope,
+    },
+    /// A kind the cell answers ([`Cell::receptor_kinds`]).
+    Cell {
+        from: PublicKey,
+        kind: String,
+        body: Value,
+    },
 }
 
 /// Counters published on /metrics.
@@ -216,6 +234,8 @@ pub struct Snapshot {
     pub status: Value,
     pub tree: TreeStats,
     pub metrics: Metrics,
+    /// The cell's own metric lines and network time's (Prometheus text).
+    pub extra_metrics: String,
 }
 
 /// A running node's handles.
@@ -232,6 +252,13 @@ pub struct NodeHandle {
     pub relay: Arc<RelayHub>,
     /// The node's clock (network time for every envelope).
     pub clock: Arc<crate::clock::NetClock>,
+    /// Receptor kinds the cell answers beyond ping, broadcast and status.
+    pub receptor_kinds: &'static [&'static str],
+    /// The base cell publishes its tree here for the node's other cells.
+    pub base_view: watch::Receiver<BaseView>,
+    /// The other cells of this node (set on the base cell once all have started): shown in
+    /// its status as `cells`.
+    pub siblings: std::sync::OnceLock<Vec<(String, watch::Receiver<Arc<Snapshot>>)>>,
 }
 
 struct EcdsaSeal {
@@ -338,10 +365,24 @@ struct Actor {
     join_after: Option<Instant>,
     /// What link tasks share (set once at start).
     link_ctx: Option<LinkCtx>,
+    /// The cell type's own behaviour.
+    cell: Box<dyn Cell>,
+    /// Base cell: where it publishes its tree for the node's other cells.
+    base_view_tx: watch::Sender<BaseView>,
+    /// When a non-base cell last tried to join through the base tree (mono ms).
+    last_base_join: u64,
+    /// The tree view the cell last saw.
+    last_view: Option<borg_proto::tree::TreeView>,
+    /// Join deferred until network time is synced (bounded by `join_after`).
+    wait_for_time: bool,
+    /// Join deferred until the NAT role is known (bounded by `join_after`).
+    wait_for_role: bool,
 }
 
-/// How long a node waits for its NAT role before joining anyway.
+/// How long a node waits for its NAT role, or for network time, before joining anyway.
 const JOIN_WAIT_FOR_ROLE: Duration = Duration::from_secs(10);
+/// How often a non-base cell alone in its tree tries to join through the base tree.
+const BASE_JOIN_EVERY_MS: u64 = 3_000;
 
 /// How long a relay registration lasts without renewal.
 const RELAY_REGISTRATION_MS: u64 = 30_000;
@@ -356,7 +397,7 @@ const MAX_RELAYED_PER_IP: usize = 16;
 
 /// Start the node: bind the tree listener, spawn the actor, return handles. The receptor and
 /// monitor servers are started by [`crate::serve`].
-pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
+pub async fn start(cfg: NodeConfig, cell: Box<dyn Cell>) -> Result<NodeHandle, NodeError> {
     let key = SecretKey::load_or_create(&cfg.data_dir)?;
     let clock = cfg.clock.clone();
     let identity = Arc::new(TlsIdentity::new(&key)?);
@@ -395,7 +436,7 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
     let tree = TreeNode::new(
         TreeConfig::new(cfg.max_children, cfg.heartbeat_ms),
         me,
-        contacts,
+        contacts.clone(),
         Box::new(EcdsaSeal { key: key.clone() }),
         seed,
     );
@@ -403,7 +444,13 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
         status: json!({}),
         tree: TreeStats::default(),
         metrics: Metrics::default(),
+        extra_metrics: String::new(),
     }));
+    let (base_view_tx, base_view_rx) = watch::channel(BaseView {
+        contacts: contacts.clone(),
+        ..BaseView::default()
+    });
+    let receptor_kinds = cell.receptor_kinds();
     let mut actor = Actor {
         my_addr,
         cfg,
@@ -434,13 +481,24 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
         candidates: candidates_tx,
         join_after: None,
         link_ctx: None,
+        cell,
+        base_view_tx,
+        last_base_join: 0,
+        last_view: None,
+        wait_for_time: false,
+        wait_for_role: false,
     };
     let links = LinkCtx {
+        cell: crate::tls::cell_of_alpn(&crate::tls::alpn_of(&actor.cfg.cell))
+            .unwrap_or(borg_proto::dna::PEER_TREE_NET.name),
         tx: tx.clone(),
         counters: counters.clone(),
         trusted: trusted.clone(),
         node_budget: Arc::new(Semaphore::new(NODE_INBOUND_BYTES / BUDGET_UNIT)),
+        clock: actor.cfg.clock.clone(),
+        router: actor.cfg.router.clone(),
     };
+    actor.cfg.router.register(links.cell, links.clone());
     actor.link_ctx = Some(links.clone());
     tokio::spawn(accept_loop(
         listener,
@@ -455,7 +513,12 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
         .join
         .iter()
         .any(|c| !borg_proto::reach::is_private(c.ip()) && !c.ip().is_unspecified());
-    if actor.nat.is_some() && outside_contacts {
+    actor.wait_for_role = actor.nat.is_some() && outside_contacts;
+    // A node whose time cell has contacts to ask first learns network time (bounded): with
+    // a wrong clock (a Pi 4 boots at 1970) its tree messages would be refused as stale.
+    actor.wait_for_time =
+        actor.cfg.clock.has_source() && !actor.cfg.clock.is_synced() && !actor.cfg.join.is_empty();
+    if actor.wait_for_role || actor.wait_for_time {
         actor.join_after = Some(Instant::now() + JOIN_WAIT_FOR_ROLE);
     } else {
         actor.tree.start(actor.cfg.clock.mono_ms());
@@ -473,6 +536,9 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
         nat,
         relay: relay_hub,
         clock,
+        receptor_kinds,
+        base_view: base_view_rx,
+        siblings: std::sync::OnceLock::new(),
     })
 }
 
@@ -480,10 +546,14 @@ pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
 /// the node-wide inbound byte budget.
 #[derive(Clone)]
 pub(crate) struct LinkCtx {
+    /// The cell whose actor this reaches.
+    cell: &'static str,
     tx: mpsc::Sender<Inbound>,
     counters: Arc<NetCounters>,
     trusted: Arc<Trusted>,
     node_budget: Arc<Semaphore>,
+    clock: Arc<crate::clock::NetClock>,
+    router: Arc<CellRouter>,
 }
 
 impl Actor {
@@ -491,9 +561,28 @@ impl Actor {
         let tick_ms = (self.cfg.heartbeat_ms / 10).clamp(10, 200);
         let mut ticker = tokio::time::interval(Duration::from_millis(tick_ms));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut nat_rx = self.nat.as_ref().map(|n| n.status.clone());
+        let mut nat_rx = self
+            .nat
+            .as_ref()
+            .or(self.cfg.base.as_ref().and_then(|b| b.nat.as_ref()))
+            .map(|n| n.status.clone());
+        let mut base_rx = self.cfg.base.as_ref().map(|b| b.view.clone());
         loop {
+            let cell_deadline = self.cell.poll_timeout().map(|t| {
+                let now = self.cfg.clock.mono_ms();
+                tokio::time::Instant::now() + Duration::from_millis(t.saturating_sub(now))
+            });
             tokio::select! {
+                () = router::sleep_until_opt(cell_deadline) => {
+                    let now = CellTime::of(&self.cfg.clock);
+                    self.cell.handle_timeout(now);
+                }
+                changed = router::base_changed(base_rx.as_mut()) => {
+                    match changed {
+                        Some(view) => self.on_base_view(&view),
+                        None => base_rx = None,
+                    }
+                }
                 changed = nat_changed(nat_rx.as_mut()) => {
                     match changed {
                         Some(st) => self.on_nat_status(st),
@@ -509,8 +598,17 @@ impl Actor {
                     }
                 }
                 _ = ticker.tick() => {
+                    if self.join_after.is_some() && self.wait_for_time && self.cfg.clock.is_synced() {
+                        self.wait_for_time = false;
+                        if !self.wait_for_role {
+                            self.start_tree("network time synced");
+                        }
+                    }
                     if self.join_after.is_some_and(|t| Instant::now() >= t) {
-                        self.start_tree("no NAT role yet");
+                        self.start_tree("waited long enough for the NAT role and network time");
+                    }
+                    if let Some(view) = base_rx.as_ref().map(|r| r.borrow().clone()) {
+                        self.base_join_tick(&view);
                     }
                     if self.join_after.is_none() {
                         self.tree.tick(self.cfg.clock.mono_ms());
@@ -566,8 +664,9 @@ impl Actor {
             Inbound::Frame {
                 key,
                 bytes,
+                rx_local_us,
                 _budget,
-            } => self.on_frame(key, bytes),
+            } => self.on_frame(key, bytes, rx_local_us),
             Inbound::Closed { key, id } => {
                 if self.links.get(&key).is_some_and(|l| l.id == id) {
                     self.links.remove(&key);
@@ -607,10 +706,14 @@ impl Actor {
         }
     }
 
-    fn on_frame(&mut self, link_key: PublicKey, bytes: Vec<u8>) {
+    fn on_frame(&mut self, link_key: PublicKey, bytes: Vec<u8>, rx_local_us: u64) {
         self.metrics.frames_in += 1;
         let now = self.cfg.clock.mono_ms();
-        let env = match envelope::open(&bytes, self.cfg.clock.now_ms(), &mut self.replay) {
+        let cell = &self.cell;
+        let opened = envelope::open_with(&bytes, self.cfg.clock.now_ms(), &mut self.replay, |k| {
+            cell.nonce_fresh(k)
+        });
+        let env = match opened {
             Ok(env) => env.into_inner(),
             Err(e) => {
                 tracing::debug!("rejected frame from {}: {e}", link_key.short());
@@ -636,6 +739,17 @@ impl Actor {
         }
         if ReachMsg::is_reach_kind(&env.kind) {
             return self.on_reach_frame(env.from, &env.kind, &env.body);
+        }
+        if env.kind.starts_with(self.cell.kind_prefix()) {
+            let t = CellTime::of(&self.cfg.clock);
+            if let Err(e) = self
+                .cell
+                .handle_message(t, env.from, rx_local_us, &env.kind, &env.body)
+            {
+                tracing::debug!(cell = %self.cfg.cell, "{} from {}: {e}", env.kind, env.from.short());
+                self.reject(e.code);
+            }
+            return;
         }
         let msg = match TreeMsg::from_kind_body(&env.kind, &env.body) {
             Ok(m) => m,
@@ -677,6 +791,12 @@ impl Actor {
                 let id = self.tree.broadcast(payload);
                 Ok(json!({ "id": id }))
             }
+            ReceptorRequest::Cell { from, kind, body } => {
+                let t = CellTime::of(&self.cfg.clock);
+                self.cell
+                    .handle_request(t, &from, &kind, &body)
+                    .map_err(|e| (e.status, e.code, e.message))
+            }
         }
     }
 
@@ -696,10 +816,44 @@ impl Actor {
                 Action::Event(e) => tracing::info!(cell = %self.cfg.cell, "tree: {e:?}"),
             }
         }
+        let view = self.tree.view();
+        if self.last_view.as_ref() != Some(&view) {
+            self.cell.handle_tree(CellTime::of(&self.cfg.clock), &view);
+            self.last_view = Some(view);
+        }
+        // What the cell asks for (bounded per round: a cell cannot starve the actor).
+        for _ in 0..1024 {
+            let Some(action) = self.cell.poll_action(CellTime::of(&self.cfg.clock)) else {
+                break;
+            };
+            match action {
+                CellAction::Send { to, kind, body } => {
+                    let frame = self.seal_kind_body(&kind, body);
+                    self.send_frame(to, frame);
+                }
+                CellAction::Broadcast { payload } => {
+                    self.tree.broadcast(payload);
+                }
+            }
+        }
+        // Broadcasts the cell itself started are sent now, not a tick later.
+        for action in self.tree.drain() {
+            match action {
+                Action::Send { to, msg } => self.send(to, msg),
+                Action::Deliver {
+                    id,
+                    origin,
+                    payload,
+                } => self.deliver(id, origin, payload),
+                Action::Event(e) => tracing::debug!(cell = %self.cfg.cell, "tree: {e:?}"),
+            }
+        }
     }
 
     fn deliver(&mut self, id: String, origin: PublicKey, payload: Value) {
         self.last_broadcast = Some((id.clone(), self.cfg.clock.now_ms()));
+        self.cell
+            .handle_broadcast(CellTime::of(&self.cfg.clock), &id, &origin, &payload);
         // (The tree checked the origin envelope before delivering or forwarding it.)
         let text = payload.get("text").and_then(|t| t.as_str()).unwrap_or("");
         // Peer-supplied text: debug only, truncated, under its own target so that tests and the
@@ -756,6 +910,28 @@ impl Actor {
             "connections": self.links.len(),
         });
         let mut status = status;
+        let t = CellTime::of(&self.cfg.clock);
+        if let (Some(obj), Value::Object(extra)) = (status.as_object_mut(), self.cell.status(t)) {
+            obj.extend(extra);
+            obj.insert("time".into(), self.cfg.clock.status_json());
+        }
+        if self.cfg.base.is_none() {
+            self.base_view_tx.send_if_modified(|old| {
+                let new = BaseView {
+                    state: Some(view.state),
+                    contacts: old.contacts.clone(),
+                    root: view.root.clone(),
+                    parent: view.parent.as_ref().map(|p| p.peer.clone()),
+                    children: view.children.iter().map(|c| c.peer.clone()).collect(),
+                };
+                if *old != new {
+                    *old = new;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
         if let (Some(st), Some(obj)) = (self.nat_status.as_ref(), status.as_object_mut()) {
             if let Some(extra) = st.to_json().as_object() {
                 for (k, v) in extra {
@@ -838,6 +1014,7 @@ impl Actor {
             status,
             tree: self.tree.stats.clone(),
             metrics: self.metrics.clone(),
+            extra_metrics: self.cell.metrics(t),
         };
         self.snapshot.send_replace(Arc::new(snap));
     }
@@ -863,9 +1040,20 @@ impl NodeHandle {
             .unwrap_or_else(|_| Err((503, "unavailable", "node is shutting down".into())))
     }
 
-    /// The current status JSON.
+    /// The current status JSON; the base cell's lists the node's cells.
     pub fn status(&self) -> Value {
-        self.snapshot.borrow().status.clone()
+        let mut status = self.snapshot.borrow().status.clone();
+        if let (Some(sibs), Some(obj)) = (self.siblings.get(), status.as_object_mut()) {
+            let me = router::cell_summary(obj);
+            let mut cells = vec![me];
+            for (_, rx) in sibs {
+                if let Some(st) = rx.borrow().status.as_object() {
+                    cells.push(router::cell_summary(st));
+                }
+            }
+            obj.insert("cells".into(), Value::Array(cells));
+        }
+        status
     }
 }
 

@@ -14,6 +14,9 @@ use super::msg::{Nonce, TimeAns, TimeMsg, MAX_HOLD_US, MAX_STRATUM, MAX_WIRE_INT
 use crate::identity::PublicKey;
 
 const PPB: i128 = 1_000_000_000;
+/// Readings up to this much older than the newest one seen are out-of-order timestamps (a
+/// frame stamped on arrival and handled after a timer), not a local clock that went back.
+const OUT_OF_ORDER_US: u64 = 10_000_000;
 
 /// Tunables; the defaults suit a LAN/Internet tree with tens of ms of latency.
 #[derive(Debug, Clone, Copy)]
@@ -262,6 +265,10 @@ impl TimeSync {
                 rate_ppb: 0,
                 floor_net: now.max(self.floor_us),
             };
+        } else if now < self.last_local && self.last_local - now <= OUT_OF_ORDER_US {
+            // A timestamp taken earlier than the last one we saw (a frame stamped when it
+            // was read, handled after a timer): not a clock step, nothing to re-base.
+            return;
         } else if now < self.last_local {
             let held = self.map.net_at(self.last_local);
             self.map = Mapping {

@@ -501,6 +501,31 @@ impl TreeNode {
         }
     }
 
+    /// A node alone in its tree (a root of one) learned contacts from elsewhere (a non-base
+    /// cell, from the base tree): join through them, first ones first. Ignored unless alone,
+    /// so a member never leaves its tree for it.
+    pub fn join_through(&mut self, now: u64, contacts: &[String]) {
+        if self.state() != TreeState::Alone {
+            return;
+        }
+        let fresh: Vec<String> = contacts
+            .iter()
+            .filter(|c| **c != self.me.addr && !c.is_empty())
+            .cloned()
+            .collect();
+        if fresh.is_empty() {
+            return;
+        }
+        self.contacts.retain(|c| !fresh.contains(c));
+        for c in fresh.into_iter().rev() {
+            self.contacts.insert(0, c);
+        }
+        self.contacts.truncate(MAX_CONTACTS);
+        self.next_contact = 0;
+        self.now = now;
+        self.start_join(now);
+    }
+
     /// Whether `key` is a neighbour we already track in this tree.
     fn knows(&self, key: &PublicKey) -> bool {
         self.root.as_ref().is_some_and(|r| r.key == *key)

@@ -1,0 +1,1 @@
+//! The cronoTree cell against the runtime's inputs, with a paused clock.
