@@ -1,14 +1,15 @@
 //! Network time (cronoTree) over a delaying network (issue 10).
 //!
 //! ```text
-//!   n0 root ── n1 ── n2 ── n3        every link 20 +- 5 ms one way (netem_hub.py, user space)
-//!   clock +0    -1.7e9 s  +3600 s  -1.7e9 s
+//!   n0 (root, clock right)        every link 20 +- 5 ms one way (netem_hub.py, user space)
+//!   n1..n13 join n0; clocks alternately -1,700,000,000 s (a Pi at 1970) and +3600 s
 //! ```
 //!
 //! Real `borg node` processes (peerTreeNet and cronoTree in one process), each in its own
-//! namespace behind the delaying switch of `borg_tests::timenet`, each joining the previous
-//! one with one child per node, so cronoTree is a chain three hops deep. The nodes start with
-//! wildly wrong clocks (`--clock-offset-s`). All namespaces share the host's CLOCK_REALTIME,
+//! namespace behind the delaying switch of `borg_tests::timenet`. cronoTree has k = 3 from
+//! its DNA (`--max-children` sets peerTreeNet's k only), so 14 nodes fill positions 1..14 and
+//! position 14 is three hops below the root: 1 + 3 + 9 + 1. The nodes start with wildly wrong
+//! clocks (`--clock-offset-s`). All namespaces share the host's CLOCK_REALTIME,
 //! so each node's true error is observable: `time.system_offset_ms` (network time minus
 //! CLOCK_REALTIME) of a node minus the root's.
 //!
@@ -27,10 +28,19 @@ use borg_tests::netns;
 use borg_tests::timenet::{quantile, TimeNet, TimeNodes, CRONO_MON};
 use borg_tests::wait_for;
 
-const NODES: usize = 4;
-const CLOCK_OFFSETS_S: [i64; NODES] = [0, -1_700_000_000, 3600, -1_700_000_000];
+const NODES: usize = 14;
+
+/// Node i's clock error at start: the root's is right, the others are wildly wrong.
+fn clock_offset_s(i: usize) -> i64 {
+    match i {
+        0 => 0,
+        i if i % 2 == 1 => -1_700_000_000,
+        _ => 3600,
+    }
+}
 const UP_WITHIN: Duration = Duration::from_secs(20);
 const SYNC_WITHIN: Duration = Duration::from_secs(60);
+const SHAPE_WITHIN: Duration = Duration::from_secs(30);
 const SETTLE: Duration = Duration::from_secs(10);
 const SAMPLE: Duration = Duration::from_secs(60);
 const DELIVER_WITHIN: Duration = Duration::from_secs(15);
@@ -68,35 +78,30 @@ fn network_time_over_three_delayed_hops() {
     );
 
     let mut nodes = TimeNodes::new("time");
+    // The root first; once its cronoTree monitor answers, everyone else at once through it.
     for (i, ns) in net.nodes.iter().enumerate() {
         let join: Vec<String> = if i == 0 {
             Vec::new()
         } else {
-            vec![net.nodes[i - 1].ip.to_string()]
+            vec![net.nodes[0].ip.to_string()]
         };
-        let extra: Vec<String> = [
-            "--no-nat",
-            "--max-children",
-            "1",
-            "--heartbeat-ms",
-            "500",
-            "--clock-offset-s",
-        ]
-        .iter()
-        .map(ToString::to_string)
-        .chain([CLOCK_OFFSETS_S[i].to_string()])
-        .collect();
+        let extra: Vec<String> = ["--no-nat", "--heartbeat-ms", "500", "--clock-offset-s"]
+            .iter()
+            .map(ToString::to_string)
+            .chain([clock_offset_s(i).to_string()])
+            .collect();
         nodes.spawn(&name(i), ns, &join, &extra);
-        // The next one joins through this one: wait until its cronoTree monitor answers.
-        let up = wait_for(UP_WITHIN, Duration::from_millis(50), || {
-            nodes.assert_alive();
-            nodes.status(&name(i), CRONO_MON)
-        });
-        assert!(
-            up.is_some(),
-            "n{i}: cronoTree monitor silent; log:\n{}",
-            nodes.log_of(&name(i))
-        );
+        if i == 0 {
+            let up = wait_for(UP_WITHIN, Duration::from_millis(50), || {
+                nodes.assert_alive();
+                nodes.status(&name(0), CRONO_MON)
+            });
+            assert!(
+                up.is_some(),
+                "n0: cronoTree monitor silent; log:\n{}",
+                nodes.log_of(&name(0))
+            );
+        }
     }
 
     // Every node synced.
@@ -132,17 +137,37 @@ fn network_time_over_three_delayed_hops() {
         println!("FIGURES {n}: start -> synced {:.2} s", d.as_secs_f64());
     }
 
-    // The shape: a chain, stratum 0..3.
+    // The shape: every node takes its time from its cronoTree parent (stratum = depth, after
+    // a first time from the bootstrap median), and the deepest is three hops down.
+    let shaped_at = Instant::now();
     let mut stratum: BTreeMap<String, u64> = BTreeMap::new();
-    for i in 0..NODES {
-        let st = nodes.status(&name(i), CRONO_MON).unwrap();
-        let s = st["time"]["stratum"].as_u64().unwrap();
-        println!(
-            "  n{i}: cronoTree position {} depth {} stratum {s} source {}",
-            st["position"], st["depth"], st["time"]["source"]
-        );
-        stratum.insert(name(i), s);
-    }
+    let mut lines: Vec<String> = Vec::new();
+    let shaped = wait_for(SHAPE_WITHIN, Duration::from_millis(200), || {
+        nodes.assert_alive();
+        stratum.clear();
+        lines.clear();
+        let mut ok = true;
+        for i in 0..NODES {
+            let st = nodes.status(&name(i), CRONO_MON)?;
+            let s = st["time"]["stratum"].as_u64();
+            lines.push(format!(
+                "  n{i}: cronoTree position {} depth {} stratum {} source {}",
+                st["position"], st["depth"], st["time"]["stratum"], st["time"]["source"]
+            ));
+            ok &= s.is_some() && st["depth"].as_u64() == s;
+            stratum.insert(name(i), s.unwrap_or(u64::MAX));
+        }
+        ok.then_some(())
+    });
+    println!("{}", lines.join("\n"));
+    assert!(
+        shaped.is_some(),
+        "not every node follows its cronoTree parent (stratum = depth) within {SHAPE_WITHIN:?}"
+    );
+    println!(
+        "FIGURES every node follows its parent (stratum = depth) {:.2} s after all synced",
+        shaped_at.elapsed().as_secs_f64()
+    );
     assert!(
         stratum.values().any(|s| *s == 3),
         "no node at stratum 3: {stratum:?}"

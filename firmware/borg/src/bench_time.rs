@@ -1,12 +1,12 @@
-//! `borg bench time`: cronoTree against chrony over the same delayed chain of namespaces.
+//! `borg bench time`: cronoTree against chrony over the same delayed tree of namespaces.
 //!
-//! `netem_hub.py` (tests/src, embedded here) creates namespaces n0..n{hops} joined by a
-//! user-space switch that delays every frame 15-25 ms one way (two uniform legs of 7.5-12.5
-//! ms; the kernel may lack sch_netem). In each namespace run, side by side and at the same
-//! moment: one `borg node` (peerTreeNet + cronoTree, joining the previous namespace's node, one
-//! child each, so cronoTree is a chain) and one chronyd (`-x`: it never touches the shared
-//! clock; n0 is `local stratum 1`, every other one uses the previous one as its only server and
-//! serves the next).
+//! `netem_hub.py` (tests/src, embedded here) creates namespaces n0..n13 (for 3 hops: the
+//! smallest tree with k = 3 that deep has 1 + 3 + 9 + 1 nodes) joined by a user-space switch
+//! that delays every frame 15-25 ms one way (two uniform legs of 7.5-12.5 ms; the kernel may
+//! lack sch_netem). In each namespace run, side by side and started together: one `borg node`
+//! (peerTreeNet + cronoTree, joining n0; cronoTree fills positions 1..14 breadth-first) and one
+//! chronyd (`-x`: it never touches the shared clock; n0 is `local stratum 1`, chronyd i uses
+//! chronyd (i-1)/3 as its only server: the same k = 3 tree).
 //!
 //! All namespaces share CLOCK_REALTIME, so each side's true error is observable:
 //! - ours: `time.system_offset_ms` of a node minus the root's, from the monitors;
@@ -26,11 +26,21 @@ use serde_json::Value;
 
 const HUB: &str = include_str!("../../../tests/src/netem_hub.py");
 const CRONO_MON: u16 = 13398;
-const CLOCK_OFFSETS_S: [i64; 4] = [0, -1_700_000_000, 3600, -1_700_000_000];
+
+/// Node i's clock error at start (as in tests/tests/time_netns.rs): the root's is right, the
+/// others alternately at 1970 and an hour ahead. chronyd's clocks cannot be set wrong (-x on
+/// a shared clock), so chrony starts with right clocks.
+fn clock_offset_s(i: usize) -> i64 {
+    match i {
+        0 => 0,
+        i if i % 2 == 1 => -1_700_000_000,
+        _ => 3600,
+    }
+}
 
 #[derive(Args, Debug)]
 pub struct TimeBenchArgs {
-    /// Hops below the root (namespaces = hops + 1).
+    /// Hops below the root; the tree is the smallest k = 3 tree that deep (3 hops: 14 nodes).
     #[arg(long, default_value_t = 3)]
     hops: usize,
     /// Seconds of sampling after everything synced and settled.
@@ -137,8 +147,8 @@ pub fn run(args: TimeBenchArgs) -> Result<()> {
             bail!("borg bench time needs {p} (ci/setup.sh installs iproute2, chrony, python3)");
         }
     }
-    if args.hops == 0 || args.hops > 8 {
-        bail!("--hops must be 1..=8");
+    if args.hops == 0 || args.hops > 4 {
+        bail!("--hops must be 1..=4 (cronoTree has k = 3: 4 hops take 41 nodes)");
     }
     let exe = std::env::current_exe().context("locating the borg binary")?;
     let dir = std::env::temp_dir().join(format!("borg-bench-time-{}", std::process::id()));
@@ -235,18 +245,36 @@ fn borg_time(exe: &Path, ns: &str, ip: &str) -> Option<Value> {
     Some(v["time"].clone())
 }
 
-// Hop i indexes several parallel vectors (namespaces, addresses, samples).
+/// Depth of 0-based node `i` in a breadth-first tree with k = 3 (position i + 1).
+fn depth_of(i: usize) -> usize {
+    let (mut d, mut first, mut width) = (0, 0, 1);
+    while i >= first + width {
+        first += width;
+        width *= 3;
+        d += 1;
+    }
+    d
+}
+
+/// (p50, p99) of `v`.
+fn p50_p99(v: &mut [f64]) -> (f64, f64) {
+    (quantile(v, 0.5), quantile(v, 0.99))
+}
+
+// Node i indexes several parallel vectors (namespaces, addresses, samples).
 #[allow(clippy::needless_range_loop)]
 fn bench(args: &TimeBenchArgs, exe: &Path, dir: &Path) -> Result<()> {
-    let n = args.hops + 1;
+    // cronoTree's k is 3: the smallest tree with a node `hops` below the root.
+    let n = (3usize.pow(args.hops as u32) - 1) / 2 + 1;
+    let deepest = n - 1;
     let hub = start_hub(dir, n)?;
     let script = dir.join("netem_hub.py");
     let (names, ips) = (hub.names.clone(), hub.ips.clone());
 
     // The network: 300 UDP echoes root <-> deepest.
-    let mut echo = in_ns(&names[args.hops], "python3");
+    let mut echo = in_ns(&names[deepest], "python3");
     echo.arg(&script)
-        .args(["echo-server", &ips[args.hops], "7777", "--secs", "10"])
+        .args(["echo-server", &ips[deepest], "7777", "--secs", "10"])
         .stdout(Stdio::piped())
         .stdin(Stdio::null());
     let mut echo = Procs(vec![echo.spawn()?]);
@@ -255,26 +283,26 @@ fn bench(args: &TimeBenchArgs, exe: &Path, dir: &Path) -> Result<()> {
         BufReader::new(out).read_line(&mut l)?;
     }
     let mut ping = in_ns(&names[0], "python3");
-    ping.arg(&script).args(["ping", &ips[args.hops], "7777"]);
+    ping.arg(&script).args(["ping", &ips[deepest], "7777"]);
     let rtt = run_bounded(&mut ping, Duration::from_secs(20))?;
     drop(echo);
     println!(
-        "network: every link 20 +- 5 ms one way (user-space switch, two legs U(7.5, 12.5) ms)"
+        "network: {n} namespaces, every link 20 +- 5 ms one way (user-space switch, two legs U(7.5, 12.5) ms)"
     );
     println!(
-        "  RTT n0 <-> n{} over 300 UDP echoes: {}",
-        args.hops,
+        "  RTT n0 <-> n{deepest} over 300 UDP echoes: {}",
         rtt.trim()
     );
 
-    // Both systems start at the same moment.
+    // Both systems start at the same moment. chrony gets the same k = 3 tree: chronyd i uses
+    // chronyd (i - 1) / 3 as its only server.
     let mut procs = Procs(Vec::new());
     let started = Instant::now();
     for i in 0..n {
         let conf = chrony_conf(
             dir,
             i,
-            (i > 0).then(|| ips[i - 1].as_str()),
+            (i > 0).then(|| ips[(i - 1) / 3].as_str()),
             args.chrony_poll,
         )?;
         let mut c = in_ns(&names[i], "chronyd");
@@ -290,26 +318,25 @@ fn bench(args: &TimeBenchArgs, exe: &Path, dir: &Path) -> Result<()> {
         let mut c = in_ns(&names[i], exe);
         c.args(["node", "--listen", &ips[i], "--data"])
             .arg(dir.join(format!("node{i}")))
-            .args(["--no-nat", "--max-children", "1", "--heartbeat-ms", "500"])
-            .args([
-                "--clock-offset-s",
-                &CLOCK_OFFSETS_S[i % CLOCK_OFFSETS_S.len()].to_string(),
-            ]);
+            .args(["--no-nat", "--heartbeat-ms", "500"])
+            .args(["--clock-offset-s", &clock_offset_s(i).to_string()]);
         if i > 0 {
-            c.args(["--join", &ips[i - 1]]);
+            c.args(["--join", &ips[0]]);
         }
         c.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join(format!("node{i}.log")))?)
             .env("BORG_LOG", "warn");
         procs.0.push(c.spawn().context("starting borg node")?);
-        // The next one joins through this one: wait for its cronoTree monitor.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while borg_time(exe, &names[i], &ips[i]).is_none() {
-            if Instant::now() > deadline {
-                bail!("node {i} never answered");
+        if i == 0 {
+            // The others join through the root: wait for its cronoTree monitor.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while borg_time(exe, &names[0], &ips[0]).is_none() {
+                if Instant::now() > deadline {
+                    bail!("the root node never answered");
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -338,37 +365,44 @@ fn bench(args: &TimeBenchArgs, exe: &Path, dir: &Path) -> Result<()> {
     }
     std::thread::sleep(Duration::from_secs(args.settle));
 
-    // Sample.
+    // Sample, by hop: ours by the stratum a node reports, chrony by its place in its tree.
     let mut ours: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
     let mut chrony: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
     let mut chrony_est: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
-    let mut stratum: BTreeMap<usize, u64> = BTreeMap::new();
+    let mut stratum: BTreeMap<usize, usize> = BTreeMap::new();
     let end = Instant::now() + Duration::from_secs(args.secs);
     let mut rounds = 0;
     while Instant::now() < end {
         let round = Instant::now();
-        let t: Vec<Option<Value>> = (0..n).map(|i| borg_time(exe, &names[i], &ips[i])).collect();
+        let t: Vec<Option<Value>> = (0..borg_nodes)
+            .map(|i| borg_time(exe, &names[i], &ips[i]))
+            .collect();
         let c: Vec<Option<(f64, bool)>> =
             (0..n).map(|i| chrony_offset(&script, &names[i])).collect();
         let root_ours = t
-            .first()
-            .and_then(Option::as_ref)
+            .iter()
+            .flatten()
+            .find(|v| v["stratum"] == 0)
             .and_then(|v| v["system_offset_ms"].as_f64());
         let root_chrony = c[0].map(|x| x.0);
-        for i in 1..n {
+        for i in 0..n {
             if let (Some(r), Some(v)) = (root_ours, t.get(i).and_then(Option::as_ref)) {
-                if let Some(o) = v["system_offset_ms"].as_f64() {
-                    ours.entry(i).or_default().push((o - r).abs());
-                }
-                if let Some(s) = v["stratum"].as_u64() {
+                let s = v["stratum"].as_u64().map(|s| s as usize);
+                if let (Some(o), Some(s)) = (v["system_offset_ms"].as_f64(), s) {
                     stratum.insert(i, s);
+                    if s > 0 {
+                        ours.entry(s).or_default().push((o - r).abs());
+                    }
                 }
+            }
+            if i == 0 {
+                continue;
             }
             if let (Some(r), Some((o, _))) = (root_chrony, c[i]) {
-                chrony.entry(i).or_default().push((o - r).abs());
+                chrony.entry(depth_of(i)).or_default().push((o - r).abs());
             }
             if let Some(e) = chrony_last_offset(&dir.join(format!("chrony{i}.sock"))) {
-                chrony_est.entry(i).or_default().push(e.abs());
+                chrony_est.entry(depth_of(i)).or_default().push(e.abs());
             }
         }
         rounds += 1;
@@ -378,47 +412,42 @@ fn bench(args: &TimeBenchArgs, exe: &Path, dir: &Path) -> Result<()> {
     }
 
     println!(
-        "sampled {rounds} rounds over {} s after {} s settling; chrony poll 2^{} s",
+        "sampled {rounds} rounds over {} s after {} s settling; chrony poll 2^{} s; |error vs root| in ms",
         args.secs, args.settle, args.chrony_poll
     );
     println!(
-        "{:>4} {:>7} | {:>18} | {:>18} | {:>18} | {:>9} {:>9} | {:>14}",
+        "{:>3} | {:>17} | {:>17} | {:>17} | {:>9} {:>9} | {:>13}",
         "hop",
-        "stratum",
-        "ours |err| p50/p99",
-        "chrony p50/p99",
-        "chrony est p50/p99",
+        "ours p50 / p99",
+        "chrony p50 / p99",
+        "chrony est. p50/99",
         "ours sync",
         "chr sync",
-        "ratio p50/p99"
+        "ours/chrony"
     );
-    for i in 1..n {
-        let mut o = ours.remove(&i).unwrap_or_default();
-        let mut c = chrony.remove(&i).unwrap_or_default();
-        let mut e = chrony_est.remove(&i).unwrap_or_default();
-        let (o50, o99) = (quantile(&mut o, 0.5), quantile(&mut o, 0.99));
-        let (c50, c99) = (quantile(&mut c, 0.5), quantile(&mut c, 0.99));
-        let (e50, e99) = (quantile(&mut e, 0.5), quantile(&mut e, 0.99));
+    // Sync time of a hop: when the last node at that hop first reported synced.
+    let last_at = |m: &BTreeMap<usize, f64>, hop: usize, depth: &dyn Fn(usize) -> Option<usize>| {
+        m.iter()
+            .filter(|(i, _)| depth(**i) == Some(hop))
+            .map(|(_, t)| *t)
+            .fold(f64::NAN, f64::max)
+    };
+    for hop in 1..=args.hops {
+        let (o50, o99) = p50_p99(ours.get_mut(&hop).map_or(&mut [][..], |v| &mut v[..]));
+        let (c50, c99) = p50_p99(chrony.get_mut(&hop).map_or(&mut [][..], |v| &mut v[..]));
+        let (e50, e99) = p50_p99(chrony_est.get_mut(&hop).map_or(&mut [][..], |v| &mut v[..]));
+        let ours_at = last_at(&ours_sync, hop, &|i| stratum.get(&i).copied());
+        let chr_at = last_at(&chrony_sync, hop, &|i| Some(depth_of(i)));
         println!(
-            "{:>4} {:>7} | {:>8.3} {:>8.3} ms | {:>8.3} {:>8.3} ms | {:>8.3} {:>8.3} ms | {:>7.2} s {:>7.2} s | {:>6.2} {:>6.2}",
-            i,
-            stratum.get(&i).map_or("?".to_string(), u64::to_string),
-            o50,
-            o99,
-            c50,
-            c99,
-            e50,
-            e99,
-            ours_sync.get(&i).copied().unwrap_or(f64::NAN),
-            chrony_sync[&i],
+            "{hop:>3} | {o50:>7.3} / {o99:>7.3} | {c50:>7.3} / {c99:>7.3} | {e50:>7.3} / {e99:>7.3} | {ours_at:>7.2} s {chr_at:>7.2} s | {:>5.2} / {:>5.2}",
             o50 / c50,
             o99 / c99
         );
     }
     println!(
-        "(root: ours synced {:.2} s, chrony {:.2} s after start; sync times from the common start)",
+        "(sync: seconds from the common start until the last node of that hop synced; root: ours {:.2} s, chrony {:.2} s)",
         ours_sync.get(&0).copied().unwrap_or(f64::NAN),
-        chrony_sync[&0]
+        chrony_sync.get(&0).copied().unwrap_or(f64::NAN)
     );
     drop(procs);
     drop(hub);
