@@ -341,25 +341,49 @@ fn bench(args: &TimeBenchArgs, exe: &Path, dir: &Path) -> Result<()> {
     }
 
     // Until everyone on both sides synced (at most 120 s).
-    let mut ours_sync: BTreeMap<usize, f64> = BTreeMap::new();
-    let mut chrony_sync: BTreeMap<usize, f64> = BTreeMap::new();
+    // One poller per namespace, so the sync times are not paced by a serial poll of all.
     let deadline = started + Duration::from_secs(120);
-    while (ours_sync.len() < borg_nodes || chrony_sync.len() < n) && Instant::now() < deadline {
-        for i in 0..n {
-            if i < borg_nodes
-                && !ours_sync.contains_key(&i)
-                && borg_time(exe, &names[i], &ips[i]).is_some_and(|t| t["synced"] == true)
-            {
-                ours_sync.insert(i, started.elapsed().as_secs_f64());
-            }
-            if !chrony_sync.contains_key(&i)
-                && chrony_offset(&script, &names[i]).is_some_and(|(_, s)| s)
-            {
-                chrony_sync.insert(i, started.elapsed().as_secs_f64());
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let firsts: Vec<(Option<f64>, Option<f64>)> = std::thread::scope(|sc| {
+        let pollers: Vec<_> = (0..n)
+            .map(|i| {
+                let (names, ips, script) = (&names, &ips, &script);
+                sc.spawn(move || {
+                    let (mut ours, mut chr) = (None, None);
+                    while (ours.is_none() && i < borg_nodes || chr.is_none())
+                        && Instant::now() < deadline
+                    {
+                        if ours.is_none()
+                            && i < borg_nodes
+                            && borg_time(exe, &names[i], &ips[i])
+                                .is_some_and(|t| t["synced"] == true)
+                        {
+                            ours = Some(started.elapsed().as_secs_f64());
+                        }
+                        if chr.is_none() && chrony_offset(script, &names[i]).is_some_and(|(_, s)| s)
+                        {
+                            chr = Some(started.elapsed().as_secs_f64());
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    (ours, chr)
+                })
+            })
+            .collect();
+        pollers
+            .into_iter()
+            .map(|h| h.join().unwrap_or((None, None)))
+            .collect()
+    });
+    let ours_sync: BTreeMap<usize, f64> = firsts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| Some((i, f.0?)))
+        .collect();
+    let chrony_sync: BTreeMap<usize, f64> = firsts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| Some((i, f.1?)))
+        .collect();
     if ours_sync.len() < borg_nodes || chrony_sync.len() < n {
         bail!("not all synced after 120 s: ours {ours_sync:?}, chrony {chrony_sync:?}");
     }
@@ -374,11 +398,28 @@ fn bench(args: &TimeBenchArgs, exe: &Path, dir: &Path) -> Result<()> {
     let mut rounds = 0;
     while Instant::now() < end {
         let round = Instant::now();
-        let t: Vec<Option<Value>> = (0..borg_nodes)
-            .map(|i| borg_time(exe, &names[i], &ips[i]))
-            .collect();
-        let c: Vec<Option<(f64, bool)>> =
-            (0..n).map(|i| chrony_offset(&script, &names[i])).collect();
+        // All namespaces at once: a round is one snapshot, not a serial sweep.
+        type Sample = (Option<Value>, Option<(f64, bool)>, Option<f64>);
+        let got: Vec<Sample> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..n)
+                .map(|i| {
+                    let (names, ips, script) = (&names, &ips, &script);
+                    sc.spawn(move || {
+                        let t = (i < borg_nodes)
+                            .then(|| borg_time(exe, &names[i], &ips[i]))
+                            .flatten();
+                        let c = chrony_offset(script, &names[i]);
+                        let e = chrony_last_offset(&dir.join(format!("chrony{i}.sock")));
+                        (t, c, e)
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or((None, None, None)))
+                .collect()
+        });
+        let t: Vec<Option<Value>> = got.iter().map(|g| g.0.clone()).collect();
+        let c: Vec<Option<(f64, bool)>> = got.iter().map(|g| g.1).collect();
         let root_ours = t
             .iter()
             .flatten()
@@ -401,7 +442,7 @@ fn bench(args: &TimeBenchArgs, exe: &Path, dir: &Path) -> Result<()> {
             if let (Some(r), Some((o, _))) = (root_chrony, c[i]) {
                 chrony.entry(depth_of(i)).or_default().push((o - r).abs());
             }
-            if let Some(e) = chrony_last_offset(&dir.join(format!("chrony{i}.sock"))) {
+            if let Some(e) = got[i].2 {
                 chrony_est.entry(depth_of(i)).or_default().push(e.abs());
             }
         }
