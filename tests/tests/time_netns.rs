@@ -87,7 +87,7 @@ fn network_time_over_three_delayed_hops() {
         } else {
             vec![net.nodes[0].ip.to_string()]
         };
-        let extra: Vec<String> = ["--no-nat", "--heartbeat-ms", "500", "--clock-offset-s"]
+        let extra: Vec<String> = ["--no-nat", "--clock-offset-s"]
             .iter()
             .map(ToString::to_string)
             .chain([clock_offset_s(i).to_string()])

@@ -318,7 +318,7 @@ fn bench(args: &TimeBenchArgs, exe: &Path, dir: &Path) -> Result<()> {
         let mut c = in_ns(&names[i], exe);
         c.args(["node", "--listen", &ips[i], "--data"])
             .arg(dir.join(format!("node{i}")))
-            .args(["--no-nat", "--heartbeat-ms", "500"])
+            .arg("--no-nat")
             .args(["--clock-offset-s", &clock_offset_s(i).to_string()]);
         if i > 0 {
             c.args(["--join", &ips[0]]);
