@@ -18,8 +18,14 @@ host_pkgs=(gcc libc6-dev ca-certificates procps python3 curl)
 # miniupnpd per namespace with a config file in a temp dir). The -iptables variant: it writes its
 # rules through libiptc into the legacy tables, where the tests prepare its chains (iptables-legacy).
 netns_pkgs=(iproute2 iptables miniupnpd-iptables miniupnpc)
+# The network-time test (tests/tests/time_netns.rs) needs python3 (its delaying switch,
+# tests/src/netem_hub.py, above) and nothing more. `borg bench time` (not run by CI) also
+# runs one chronyd per namespace: chrony. Its package enables chrony's own system service where
+# systemd runs; that one does not disturb the bench (every chronyd there runs with -x on its
+# own config, pid file and socket, and errors are measured against the shared clock).
+bench_pkgs=(chrony)
 missing=()
-for p in "${host_pkgs[@]}" "${netns_pkgs[@]}"; do
+for p in "${host_pkgs[@]}" "${netns_pkgs[@]}" "${bench_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if ((${#missing[@]})); then

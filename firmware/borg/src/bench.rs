@@ -15,6 +15,8 @@ pub enum BenchCommand {
     Relay(crate::bench_relay::RelayBenchArgs),
     /// Flood cost: CPU, memory and descriptors of a node under envelope and connection floods.
     Flood(crate::bench_flood::FloodBenchArgs),
+    /// Network time: cronoTree vs chrony over a delayed chain of namespaces (root).
+    Time(crate::bench_time::TimeBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -22,6 +24,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Tree(args) => crate::bench_tree::run(args),
         BenchCommand::Relay(args) => crate::bench_relay::run(args),
         BenchCommand::Flood(args) => crate::bench_flood::run(args),
+        BenchCommand::Time(args) => crate::bench_time::run(args),
     }
 }
 

@@ -5,6 +5,7 @@ mod appliance;
 mod bench;
 mod bench_flood;
 mod bench_relay;
+mod bench_time;
 mod bench_tree;
 mod cli;
 
