@@ -551,12 +551,53 @@ impl TimeSync {
         }
     }
 
-    /// Least squares slope of the midpoints over local time (ppb), clamped.
+    /// Frequency (ppb, clamped): once the window is full enough, the slope between the
+    /// bound intersections of its older and newer half, each at its mean time and detrended
+    /// with the estimate so far; before that, the least squares slope of the midpoints.
     fn estimate_freq(&self) -> i64 {
         let n = self.samples.len();
         if n < 4 || self.span() < 2_000_000 {
             return self.freq_ppb;
         }
+        let max = i128::from(self.cfg.max_freq_ppm) * 1000;
+        let ls = self.midpoint_slope().clamp(-max, max);
+        if n < 16 || self.span() < 16_000_000 {
+            return ls as i64;
+        }
+        let samples: Vec<Sample> = self.samples.iter().copied().collect();
+        let (older, newer) = samples.split_at(n / 2);
+        let center = |part: &[Sample], f: i128| -> (i128, i128) {
+            let tm = part.iter().map(|s| s.t).sum::<i128>() / part.len() as i128;
+            let lo = part
+                .iter()
+                .map(|s| s.lo + (tm - s.t) * f / PPB)
+                .max()
+                .unwrap_or(0);
+            let up = part
+                .iter()
+                .map(|s| s.up + (tm - s.t) * f / PPB)
+                .min()
+                .unwrap_or(0);
+            (tm, (lo + up) / 2)
+        };
+        let mut f = ls;
+        for _ in 0..4 {
+            let (t1, c1) = center(older, f);
+            let (t2, c2) = center(newer, f);
+            if t2 <= t1 {
+                break;
+            }
+            f = ((c2 - c1) * PPB / (t2 - t1)).clamp(-max, max);
+        }
+        // Smoothed with the last estimate: a fresh estimate per sample, each from nearly the
+        // same window, would otherwise ring with the offset controller.
+        let f = (f + i128::from(self.freq_ppb)) / 2;
+        i64::try_from(f).unwrap_or(0)
+    }
+
+    /// Least squares slope of the sample midpoints over local time (ppb).
+    fn midpoint_slope(&self) -> i128 {
+        let n = self.samples.len();
         let t0 = self.samples[0].t;
         let m0 = (self.samples[0].up + self.samples[0].lo) / 2;
         let (mut st, mut sm) = (0f64, 0f64);
@@ -576,10 +617,9 @@ impl TimeSync {
             den += (t - tm) * (t - tm);
         }
         if den <= 0.0 {
-            return self.freq_ppb;
+            return i128::from(self.freq_ppb);
         }
-        let max = self.cfg.max_freq_ppm as f64 * 1000.0;
-        (num / den * 1e9).clamp(-max, max) as i64
+        (num / den * 1e9) as i128
     }
 
     /// Intersection of the detrended bounds at local time `t`: (max lower, min upper).
