@@ -43,6 +43,33 @@ pub fn borg_bin() -> PathBuf {
     .clone()
 }
 
+/// Wait until the log of every one of `names` (read by `log_of`) shows the delivery of a
+/// broadcast whose text is `text` (the node logs "broadcast <id> from <key>: <text> cell=...");
+/// how long it took, or the names still missing.
+pub fn wait_logged_delivery(
+    names: &[String],
+    log_of: impl Fn(&str) -> String,
+    text: &str,
+    within: Duration,
+) -> Result<Duration, Vec<String>> {
+    let start = Instant::now();
+    let needle = format!(": {text} ");
+    let mut missing = Vec::new();
+    let ok = wait_for(within, Duration::from_millis(100), || {
+        missing = names
+            .iter()
+            .filter(|n| {
+                !log_of(n)
+                    .lines()
+                    .any(|l| l.contains(" broadcast ") && l.contains(&needle))
+            })
+            .cloned()
+            .collect();
+        missing.is_empty().then_some(())
+    });
+    ok.map(|_| start.elapsed()).ok_or(missing)
+}
+
 /// Poll `cond` every `every` until it returns `Some` or `within` passes.
 pub fn wait_for<T>(
     within: Duration,

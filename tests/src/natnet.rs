@@ -210,25 +210,8 @@ impl NsNodes {
 
     /// Wait until every node logged the delivery of a broadcast whose text is `text`.
     pub fn wait_delivered(&self, text: &str, within: Duration) -> Result<Duration, Vec<String>> {
-        let start = Instant::now();
-        // The node logs "broadcast <id> from <key>: <text> cell=...".
-        let needle = format!(": {text} ");
-        let mut missing = Vec::new();
-        let ok = wait_for(within, Duration::from_millis(100), || {
-            missing = self
-                .nodes
-                .keys()
-                .filter(|n| {
-                    !self
-                        .log_of(n)
-                        .lines()
-                        .any(|l| l.contains(" broadcast ") && l.contains(&needle))
-                })
-                .cloned()
-                .collect();
-            missing.is_empty().then_some(())
-        });
-        ok.map(|_| start.elapsed()).ok_or(missing)
+        let names: Vec<String> = self.nodes.keys().cloned().collect();
+        crate::wait_logged_delivery(&names, |n| self.log_of(n), text, within)
     }
 }
 

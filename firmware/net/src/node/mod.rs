@@ -285,24 +285,11 @@ impl OrderSeal for EcdsaSeal {
 /// Whether a broadcast payload is `{text, origin_env}` where `origin_env` is a validly
 /// signed `broadcast` request envelope whose `body.text` is the payload's text.
 pub fn broadcast_origin_ok(payload: &Value) -> bool {
-    let Some(obj) = payload.as_object() else {
-        return false;
-    };
-    let (Some(text), Some(env)) = (
-        obj.get("text").and_then(|t| t.as_str()),
-        obj.get("origin_env").and_then(|e| e.as_str()),
-    ) else {
-        return false;
-    };
-    if obj.len() != 2 {
-        return false;
-    }
-    match envelope::verify_signature_only(env.as_bytes()) {
-        Ok(env) => {
-            env.kind == "broadcast" && env.body.get("text").and_then(|t| t.as_str()) == Some(text)
-        }
-        Err(_) => false,
-    }
+    vouched(payload, "text").is_some_and(|(text, env)| {
+        env.kind == "broadcast"
+            && text.is_string()
+            && env.body.get("text").and_then(|t| t.as_str()) == text.as_str()
+    })
 }
 
 /// Kind of the envelope that vouches for a broadcast a cell started ([`CellAction::Broadcast`]).
@@ -311,27 +298,22 @@ pub const CELL_BCAST_KIND: &str = "cell.bcast";
 /// Whether a broadcast payload is `{data, origin_env}` where `origin_env` is a `cell.bcast`
 /// envelope signed by `origin` whose body is exactly `{"data": data}`.
 pub fn cell_broadcast_origin_ok(origin: &PublicKey, payload: &Value) -> bool {
-    let Some(obj) = payload.as_object() else {
-        return false;
-    };
-    let (Some(data), Some(env)) = (
-        obj.get("data"),
-        obj.get("origin_env").and_then(|e| e.as_str()),
-    ) else {
-        return false;
-    };
-    if obj.len() != 2 {
-        return false;
-    }
-    match envelope::verify_signature_only(env.as_bytes()) {
-        Ok(env) => {
-            env.from == *origin
-                && env.kind == CELL_BCAST_KIND
-                && env.body.as_object().is_some_and(|b| b.len() == 1)
-                && env.body.get("data") == Some(data)
-        }
-        Err(_) => false,
-    }
+    vouched(payload, "data").is_some_and(|(data, env)| {
+        env.from == *origin
+            && env.kind == CELL_BCAST_KIND
+            && env.body.as_object().is_some_and(|b| b.len() == 1)
+            && env.body.get("data") == Some(data)
+    })
+}
+
+/// A payload of exactly `{<field>, origin_env}`: the field and the origin envelope, if its
+/// signature holds (it is evidence carried along, so no clock or replay check).
+fn vouched<'a>(payload: &'a Value, field: &str) -> Option<(&'a Value, Envelope)> {
+    let obj = payload.as_object().filter(|o| o.len() == 2)?;
+    let value = obj.get(field)?;
+    let env = obj.get("origin_env")?.as_str()?;
+    let env = envelope::verify_signature_only(env.as_bytes()).ok()?;
+    Some((value, env.into_inner()))
 }
 
 /// The tracing target of the one line each delivered broadcast logs (at debug).

@@ -173,3 +173,54 @@ impl Actor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{broadcast_origin_ok, cell_broadcast_origin_ok, CELL_BCAST_KIND};
+    use borg_proto::envelope;
+    use borg_proto::identity::SecretKey;
+    use serde_json::json;
+
+    #[test]
+    fn broadcasts_carry_their_origin_proof() {
+        let k = SecretKey::generate();
+        let other = SecretKey::generate();
+        let req = envelope::seal(&k, "broadcast", None, 1, json!({"text": "hi"}));
+        let env = String::from_utf8(req.to_bytes()).unwrap();
+        assert!(broadcast_origin_ok(
+            &json!({"text": "hi", "origin_env": env})
+        ));
+        assert!(!broadcast_origin_ok(
+            &json!({"text": "ho", "origin_env": env})
+        ));
+        assert!(!broadcast_origin_ok(
+            &json!({"text": "hi", "origin_env": env, "x": 1})
+        ));
+        assert!(!broadcast_origin_ok(&json!({"text": 5, "origin_env": env})));
+
+        let cell = envelope::seal(&k, CELL_BCAST_KIND, None, 1, json!({"data": {"a": 1}}));
+        let env = String::from_utf8(cell.to_bytes()).unwrap();
+        let payload = json!({"data": {"a": 1}, "origin_env": env});
+        assert!(cell_broadcast_origin_ok(&k.public(), &payload));
+        assert!(
+            !cell_broadcast_origin_ok(&other.public(), &payload),
+            "signer is the origin"
+        );
+        assert!(!cell_broadcast_origin_ok(
+            &k.public(),
+            &json!({"data": {"a": 2}, "origin_env": env})
+        ));
+        assert!(
+            !broadcast_origin_ok(&payload),
+            "a cell broadcast is not a text broadcast"
+        );
+        let mut bad = env.into_bytes();
+        let n = bad.len() - 5;
+        bad[n] ^= 1;
+        let bad = String::from_utf8_lossy(&bad).into_owned();
+        assert!(!cell_broadcast_origin_ok(
+            &k.public(),
+            &json!({"data": {"a": 1}, "origin_env": bad})
+        ));
+    }
+}
