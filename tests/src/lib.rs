@@ -43,6 +43,17 @@ pub fn borg_bin() -> PathBuf {
     .clone()
 }
 
+/// Kill every node process (and reap it); if the test is failing, keep the logs in `dir`.
+pub fn stop_nodes<'a>(children: impl Iterator<Item = &'a mut Child>, dir: &Path, tag: &str) {
+    for c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    if std::thread::panicking() {
+        keep_logs(dir, tag);
+    }
+}
+
 /// Wait until the log of every one of `names` (read by `log_of`) shows the delivery of a
 /// broadcast whose text is `text` (the node logs "broadcast <id> from <key>: <text> cell=...");
 /// how long it took, or the names still missing.

@@ -217,12 +217,7 @@ impl NsNodes {
 
 impl Drop for NsNodes {
     fn drop(&mut self) {
-        for n in self.nodes.values_mut() {
-            let _ = n.child.kill();
-            let _ = n.child.wait();
-        }
-        if std::thread::panicking() {
-            crate::keep_logs(self.dir.path(), &self.tag);
-        }
+        let children = self.nodes.values_mut().map(|n| &mut n.child);
+        crate::stop_nodes(children, self.dir.path(), &self.tag);
     }
 }

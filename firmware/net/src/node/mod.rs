@@ -824,20 +824,7 @@ impl Actor {
 
     /// Carry out what the state machine asked for.
     fn carry_out(&mut self) {
-        for action in self.tree.drain() {
-            match action {
-                Action::Send { to, msg } => self.send(to, msg),
-                Action::Deliver {
-                    id,
-                    origin,
-                    payload,
-                } => self.deliver(id, origin, payload),
-                Action::Event(e @ borg_proto::tree::TreeEvent::Rejected { .. }) => {
-                    tracing::debug!(cell = %self.cfg.cell, "tree: {e:?}")
-                }
-                Action::Event(e) => tracing::info!(cell = %self.cfg.cell, "tree: {e:?}"),
-            }
-        }
+        self.drain_tree();
         let view = self.tree.view();
         if self.last_view.as_ref() != Some(&view) {
             self.cell.handle_tree(CellTime::of(&self.cfg.clock), &view);
@@ -875,6 +862,11 @@ impl Actor {
             }
         }
         // Broadcasts the cell itself started are sent now, not a tick later.
+        self.drain_tree();
+    }
+
+    /// Send, deliver and log what the tree state machine produced so far.
+    fn drain_tree(&mut self) {
         for action in self.tree.drain() {
             match action {
                 Action::Send { to, msg } => self.send(to, msg),
@@ -883,7 +875,10 @@ impl Actor {
                     origin,
                     payload,
                 } => self.deliver(id, origin, payload),
-                Action::Event(e) => tracing::debug!(cell = %self.cfg.cell, "tree: {e:?}"),
+                Action::Event(e @ borg_proto::tree::TreeEvent::Rejected { .. }) => {
+                    tracing::debug!(cell = %self.cfg.cell, "tree: {e:?}")
+                }
+                Action::Event(e) => tracing::info!(cell = %self.cfg.cell, "tree: {e:?}"),
             }
         }
     }
