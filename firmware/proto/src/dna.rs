@@ -14,42 +14,33 @@ pub struct CellDna {
     pub mon_port: u16,
     /// Maximum children per node in this cell's tree (k).
     pub max_children: u32,
-    /// Whether this build implements the cell (the supervisor starts only these).
-    pub implemented: bool,
 }
 
-const fn dna(
-    name: &'static str,
-    net: u16,
-    recp: u16,
-    mon: u16,
-    k: u32,
-    implemented: bool,
-) -> CellDna {
+const fn dna(name: &'static str, net: u16, recp: u16, mon: u16, k: u32) -> CellDna {
     CellDna {
         name,
         net_port: net,
         recp_port: recp,
         mon_port: mon,
         max_children: k,
-        implemented,
     }
 }
 
-/// All cell types, in start order (the base tree first).
+/// All cell types of the network (the base tree first). Which of them this build runs is
+/// `borg_cells::REGISTRY`.
 pub const CELLS: &[CellDna] = &[
-    dna("peerTreeNet", 13300, 13305, 13310, 10, true),
-    dna("shardTree", 13350, 13355, 13340, 25, false),
-    dna("ftreeFileMgr", 13351, 13381, 13341, 3, false),
-    dna("cronoTree", 13396, 13397, 13398, 3, false),
-    dna("peerPays", 13390, 13392, 13391, 25, false),
-    dna("mailTree", 13393, 13395, 13394, 25, false),
-    dna("fStream", 13399, 13400, 13401, 25, false),
-    dna("peerMemory", 13336, 13335, 13339, 25, false),
-    dna("serviceMgr", 13320, 13321, 13322, 10, false),
-    dna("btrader", 11396, 11397, 11398, 3, false),
-    dna("dogeNode", 11390, 11391, 11392, 3, false),
-    dna("borgAgent", 13550, 13552, 13551, 25, false),
+    dna("peerTreeNet", 13300, 13305, 13310, 10),
+    dna("shardTree", 13350, 13355, 13340, 25),
+    dna("ftreeFileMgr", 13351, 13381, 13341, 3),
+    dna("cronoTree", 13396, 13397, 13398, 3),
+    dna("peerPays", 13390, 13392, 13391, 25),
+    dna("mailTree", 13393, 13395, 13394, 25),
+    dna("fStream", 13399, 13400, 13401, 25),
+    dna("peerMemory", 13336, 13335, 13339, 25),
+    dna("serviceMgr", 13320, 13321, 13322, 10),
+    dna("btrader", 11396, 11397, 11398, 3),
+    dna("dogeNode", 11390, 11391, 11392, 3),
+    dna("borgAgent", 13550, 13552, 13551, 25),
 ];
 
 /// The base cell every node runs first.
