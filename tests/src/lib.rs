@@ -43,6 +43,36 @@ pub fn borg_bin() -> PathBuf {
     .clone()
 }
 
+/// Start `borg node` in namespace `ns` listening on its IP, with its data dir `dir/name` and
+/// its log `dir/name.log` (broadcast deliveries logged), joining through `join`, with `extra`
+/// arguments. Returns the child and the log's path.
+pub fn spawn_ns_node(
+    ns: &netns::Ns,
+    dir: &Path,
+    name: &str,
+    join: &[String],
+    extra: &[String],
+) -> (Child, PathBuf) {
+    let data = dir.join(name);
+    let log = dir.join(format!("{name}.log"));
+    let mut cmd = ns.command(borg_bin());
+    cmd.arg("node")
+        .args(["--listen", &ns.ip.to_string()])
+        .arg("--data")
+        .arg(&data)
+        .args(extra);
+    for j in join {
+        cmd.args(["--join", j]);
+    }
+    let logf = std::fs::File::create(&log).expect("log file");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(logf)
+        .env("BORG_LOG", "info,borg::delivered=debug");
+    let child = cmd.spawn().expect("spawn borg node in namespace");
+    (child, log)
+}
+
 /// Kill every node process (and reap it); if the test is failing, keep the logs in `dir`.
 pub fn stop_nodes<'a>(children: impl Iterator<Item = &'a mut Child>, dir: &Path, tag: &str) {
     for c in children {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -44,24 +44,13 @@ impl NsNodes {
     /// Start node `name` in `ns`, listening on the namespace's address, joining through
     /// `join` (addresses). Its data dir (key) persists across restarts.
     pub fn spawn(&mut self, name: &str, ns: &Ns, join: &[String]) {
-        let data = self.dir.path().join(name);
-        let log = self.dir.path().join(format!("{name}.log"));
-        let mut cmd = ns.command(borg_bin());
-        cmd.arg("node")
-            .args(["--listen", &ns.ip.to_string()])
-            .arg("--data")
-            .arg(&data)
-            .args(["--max-children", &self.max_children.to_string()])
-            .args(["--heartbeat-ms", &self.heartbeat_ms.to_string()]);
-        for j in join {
-            cmd.args(["--join", j]);
-        }
-        let logf = std::fs::File::create(&log).expect("log file");
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(logf)
-            .env("BORG_LOG", "info,borg::delivered=debug");
-        let child = cmd.spawn().expect("spawn borg node in namespace");
+        let extra = [
+            "--max-children".to_string(),
+            self.max_children.to_string(),
+            "--heartbeat-ms".to_string(),
+            self.heartbeat_ms.to_string(),
+        ];
+        let (child, log) = crate::spawn_ns_node(ns, self.dir.path(), name, join, &extra);
         self.nodes.insert(
             name.to_string(),
             NsNode {

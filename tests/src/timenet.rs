@@ -208,23 +208,7 @@ impl TimeNodes {
     /// Start node `name` in `ns` on its address, joining `join` (IP or IP:PORT), with `extra`
     /// arguments (e.g. `--clock-offset-s`).
     pub fn spawn(&mut self, name: &str, ns: &Ns, join: &[String], extra: &[String]) {
-        let data = self.dir.path().join(name);
-        let log = self.dir.path().join(format!("{name}.log"));
-        let mut cmd = ns.command(borg_bin());
-        cmd.arg("node")
-            .args(["--listen", &ns.ip.to_string()])
-            .arg("--data")
-            .arg(&data)
-            .args(extra);
-        for j in join {
-            cmd.args(["--join", j]);
-        }
-        let logf = std::fs::File::create(&log).expect("log file");
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(logf)
-            .env("BORG_LOG", "info,borg::delivered=debug");
-        let child = cmd.spawn().expect("spawn borg node in namespace");
+        let (child, log) = crate::spawn_ns_node(ns, self.dir.path(), name, join, extra);
         self.nodes.insert(
             name.to_string(),
             TimeNode {
