@@ -2,6 +2,7 @@
 //! machine ([`TimeSync`]). Time enters as arguments (the node's free-running local clock in
 //! µs); nothing here reads a clock or does I/O. See docs/PROTOCOL.md, "Network time".
 
+mod filter;
 pub mod msg;
 pub mod sim;
 mod sync;

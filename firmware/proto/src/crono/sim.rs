@@ -81,6 +81,11 @@ pub struct Sim {
     pub latency_us: u64,
     pub jitter_us: u64,
     pub tick_us: u64,
+    /// One-way latency = sum of this many independent uniform draws (each `latency/parts ±
+    /// jitter/parts`): 1 = uniform, 2 = the netns hub's two hops (sender -> switch -> receiver).
+    pub parts: u64,
+    /// Configuration of nodes added after it is set.
+    pub cfg: SyncConfig,
     rng: Rng,
     queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
     events: Vec<Option<Ev>>,
@@ -95,6 +100,8 @@ impl Sim {
             latency_us: 20_000,
             jitter_us: 5_000,
             tick_us: 10_000,
+            parts: 1,
+            cfg: SyncConfig::default(),
             rng: Rng::new(seed),
             queue: BinaryHeap::new(),
             events: Vec::new(),
@@ -113,7 +120,7 @@ impl Sim {
         let key = SecretKey::generate().public();
         self.nodes.push(SimNode {
             key,
-            sync: TimeSync::new(SyncConfig::default(), floor),
+            sync: TimeSync::new(self.cfg, floor),
             offset_us,
             drift_ppm,
             parent,
@@ -148,10 +155,11 @@ impl Sim {
     }
 
     fn send(&mut self, ev: Ev) {
-        let lat = self.rng.range(
-            self.latency_us - self.jitter_us,
-            self.latency_us + self.jitter_us,
-        );
+        let parts = self.parts.max(1);
+        let (l, j) = (self.latency_us / parts, self.jitter_us / parts);
+        let lat = (0..parts)
+            .map(|_| self.rng.range(l - j, l + j))
+            .sum::<u64>();
         self.seq += 1;
         self.events.push(Some(ev));
         self.queue

@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 
 use serde::Serialize;
 
+use super::filter::{Filter, Sample};
 use super::msg::{Nonce, TimeAns, TimeMsg, MAX_HOLD_US, MAX_STRATUM, MAX_WIRE_INT};
 use crate::identity::PublicKey;
 
@@ -55,11 +56,11 @@ impl Default for SyncConfig {
             burst: 4,
             burst_gap_us: 250_000,
             poll_us: 1_000_000,
-            poll_max_us: 2_000_000,
+            poll_max_us: 1_000_000,
             window: 64,
             max_slew_ppm: 500,
             max_freq_ppm: 1000,
-            slew_time_us: 30_000_000,
+            slew_time_us: 3_000_000,
             step_us: 1_000_000,
             bootstrap_wait_us: 3_000_000,
             bootstrap_min: 3,
@@ -149,18 +150,6 @@ struct Outstanding {
     purpose: Purpose,
 }
 
-/// One exchange with the parent: bounds on the offset (net - local) at local time `t`.
-#[derive(Debug, Clone, Copy)]
-struct Sample {
-    t: i128,
-    /// Upper bound: t2 - t1 (the forward leg's latency is >= 0).
-    up: i128,
-    /// Lower bound: t3 - t4.
-    lo: i128,
-    perr: u64,
-    stratum: u8,
-}
-
 #[derive(Debug, Clone)]
 enum Boot {
     Idle,
@@ -185,8 +174,7 @@ pub struct TimeSync {
     stratum: u8,
     /// Root reference: net - local the root keeps (0, or what it had when it became root).
     root_offset: i128,
-    samples: VecDeque<Sample>,
-    freq_ppb: i64,
+    filter: Filter,
     /// Error bound at `err_at` (local), growing with the drift allowance after.
     err_us: u64,
     err_at: u64,
@@ -225,8 +213,7 @@ impl TimeSync {
             source: TimeSource::Local,
             stratum: MAX_STRATUM,
             root_offset: 0,
-            samples: VecDeque::new(),
-            freq_ppb: 0,
+            filter: Filter::new(cfg.window, cfg.max_freq_ppm, cfg.drift_allowance_ppm),
             err_us: MAX_WIRE_INT,
             err_at: 0,
             target: 0,
@@ -328,7 +315,7 @@ impl TimeSync {
             self.root = false;
         }
         self.parent = parent;
-        self.samples.clear();
+        self.filter.clear();
         self.outstanding.retain(|o| o.purpose == Purpose::Bootstrap);
         self.burst_left = self.cfg.burst;
         self.next_poll = parent.map(|_| now_local);
@@ -338,7 +325,7 @@ impl TimeSync {
     pub fn set_root(&mut self, now_local: u64) {
         self.observe(now_local);
         self.parent = None;
-        self.samples.clear();
+        self.filter.clear();
         self.next_poll = None;
         self.outstanding.retain(|o| o.purpose == Purpose::Bootstrap);
         if !self.root {
@@ -408,7 +395,7 @@ impl TimeSync {
         let gap = if self.burst_left > 0 {
             self.burst_left -= 1;
             self.cfg.burst_gap_us
-        } else if self.samples.len() >= self.cfg.window {
+        } else if self.filter.is_full() {
             self.cfg.poll_max_us
         } else {
             self.cfg.poll_us
@@ -522,134 +509,28 @@ impl TimeSync {
                 self.boot_check(now);
             }
             Purpose::Parent => {
-                self.add_sample(s);
+                self.filter.add(s);
                 self.parent_steer(now);
             }
         }
         Ok(())
     }
 
-    fn add_sample(&mut self, s: Sample) {
-        // A parent that stepped (or a path change) makes the bounds inconsistent: start over.
-        if let Some((lo, up)) = self.bounds_at(s.t) {
-            let tol = 1000 + i128::from(self.cfg.drift_allowance_ppm) * self.span() / 1_000_000;
-            if s.lo > up + tol || s.up < lo - tol {
-                self.samples.clear();
-            }
-        }
-        while self.samples.len() >= self.cfg.window {
-            self.samples.pop_front();
-        }
-        self.samples.push_back(s);
-        self.freq_ppb = self.estimate_freq();
-    }
-
-    fn span(&self) -> i128 {
-        match (self.samples.front(), self.samples.back()) {
-            (Some(a), Some(b)) => b.t - a.t,
-            _ => 0,
-        }
-    }
-
-    /// Frequency (ppb, clamped): once the window is full enough, the slope between the
-    /// bound intersections of its older and newer half, each at its mean time and detrended
-    /// with the estimate so far; before that, the least squares slope of the midpoints.
-    fn estimate_freq(&self) -> i64 {
-        let n = self.samples.len();
-        if n < 4 || self.span() < 2_000_000 {
-            return self.freq_ppb;
-        }
-        let max = i128::from(self.cfg.max_freq_ppm) * 1000;
-        let ls = self.midpoint_slope().clamp(-max, max);
-        if n < 16 || self.span() < 16_000_000 {
-            return ls as i64;
-        }
-        let samples: Vec<Sample> = self.samples.iter().copied().collect();
-        let (older, newer) = samples.split_at(n / 2);
-        let center = |part: &[Sample], f: i128| -> (i128, i128) {
-            let tm = part.iter().map(|s| s.t).sum::<i128>() / part.len() as i128;
-            let lo = part
-                .iter()
-                .map(|s| s.lo + (tm - s.t) * f / PPB)
-                .max()
-                .unwrap_or(0);
-            let up = part
-                .iter()
-                .map(|s| s.up + (tm - s.t) * f / PPB)
-                .min()
-                .unwrap_or(0);
-            (tm, (lo + up) / 2)
-        };
-        let mut f = ls;
-        for _ in 0..4 {
-            let (t1, c1) = center(older, f);
-            let (t2, c2) = center(newer, f);
-            if t2 <= t1 {
-                break;
-            }
-            f = ((c2 - c1) * PPB / (t2 - t1)).clamp(-max, max);
-        }
-        // Smoothed with the last estimate: a fresh estimate per sample, each from nearly the
-        // same window, would otherwise ring with the offset controller.
-        let f = (f + i128::from(self.freq_ppb)) / 2;
-        i64::try_from(f).unwrap_or(0)
-    }
-
-    /// Least squares slope of the sample midpoints over local time (ppb).
-    fn midpoint_slope(&self) -> i128 {
-        let n = self.samples.len();
-        let t0 = self.samples[0].t;
-        let m0 = (self.samples[0].up + self.samples[0].lo) / 2;
-        let (mut st, mut sm) = (0f64, 0f64);
-        let pts: Vec<(f64, f64)> = self
-            .samples
-            .iter()
-            .map(|s| ((s.t - t0) as f64, ((s.up + s.lo) / 2 - m0) as f64))
-            .collect();
-        for (t, m) in &pts {
-            st += t;
-            sm += m;
-        }
-        let (tm, mm) = (st / n as f64, sm / n as f64);
-        let (mut num, mut den) = (0f64, 0f64);
-        for (t, m) in &pts {
-            num += (t - tm) * (m - mm);
-            den += (t - tm) * (t - tm);
-        }
-        if den <= 0.0 {
-            return i128::from(self.freq_ppb);
-        }
-        (num / den * 1e9) as i128
-    }
-
-    /// Intersection of the detrended bounds at local time `t`: (max lower, min upper).
-    fn bounds_at(&self, t: i128) -> Option<(i128, i128)> {
-        let f = i128::from(self.freq_ppb);
-        let mut lo = None::<i128>;
-        let mut up = None::<i128>;
-        for s in &self.samples {
-            let d = (t - s.t) * f / PPB;
-            lo = Some(lo.map_or(s.lo + d, |v| v.max(s.lo + d)));
-            up = Some(up.map_or(s.up + d, |v| v.min(s.up + d)));
-        }
-        Some((lo?, up?))
-    }
-
     fn parent_steer(&mut self, now: u64) {
         if matches!(self.boot, Boot::Collecting { .. }) {
             return; // the first correction comes from the bootstrap
         }
-        let Some((lo, up)) = self.bounds_at(i128::from(now)) else {
+        let Some((est, lo, up)) = self.filter.offset_at(i128::from(now)) else {
             return;
         };
-        let Some(parent) = self.parent else {
+        let (Some(parent), Some((perr, pstratum))) = (self.parent, self.filter.parent_err()) else {
             return;
         };
-        let perr = self.samples.iter().map(|s| s.perr).max().unwrap_or(0);
-        let pstratum = self.samples.back().map_or(MAX_STRATUM, |s| s.stratum);
-        let half = u64::try_from(((up - lo) / 2).max(0)).unwrap_or(u64::MAX);
-        let age = u64::try_from(self.span()).unwrap_or(0);
-        self.steer(now, (lo + up) / 2, self.freq_ppb);
+        // The estimate lies inside the bounds: its error is at most the larger distance to
+        // either bound.
+        let half = u64::try_from((est - lo).max(up - est).max(0)).unwrap_or(u64::MAX);
+        let age = u64::try_from(self.filter.span()).unwrap_or(0);
+        self.steer(now, est, self.filter.freq_ppb());
         self.err_us = perr
             .saturating_add(half)
             .saturating_add(age.saturating_mul(self.cfg.drift_allowance_ppm) / 1_000_000)
@@ -696,7 +577,7 @@ impl TimeSync {
             .unsigned_abs()
             .max((b.1 - median).unsigned_abs());
         let bound = u64::try_from(bound).unwrap_or(u64::MAX);
-        self.steer(now, median, self.freq_ppb);
+        self.steer(now, median, self.filter.freq_ppb());
         self.err_us = bound.saturating_add(a.2.max(b.2));
         self.source = TimeSource::Bootstrap;
         self.stratum = a.3.max(b.3).saturating_add(1).min(MAX_STRATUM);
@@ -738,7 +619,7 @@ impl TimeSync {
         }
         let age = now.saturating_sub(self.err_at);
         let drift = age.saturating_mul(self.cfg.drift_allowance_ppm) / 1_000_000;
-        let target_now = self.target + i128::from(age) * i128::from(self.freq_ppb) / PPB;
+        let target_now = self.target + i128::from(age) * i128::from(self.filter.freq_ppb()) / PPB;
         let residual =
             u64::try_from((target_now - self.offset_now(now)).unsigned_abs()).unwrap_or(u64::MAX);
         self.err_us
@@ -767,10 +648,10 @@ impl TimeSync {
         if self.slew_end.is_some_and(|t| now_local >= t) {
             self.slew_end = None;
             let net = self.map.net_at(now_local);
-            self.rebase(now_local, net, self.freq_ppb);
+            self.rebase(now_local, net, self.filter.freq_ppb());
             if self.root {
                 self.root_steer(now_local);
-            } else if !self.samples.is_empty() {
+            } else if !self.filter.is_empty() {
                 self.parent_steer(now_local);
             }
         } else if self.root {

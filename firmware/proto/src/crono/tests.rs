@@ -319,3 +319,97 @@ mod props {
         }
     }
 }
+
+/// The netns test's tree in the simulation: 14 nodes, k = 3 (depths 0-3), links of 20 ± 5 ms
+/// made of two uniform hops as the netns hub does, every node joining within half a second.
+/// Returns |net - root net| percentiles (p50, p99, max) per depth over true time [from, to).
+fn tree14(seed: u64, drift: bool, from: u64, to: u64) -> Vec<(u64, u64, u64)> {
+    let mut sim = Sim::new(seed);
+    sim.parts = 2;
+    let mut rng = super::sim::Rng::new(seed ^ 0x5eed);
+    let mut ids = Vec::new();
+    for i in 0..14usize {
+        let parent = if i == 0 { None } else { Some((i - 1) / 3) };
+        let d = if drift {
+            i64::try_from(rng.range(0, 200)).unwrap_or(0) - 100
+        } else {
+            0
+        };
+        let off = if i == 0 { T0 } else { 5_000_000 + i as i64 };
+        ids.push(sim.add(off, d, parent, FLOOR));
+    }
+    sim.join(ids[0], &[]);
+    for (k, &i) in ids.iter().enumerate().skip(1) {
+        sim.run_until(sim.now + 30_000 + k as u64 * 1_000);
+        sim.join(i, &[ids[0]]);
+    }
+    let depth = |i: usize| match i {
+        0 => 0,
+        1..=3 => 1,
+        4..=12 => 2,
+        _ => 3,
+    };
+    let mut errs: Vec<Vec<u64>> = vec![Vec::new(); 4];
+    sim.run_until(from);
+    while sim.now < to {
+        sim.run_until(sim.now + 100_000);
+        let root = sim.net(ids[0]);
+        for (k, &i) in ids.iter().enumerate().skip(1) {
+            errs[depth(k)].push(sim.net(i).abs_diff(root));
+        }
+    }
+    for (k, &i) in ids.iter().enumerate() {
+        assert_eq!(sim.nodes[i].backwards, 0, "node {k} went backwards");
+    }
+    errs.iter_mut()
+        .map(|e| {
+            e.sort_unstable();
+            if e.is_empty() {
+                return (0, 0, 0);
+            }
+            let p = |q: usize| e[(e.len() - 1) * q / 100];
+            (p(50), p(99), e[e.len() - 1])
+        })
+        .collect()
+}
+
+#[test]
+fn tree_like_netns_stays_within_a_millisecond_once_settled() {
+    // Drifts of ±100 ppm, 20 ± 5 ms links of two queues; 5 to 10 minutes after the joins.
+    for seed in 1..=3 {
+        let r = tree14(seed, true, 300 * S, 600 * S);
+        println!(
+            "crono tree14 seed {seed}: (p50, p99, max) per depth {:?} µs",
+            &r[1..]
+        );
+        for (d, (p50, p99, _)) in r.iter().enumerate().skip(1) {
+            assert!(*p50 < 500, "seed {seed} depth {d}: p50 {p50} µs");
+            assert!(*p99 < 1_000, "seed {seed} depth {d}: p99 {p99} µs");
+        }
+    }
+}
+
+#[test]
+#[ignore = "figures for docs/BENCHMARKS.md: the error per depth of the netns-like tree"]
+fn tree14_figures() {
+    for drift in [false, true] {
+        for (from, to) in [(10 * S, 70 * S), (300 * S, 600 * S)] {
+            let mut worst = [0u64; 4];
+            let mut p50 = [0u64; 4];
+            for seed in 1..=8 {
+                let r = tree14(seed, drift, from, to);
+                for d in 1..4 {
+                    worst[d] = worst[d].max(r[d].2);
+                    p50[d] = p50[d].max(r[d].0);
+                }
+            }
+            println!(
+                "drift {drift} window {}-{} s: worst p50 per depth {:?} µs, worst max {:?} µs",
+                from / S,
+                to / S,
+                &p50[1..],
+                &worst[1..]
+            );
+        }
+    }
+}
