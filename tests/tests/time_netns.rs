@@ -15,9 +15,10 @@
 //!
 //! Asserts: the switch delays as claimed (300 UDP echoes); every node synced within
 //! [`SYNC_WITHIN`]; cronoTree reaches stratum 3; after [`SETTLE`], over [`SAMPLE`] of samples,
-//! every node's |error vs root| <= [`BOUND_MS`] and network time (`now_ms`) never goes
+//! every node's |error vs root| <= [`BOUND_MS`], every stratum's p99 <= [`P99_MS`], and network time (`now_ms`) never goes
 //! backwards; a broadcast through peerTreeNet reaches every node. Prints per-stratum error
-//! p50/p99 and join-to-synced times. `BORG_TIME_SAMPLE_SECS` changes the sampling time.
+//! p50/p99 and join-to-synced times. `BORG_TIME_SETTLE_SECS` and `BORG_TIME_SAMPLE_SECS` change
+//! the settling and sampling times.
 //! Set `BORG_NETNS_TESTS=0` to skip (needs root, iproute2, python3).
 #![allow(clippy::unwrap_used)]
 
@@ -41,13 +42,17 @@ fn clock_offset_s(i: usize) -> i64 {
 const UP_WITHIN: Duration = Duration::from_secs(20);
 const SYNC_WITHIN: Duration = Duration::from_secs(60);
 const SHAPE_WITHIN: Duration = Duration::from_secs(30);
-const SETTLE: Duration = Duration::from_secs(10);
+const SETTLE: Duration = Duration::from_secs(90);
 const SAMPLE: Duration = Duration::from_secs(60);
 const DELIVER_WITHIN: Duration = Duration::from_secs(15);
-/// What the real system must keep, at every node and in every sample, vs the root: a guard
-/// against regressions, not the 1 ms target. Worst seen in three runs on a loaded
-/// 2-core machine: 7.96, 17.7 and 33.1 ms (docs/BENCHMARKS.md); tighten as cronoTree improves.
-const BOUND_MS: f64 = 60.0;
+/// What the real system must keep, at every node and in every sample, vs the root, once
+/// settled (worst seen since the window-mean filter: 3.7 ms, docs/BENCHMARKS.md; before it,
+/// 8-33 ms).
+const BOUND_MS: f64 = 12.0;
+/// Every stratum's p99 |error vs root| (the target is 1 ms at 3 hops; measured
+/// 0.6-3.5 ms, docs/BENCHMARKS.md; before the window-mean filter 3-33 ms): the margin is for a
+/// loaded CI machine.
+const P99_MS: f64 = 6.0;
 
 fn name(i: usize) -> String {
     format!("n{i}")
@@ -185,7 +190,11 @@ fn network_time_over_three_delayed_hops() {
         .ok()
         .and_then(|s| s.parse().ok())
         .map_or(SAMPLE, Duration::from_secs);
-    let settle_end = Instant::now() + SETTLE;
+    let settle = std::env::var("BORG_TIME_SETTLE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(SETTLE, Duration::from_secs);
+    let settle_end = Instant::now() + settle;
     let end = settle_end + sample;
     let mut last_now: BTreeMap<String, u64> = BTreeMap::new();
     let mut errors: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
@@ -249,9 +258,11 @@ fn network_time_over_three_delayed_hops() {
     println!(
         "FIGURES {rounds} sample rounds over {} s after {} s settling; |error vs root| per stratum:",
         sample.as_secs(),
-        SETTLE.as_secs()
+        settle.as_secs()
     );
+    let mut p99s = Vec::new();
     for (s, v) in &mut errors {
+        p99s.push((*s, quantile(v, 0.99)));
         let b = bounds
             .get_mut(s)
             .map(|b| quantile(b, 0.5))
@@ -282,6 +293,12 @@ fn network_time_over_three_delayed_hops() {
     println!("FIGURES worst: {at}; samples beyond the node's own error bound: {over_own_bound}");
     assert!(rounds >= 10, "only {rounds} sample rounds");
     assert!(w <= BOUND_MS, "error {at} beyond {BOUND_MS} ms");
+    for (s, p99) in p99s {
+        assert!(
+            p99 <= P99_MS,
+            "stratum {s}: p99 {p99:.3} ms beyond {P99_MS} ms"
+        );
+    }
 
     // Broadcast through peerTreeNet from the deepest node reaches everyone.
     let leaf = name(NODES - 1);

@@ -8,8 +8,8 @@
 //!   centre is set by the single fastest exchange each way: sharp when links have a hard
 //!   minimum delay, slow to improve when jitter piles up in the middle (20 ± 5 ms made of two
 //!   queues: ±0.3 ms typical after 64 samples).
-//! - **offset**: the mean of the midpoints of the last [`OFFSET_SAMPLES`], carried to now with
-//!   the frequency, and the intersection's centre, weighted by their variances, clamped into
+//! - **offset**: the mean of the midpoints of the faster half of the last [`OFFSET_SAMPLES`],
+//!   carried to now with the frequency, and the intersection's centre, weighted by their variances, clamped into
 //!   the bounds. The mean averages out the jitter of both legs.
 //! - **frequency**: the least-squares slope through block means (one point per [`BLOCK_US`]
 //!   of samples, up to [`BLOCKS`] points, used from six on): means of means do not depend on
@@ -198,10 +198,22 @@ impl Filter {
     }
 }
 
-/// (mean t, mean midpoint, variance of that mean in µs²) of `samples`. With jitter that
-/// piles up in the middle (two queues in a row, as in the netns hub) the plain mean beat
-/// every round-trip selection and weighting tried in the simulation (`tree14_figures`).
+/// (mean t, mean midpoint, variance of that mean in µs²) of the samples whose round trip is
+/// at most the median of `samples`. A sample's midpoint is off by at most half its round
+/// trip's excess over the true minimum: the slower half adds little but the tails of a loaded
+/// machine (a leg held up by scheduling or by TCP behind another segment), which one-sidedly
+/// move a mean. In the simulation, without such tails, the plain mean of all samples was
+/// somewhat better (3-hop max 1.1 vs 1.9 ms); on the loaded netns bench the selection was much
+/// better (3-hop p50 1.9 vs 8.6 ms; docs/BENCHMARKS.md).
 fn window_mean(samples: &[Sample]) -> Option<(i128, i128, f64)> {
+    let mut rtt: Vec<i128> = samples.iter().map(|s| s.up - s.lo).collect();
+    rtt.sort_unstable();
+    let cut = *rtt.get(rtt.len().checked_sub(1)? / 2)?;
+    let samples: Vec<Sample> = samples
+        .iter()
+        .filter(|s| s.up - s.lo <= cut)
+        .copied()
+        .collect();
     let n = i128::try_from(samples.len()).ok().filter(|&n| n > 0)?;
     let tm = samples.iter().map(|s| s.t).sum::<i128>() / n;
     let mm = samples.iter().map(Sample::mid).sum::<i128>() / n;
