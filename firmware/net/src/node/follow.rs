@@ -10,8 +10,8 @@ impl Actor {
     /// relay, and hand LAN nodes to the tree.
     pub(super) fn start_tree(&mut self, why: &str) {
         if self.join_after.take().is_some() {
-            tracing::info!(cell = %self.cfg.cell, "joining as {} ({why})", self.my_addr);
-            self.tree.start(self.cfg.clock.mono_ms());
+            tracing::info!(cell = %self.cfg.cell, "joining as {} ({why})", self.host.my_addr);
+            self.host.tree.start(self.cfg.clock.mono_ms());
         }
     }
 
@@ -24,10 +24,9 @@ impl Actor {
         } else {
             self.cell_addr(&st)
         };
-        if advertise != self.my_addr {
+        if advertise != self.host.my_addr {
             tracing::info!(cell = %self.cfg.cell, "advertising {advertise} ({})", st.decision.role);
-            self.my_addr = advertise.clone();
-            self.tree.set_my_addr(advertise);
+            self.host.set_my_addr(advertise);
         }
         let relay = st
             .decision
@@ -63,7 +62,7 @@ impl Actor {
                 .is_none_or(|at| now.saturating_sub(*at) > 60_000);
             if stale {
                 self.met.insert(p.key, now);
-                self.tree.meet(
+                self.host.tree.meet(
                     now,
                     borg_proto::tree::Peer {
                         key: p.key,

@@ -53,7 +53,7 @@ pub(super) async fn accept_loop(
             Ok(Incoming::RelayConnect { tcp, target, from }) => {
                 // Rate and waiting bounds per source IP before anything costs a signature
                 // or a dial (issue 9 item 8).
-                let admission = match hub.admit(from.ip(), Instant::now()) {
+                let admission = match hub.admit(from.ip(), std::time::Instant::now()) {
                     Ok(a) => a,
                     Err(e) => {
                         tracing::debug!("relay request from {from} refused: {e}");
@@ -145,7 +145,7 @@ pub(super) fn spawn_link(
         } else {
             (UNTRUSTED_LINK_RATE, UNTRUSTED_LINK_BURST)
         };
-        let mut bucket = Bucket::new(rate, burst, Instant::now());
+        let mut bucket = Bucket::new(rate, burst, std::time::Instant::now());
         let mut upgraded = trusted_at_start;
         let mut stalled = false;
         let mut idle_periods = 0u32;
@@ -189,10 +189,14 @@ pub(super) fn spawn_link(
                     let rx_local_us = ctx.clock.local_us();
                     if !upgraded && ctx.trusted.has_key(&key) {
                         // Became a neighbour: the neighbour's rate from now on.
-                        bucket = Bucket::new(TRUSTED_LINK_RATE, TRUSTED_LINK_BURST, Instant::now());
+                        bucket = Bucket::new(
+                            TRUSTED_LINK_RATE,
+                            TRUSTED_LINK_BURST,
+                            std::time::Instant::now(),
+                        );
                         upgraded = true;
                     }
-                    let wait = bucket.take_or_wait(Instant::now());
+                    let wait = bucket.take_or_wait(std::time::Instant::now());
                     if !wait.is_zero() {
                         NetCounters::bump(&ctx.counters.rate_limited, Door::Tree);
                         tokio::time::sleep(wait).await;

@@ -1,28 +1,36 @@
-//! The node actor: one tokio task owns the [`TreeNode`] state machine and drives it.
+//! The node actor: one tokio task per cell drives that cell's runtime and moves its bytes.
 //!
-//! Connection tasks turn frames into [`Inbound`] events; the actor opens each frame as an
-//! envelope (signature, clock window, replay), checks that the envelope's signer is the key
-//! the TLS handshake authenticated, decodes the tree message and hands it to the state
-//! machine, then carries out the returned actions: sign and send, dial, deliver. No lock is
-//! held across an await; the status snapshot is published through a `watch` channel.
+//! By duty:
+//! - [`host`]: the sans-IO core (tree state machine, the cell, envelope open/seal, replay
+//!   cache): frames and timers in, sealed frames out; [`mem`] wires hosts together in memory
+//!   for paused-time tests;
+//! - this file: the actor loop and the inbound events ([`Inbound`]) connection tasks send it;
+//! - `io`: accepting and running connections, with their bounds; `links`: the links and the
+//!   queues of frames waiting for one; `follow`: following the NAT role and the LAN;
+//!   `router`: links routed to cells by ALPN, and a non-base cell following the base tree;
+//!   `publish`: the status snapshot and the neighbourhood; `metrics`: `/metrics`.
+//!
+//! The actor checks that an envelope's signer is the key the TLS handshake authenticated
+//! (in the host), then carries out what the host asks: send (dialing when needed), deliver.
+//! No lock is held across an await; the status snapshot is published through a `watch`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use borg_proto::envelope::{self, Envelope, ReplayCache};
+use tokio::time::Instant;
+
+use borg_proto::envelope::{self, Envelope};
 use borg_proto::identity::{PublicKey, SecretKey};
 use borg_proto::reach::msg::ReachMsg;
 use borg_proto::reach::{PeerAddr, RelayChoice, Role};
-use borg_proto::tree::{
-    geometry, Action, OrderSeal, Peer, Target, TreeConfig, TreeMsg, TreeNode, TreeStats,
-};
+use borg_proto::tree::{OrderSeal, Peer, Target, TreeConfig, TreeNode, TreeStats};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::cell::{BaseView, Cell, CellAction, CellTime};
+use crate::cell::{BaseView, Cell};
 use crate::conn::{self, Incoming, Listener, PeerWriter, TransportError};
 use crate::frame::{FrameError, MAX_FRAME};
 use crate::guard::{Bucket, ConnLimiter, Door, NetCounters, Refusal, Trusted};
@@ -31,13 +39,17 @@ use crate::relay::RelayHub;
 use crate::tls::TlsIdentity;
 
 mod follow;
+mod host;
 mod io;
 mod links;
+pub mod mem;
 mod metrics;
+mod publish;
 mod router;
 
 pub use crate::clock::system_ms as now_ms;
 use follow::nat_changed;
+use host::Host;
 use io::{accept_loop, spawn_link_conn};
 pub use metrics::render_metrics;
 pub use router::{BaseFollow, CellRouter};
@@ -192,18 +204,7 @@ const MET_RETENTION_MS: u64 = 60_000;
 const BCAST_ENVELOPE_OVERHEAD: usize = 4096;
 
 /// What a receptor asks the actor to do (already verified).
-pub(crate) enum ReceptorRequest {
-    Broadcast {
-        text: String,
-        origin: Envelope,
-    },
-    /// A kind the cell answers ([`Cell::receptor_kinds`]).
-    Cell {
-        from: PublicKey,
-        kind: String,
-        body: Value,
-    },
-}
+pub(crate) use host::HostRequest as ReceptorRequest;
 
 /// Counters published on /metrics.
 #[derive(Debug, Clone, Default)]
@@ -341,8 +342,8 @@ struct Actor {
     cfg: NodeConfig,
     key: SecretKey,
     identity: Arc<TlsIdentity>,
-    tree: TreeNode,
-    replay: ReplayCache,
+    /// The tree, the cell and the envelope layer (sans-IO).
+    host: Host,
     links: HashMap<PublicKey, Link>,
     /// Frames waiting for a connection to a key (bounded; delivered when it comes back).
     pending: HashMap<PublicKey, PendingQ>,
@@ -357,9 +358,6 @@ struct Actor {
     metrics: Metrics,
     started: Instant,
     snapshot: watch::Sender<Arc<Snapshot>>,
-    my_addr: String,
-    /// Id and wall-clock time of the last broadcast delivered (for the benchmark).
-    last_broadcast: Option<(String, u64)>,
     nat: Option<NatHandle>,
     nat_status: Option<Arc<NatStatus>>,
     relay_hub: Arc<RelayHub>,
@@ -376,14 +374,10 @@ struct Actor {
     join_after: Option<Instant>,
     /// What link tasks share (set once at start).
     link_ctx: Option<LinkCtx>,
-    /// The cell type's own behaviour.
-    cell: Box<dyn Cell>,
     /// Base cell: where it publishes its tree for the node's other cells.
     base_view_tx: watch::Sender<BaseView>,
     /// When a non-base cell last tried to join through the base tree (mono ms).
     last_base_join: u64,
-    /// The tree view the cell last saw.
-    last_view: Option<borg_proto::tree::TreeView>,
     /// Join deferred until network time is synced (bounded by `join_after`).
     wait_for_time: bool,
     /// Join deferred until the NAT role is known (bounded by `join_after`).
@@ -466,13 +460,20 @@ pub async fn start(cfg: NodeConfig, cell: Box<dyn Cell>) -> Result<NodeHandle, N
         ..BaseView::default()
     });
     let receptor_kinds = cell.receptor_kinds();
-    let mut actor = Actor {
+    let host = Host::new(
+        key.clone(),
         my_addr,
+        cfg.cell.clone(),
+        cfg.max_children,
+        cfg.clock.clone(),
+        tree,
+        cell,
+    );
+    let mut actor = Actor {
         cfg,
         key: key.clone(),
         identity: identity.clone(),
-        tree,
-        replay: ReplayCache::default(),
+        host,
         links: HashMap::new(),
         pending: HashMap::new(),
         pending_addr: HashMap::new(),
@@ -485,7 +486,6 @@ pub async fn start(cfg: NodeConfig, cell: Box<dyn Cell>) -> Result<NodeHandle, N
         metrics: Metrics::default(),
         started: Instant::now(),
         snapshot: snap_tx,
-        last_broadcast: None,
         nat: nat.clone(),
         nat_status: None,
         relay_hub: relay_hub.clone(),
@@ -496,10 +496,8 @@ pub async fn start(cfg: NodeConfig, cell: Box<dyn Cell>) -> Result<NodeHandle, N
         candidates: candidates_tx,
         join_after: None,
         link_ctx: None,
-        cell,
         base_view_tx,
         last_base_join: 0,
-        last_view: None,
         wait_for_time: false,
         wait_for_role: false,
     };
@@ -541,7 +539,7 @@ pub async fn start(cfg: NodeConfig, cell: Box<dyn Cell>) -> Result<NodeHandle, N
         };
         actor.join_after = Some(Instant::now() + wait);
     } else {
-        actor.tree.start(actor.cfg.clock.mono_ms());
+        actor.host.tree.start(actor.cfg.clock.mono_ms());
     }
     actor.carry_out();
     actor.publish();
@@ -590,15 +588,12 @@ impl Actor {
         loop {
             // At least 1 ms ahead: a cell that keeps asking for a deadline already past
             // costs a timer a millisecond, never a hot loop.
-            let cell_deadline = self.cell.poll_timeout().map(|t| {
+            let cell_deadline = self.host.poll_timeout().map(|t| {
                 let now = self.cfg.clock.mono_ms();
                 tokio::time::Instant::now() + Duration::from_millis(t.saturating_sub(now).max(1))
             });
             tokio::select! {
-                () = router::sleep_until_opt(cell_deadline) => {
-                    let now = CellTime::of(&self.cfg.clock);
-                    self.cell.handle_timeout(now);
-                }
+                () = router::sleep_until_opt(cell_deadline) => self.host.handle_timeout(),
                 changed = router::base_changed(base_rx.as_mut()) => {
                     match changed {
                         Some(view) => self.on_base_view(&view),
@@ -633,7 +628,7 @@ impl Actor {
                         self.base_join_tick(&view);
                     }
                     if self.join_after.is_none() {
-                        self.tree.tick(self.cfg.clock.mono_ms());
+                        self.host.handle_tick();
                     }
                     self.relay_tick();
                 }
@@ -667,7 +662,7 @@ impl Actor {
                     },
                 );
                 if let Some(addr) = dialed_addr {
-                    self.tree.contact_answered(&addr, key);
+                    self.host.tree.contact_answered(&addr, key);
                     self.dialing.remove(&addr);
                     if let Some(q) = self.pending_addr.remove(&addr) {
                         self.pending_bytes = self.pending_bytes.saturating_sub(q.bytes);
@@ -699,7 +694,7 @@ impl Actor {
                     if !self.trusted.has_key(&key) {
                         self.peer_addrs.remove(&key);
                     }
-                    self.tree.link_down(self.cfg.clock.mono_ms(), &key);
+                    self.host.tree.link_down(self.cfg.clock.mono_ms(), &key);
                 }
             }
             Inbound::DialFailed { key, addr } => {
@@ -715,12 +710,12 @@ impl Actor {
                     if !self.trusted.has_key(&key) {
                         self.peer_addrs.remove(&key);
                     }
-                    self.tree.link_down(self.cfg.clock.mono_ms(), &key);
+                    self.host.tree.link_down(self.cfg.clock.mono_ms(), &key);
                 }
             }
             Inbound::FrameError { code } => self.reject(code),
             Inbound::Receptor { request, reply } => {
-                let _ = reply.send(self.on_receptor(request));
+                let _ = reply.send(self.host.handle_request(request));
             }
             Inbound::RelayRequest { target, reply } => {
                 let _ = reply.send(self.open_relay(target));
@@ -730,329 +725,38 @@ impl Actor {
 
     fn on_frame(&mut self, link_key: PublicKey, bytes: Vec<u8>, rx_local_us: u64) {
         self.metrics.frames_in += 1;
-        let now = self.cfg.clock.mono_ms();
-        let cell = &self.cell;
-        let opened = envelope::open_with(&bytes, self.cfg.clock.now_ms(), &mut self.replay, |k| {
-            cell.nonce_fresh(k)
-        });
-        let env = match opened {
-            Ok(env) => env.into_inner(),
-            Err(e) => {
-                tracing::debug!("rejected frame from {}: {e}", link_key.short());
-                return self.reject(e.code());
-            }
+        let env = match self.host.open(&link_key, &bytes) {
+            Ok(env) => env,
+            Err(code) => return self.reject(code),
         };
-        if env.from != link_key {
-            // Tree messages are re-signed by every hop: the signer must be the TLS peer.
-            tracing::debug!(
-                "frame signed by {} on {}'s link",
-                env.from.short(),
-                link_key.short()
-            );
-            return self.reject("forbidden");
-        }
         if let Some(addr) = env.addr.clone() {
             let room =
                 self.peer_addrs.len() < MAX_PEER_ADDRS || self.peer_addrs.contains_key(&env.from);
             if room && self.peer_addrs.get(&env.from) != Some(&addr) {
-                self.tree.peer_addr_changed(&env.from, &addr);
+                self.host.tree.peer_addr_changed(&env.from, &addr);
                 self.peer_addrs.insert(env.from, addr);
             }
         }
         if ReachMsg::is_reach_kind(&env.kind) {
             return self.on_reach_frame(env.from, &env.kind, &env.body);
         }
-        if env.kind.starts_with(self.cell.kind_prefix()) {
-            let t = CellTime::of(&self.cfg.clock);
-            if let Err(e) = self
-                .cell
-                .handle_message(t, env.from, rx_local_us, &env.kind, &env.body)
-            {
-                tracing::debug!(cell = %self.cfg.cell, "{} from {}: {e}", env.kind, env.from.short());
-                self.reject(e.code);
-            }
-            return;
-        }
-        let msg = match TreeMsg::from_kind_body(&env.kind, &env.body) {
-            Ok(m) => m,
-            Err(borg_proto::tree::msg::TreeMsgError::UnknownKind(_)) => {
-                return self.reject("unknown_kind")
-            }
-            Err(e) => {
-                tracing::debug!("malformed tree message: {e}");
-                return self.reject("malformed");
-            }
-        };
-        let before = self.tree.stats.rejected_unauthorized + self.tree.stats.rejected_invalid;
-        self.tree.handle(now, env.from, msg);
-        if self.tree.stats.rejected_unauthorized + self.tree.stats.rejected_invalid > before {
-            self.reject("forbidden");
+        if let Err(code) = self.host.dispatch(&env, rx_local_us) {
+            self.reject(code);
         }
     }
 
-    fn on_receptor(&mut self, req: ReceptorRequest) -> Result<Value, (u16, &'static str, String)> {
-        match req {
-            ReceptorRequest::Broadcast { text, origin } => {
-                let payload = json!({
-                    "text": text,
-                    "origin_env": String::from_utf8_lossy(&origin.to_bytes()),
-                });
-                // Escaping the origin envelope into the payload can double its size (or
-                // more): refuse here what could not travel as one frame.
-                let size = payload.to_string().len() + BCAST_ENVELOPE_OVERHEAD;
-                if size > envelope::MAX_ENVELOPE_BYTES.min(MAX_FRAME) {
-                    return Err((
-                        413,
-                        "too_large",
-                        format!(
-                            "this broadcast would be a {size}-byte message; the limit is {}",
-                            envelope::MAX_ENVELOPE_BYTES
-                        ),
-                    ));
-                }
-                let id = self.tree.broadcast(payload);
-                Ok(json!({ "id": id }))
-            }
-            ReceptorRequest::Cell { from, kind, body } => {
-                let t = CellTime::of(&self.cfg.clock);
-                self.cell
-                    .handle_request(t, &from, &kind, &body)
-                    .map_err(|e| (e.status, e.code, e.message))
-            }
-        }
-    }
-
-    /// Carry out what the state machine asked for.
+    /// Carry out what the tree and the cell asked for: seal and send.
     fn carry_out(&mut self) {
-        self.drain_tree();
-        let view = self.tree.view();
-        if self.last_view.as_ref() != Some(&view) {
-            self.cell.handle_tree(CellTime::of(&self.cfg.clock), &view);
-            self.last_view = Some(view);
+        self.host.carry_out();
+        while let Some((to, frame)) = self.host.poll_transmit() {
+            self.send_frame(to, frame);
         }
-        // What the cell asks for (bounded per round: a cell cannot starve the actor).
-        for _ in 0..1024 {
-            let Some(action) = self.cell.poll_action(CellTime::of(&self.cfg.clock)) else {
-                break;
-            };
-            match action {
-                CellAction::Send { to, kind, body } => {
-                    let frame = self.seal_kind_body(&kind, body);
-                    self.send_frame(to, frame);
-                }
-                CellAction::Broadcast { payload } => {
-                    // Vouched for by our signature, so every hop can check the origin.
-                    let origin = envelope::seal(
-                        &self.key,
-                        CELL_BCAST_KIND,
-                        None,
-                        self.cfg.clock.now_ms(),
-                        json!({ "data": payload }),
-                    );
-                    let wrapped = json!({
-                        "data": payload,
-                        "origin_env": String::from_utf8_lossy(&origin.to_bytes()),
-                    });
-                    if wrapped.to_string().len() * 2 + BCAST_ENVELOPE_OVERHEAD > MAX_FRAME {
-                        self.metrics.dropped_outbound += 1;
-                        continue;
-                    }
-                    self.tree.broadcast(wrapped);
-                }
-            }
-        }
-        // Broadcasts the cell itself started are sent now, not a tick later.
-        self.drain_tree();
-    }
-
-    /// Send, deliver and log what the tree state machine produced so far.
-    fn drain_tree(&mut self) {
-        for action in self.tree.drain() {
-            match action {
-                Action::Send { to, msg } => self.send(to, msg),
-                Action::Deliver {
-                    id,
-                    origin,
-                    payload,
-                } => self.deliver(id, origin, payload),
-                Action::Event(e @ borg_proto::tree::TreeEvent::Rejected { .. }) => {
-                    tracing::debug!(cell = %self.cfg.cell, "tree: {e:?}")
-                }
-                Action::Event(e) => tracing::info!(cell = %self.cfg.cell, "tree: {e:?}"),
-            }
-        }
-    }
-
-    fn deliver(&mut self, id: String, origin: PublicKey, payload: Value) {
-        self.last_broadcast = Some((id.clone(), self.cfg.clock.now_ms()));
-        // A cell's own broadcasts reach it as the data it sent; text broadcasts as they are.
-        let data = payload.get("data").unwrap_or(&payload);
-        self.cell
-            .handle_broadcast(CellTime::of(&self.cfg.clock), &id, &origin, data);
-        // (The tree checked the origin envelope before delivering or forwarding it.)
-        let text = payload.get("text").and_then(|t| t.as_str()).unwrap_or("");
-        // Peer-supplied text: debug only, truncated, under its own target so that tests and the
-        // demo can turn on exactly this line (BORG_LOG=info,borg::delivered=debug).
-        tracing::debug!(target: DELIVERED_LOG_TARGET, cell = %self.cfg.cell, "broadcast {id:.64} from {}: {text:.80}", origin.short());
-    }
-
-    fn seal(&self, msg: &TreeMsg) -> Vec<u8> {
-        let (kind, body) = msg.to_kind_body();
-        self.seal_kind_body(&kind, body)
+        self.metrics.dropped_outbound += self.host.take_dropped();
     }
 
     /// Seal `kind`/`body` with our key, our advertised address and network time.
     fn seal_kind_body(&self, kind: &str, body: Value) -> Vec<u8> {
-        envelope::seal(
-            &self.key,
-            kind,
-            Some(&self.my_addr),
-            self.cfg.clock.now_ms(),
-            body,
-        )
-        .to_bytes()
-    }
-
-    fn send(&mut self, to: Target, msg: TreeMsg) {
-        let frame = self.seal(&msg);
-        self.send_frame(to, frame);
-    }
-
-    fn publish(&mut self) {
-        let view = self.tree.view();
-        let k = self.cfg.max_children;
-        let placed = |p: &borg_proto::tree::Placed| json!({"pos": p.pos, "key": p.peer.key.to_b64(), "addr": p.peer.addr, "mon": p.peer.mon});
-        let status = json!({
-            "cell": self.cfg.cell,
-            "state": view.state.as_str(),
-            "public_key": self.key.public().to_b64(),
-            "addr": self.my_addr,
-            "mon": self.cfg.mon.to_string(),
-            "recp": self.cfg.recp.to_string(),
-            "position": view.position,
-            "parent": view.parent.as_ref().map(placed),
-            "children": view.children.iter().map(placed).collect::<Vec<_>>(),
-            "root": view.root.as_ref().map(|r| json!({"key": r.key.to_b64(), "addr": r.addr, "mon": r.mon})),
-            "size": view.size,
-            "depth": view.position.map(|p| geometry::depth_of(p, k)),
-            "tree_depth": geometry::tree_depth(view.size, k),
-            "max_children": k,
-            "heartbeat_ms": self.cfg.heartbeat_ms,
-            "uptime_s": self.started.elapsed().as_secs(),
-            "delivered_broadcasts": self.tree.stats.delivered_broadcasts,
-            "last_broadcast": self.last_broadcast.as_ref().map(|(id, at)| json!({"id": id, "at_ms": at})),
-            "vacant": view.vacant,
-            "connections": self.links.len(),
-        });
-        let mut status = status;
-        let t = CellTime::of(&self.cfg.clock);
-        if let (Some(obj), Value::Object(extra)) = (status.as_object_mut(), self.cell.status(t)) {
-            obj.extend(extra);
-            obj.insert("time".into(), self.cfg.clock.status_json());
-        }
-        if self.cfg.base.is_none() {
-            self.base_view_tx.send_if_modified(|old| {
-                let new = BaseView {
-                    state: Some(view.state),
-                    size: view.size,
-                    contacts: old.contacts.clone(),
-                    root: view.root.clone(),
-                    parent: view.parent.as_ref().map(|p| p.peer.clone()),
-                    children: view.children.iter().map(|c| c.peer.clone()).collect(),
-                };
-                if *old != new {
-                    *old = new;
-                    true
-                } else {
-                    false
-                }
-            });
-        }
-        if let (Some(st), Some(obj)) = (self.nat_status.as_ref(), status.as_object_mut()) {
-            if let Some(extra) = st.to_json().as_object() {
-                for (k, v) in extra {
-                    obj.insert(k.clone(), v.clone());
-                }
-            }
-            obj.insert("relaying_for".into(), json!(self.relayed_for.len()));
-            if let Some(n) = self.nat.as_ref() {
-                let dropped = n
-                    .probe_ctx
-                    .beacons_dropped
-                    .load(std::sync::atomic::Ordering::Relaxed);
-                obj.insert("beacons_dropped".into(), json!(dropped));
-            }
-            obj.insert(
-                "relay_limited".into(),
-                json!(self
-                    .relay_hub
-                    .limited_total
-                    .load(std::sync::atomic::Ordering::Relaxed)),
-            );
-            obj.insert(
-                "relay_splices_active".into(),
-                json!(self
-                    .relay_hub
-                    .active
-                    .load(std::sync::atomic::Ordering::Relaxed)),
-            );
-        }
-        // Probe candidates: contacts and tree neighbours.
-        let mut cands: Vec<(Option<PublicKey>, String)> = self
-            .cfg
-            .join
-            .iter()
-            .map(|a| (None, a.to_string()))
-            .collect();
-        let mut add = |p: &borg_proto::tree::Peer| cands.push((Some(p.key), p.addr.clone()));
-        if let Some(r) = view.root.as_ref() {
-            add(r);
-        }
-        if let Some(p) = view.parent.as_ref() {
-            add(&p.peer);
-        }
-        for c in &view.children {
-            add(&c.peer);
-        }
-        // The neighbourhood gets the reserved connection slots and the neighbour's rate.
-        let mut keys = std::collections::HashSet::new();
-        let mut ips = std::collections::HashSet::new();
-        ips.insert(self.cfg.listen.ip());
-        for (k, a) in cands.iter().skip(self.cfg.join.len()) {
-            if let Some(k) = k {
-                keys.insert(*k);
-            }
-            match a.parse::<PeerAddr>() {
-                Ok(PeerAddr::Direct(sock)) => {
-                    ips.insert(sock.ip());
-                }
-                Ok(PeerAddr::Relayed { relay, .. }) => {
-                    ips.insert(relay.ip());
-                }
-                Err(_) => {}
-            }
-        }
-        self.trusted.set(keys, ips);
-        self.candidates.send_if_modified(|old| {
-            if *old != cands {
-                *old = cands;
-                true
-            } else {
-                false
-            }
-        });
-        use std::sync::atomic::Ordering::Relaxed;
-        self.metrics.relay_splices = self.relay_hub.spliced_total.load(Relaxed);
-        self.metrics.relay_failed = self.relay_hub.failed_total.load(Relaxed);
-        self.metrics.relay_bytes = self.relay_hub.bytes_total.load(Relaxed);
-        self.metrics.relay_limited = self.relay_hub.limited_total.load(Relaxed);
-        let snap = Snapshot {
-            status,
-            tree: self.tree.stats.clone(),
-            metrics: self.metrics.clone(),
-            extra_metrics: self.cell.metrics(t),
-        };
-        self.snapshot.send_replace(Arc::new(snap));
+        self.host.seal_kind_body(kind, body)
     }
 }
 

@@ -85,7 +85,8 @@ pub(super) fn cell_summary(status: &serde_json::Map<String, Value>) -> Value {
 impl Actor {
     /// The base tree changed: tell the cell, and join through it if we are alone.
     pub(super) fn on_base_view(&mut self, view: &BaseView) {
-        self.cell
+        self.host
+            .cell
             .handle_base(crate::cell::CellTime::of(&self.cfg.clock), view);
         self.base_join_tick(view);
     }
@@ -112,8 +113,8 @@ impl Actor {
             .filter(|p| p.key != me)
             .cloned()
             .collect();
-        let mine = self.tree.view();
-        if self.tree.state() == borg_proto::tree::TreeState::Root {
+        let mine = self.host.tree.view();
+        if self.host.tree.state() == borg_proto::tree::TreeState::Root {
             // The root of a tree that is smaller than the base tree, or whose root is not the
             // base root, meets the base tree's nodes around it: where one of them is in
             // another tree of this cell, the two merge (the smaller into the larger, on a
@@ -126,12 +127,12 @@ impl Actor {
             if mine.size < view.size || root_differs {
                 self.last_base_join = now;
                 for p in neighbours {
-                    self.tree.meet(now, p);
+                    self.host.tree.meet(now, p);
                 }
             }
             return;
         }
-        if self.tree.state() != borg_proto::tree::TreeState::Alone {
+        if self.host.tree.state() != borg_proto::tree::TreeState::Alone {
             return;
         }
         // The base root's cell is the anchor: it never joins (others come to it), so two
@@ -155,7 +156,7 @@ impl Actor {
         }
         self.last_base_join = now;
         tracing::debug!(cell = %self.cfg.cell, "alone: joining through the base tree {contacts:?}");
-        self.tree.join_through(now, &contacts);
+        self.host.tree.join_through(now, &contacts);
     }
 
     /// The address a non-base cell advertises, from the base cell's decision: its own port
@@ -168,7 +169,7 @@ impl Actor {
                 Ok(PeerAddr::Direct(sock)) => {
                     SocketAddr::new(sock.ip(), self.cfg.listen.port()).to_string()
                 }
-                _ => self.my_addr.clone(),
+                _ => self.host.my_addr.clone(),
             },
         }
     }

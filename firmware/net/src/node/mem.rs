@@ -1,0 +1,312 @@
+//! An in-memory network of node runtimes, for tests: no sockets, no sleeps.
+//!
+//! Each node is the runtime's sans-IO core ([`super::host::Host`]: its tree state machine, its
+//! cell, envelope seal/open with the replay cache and the ±30 s window) on its own
+//! [`NetClock`]. Frames go from host to host through one queue instead of TLS links: a frame
+//! sent to an address or a peer reaches the node with that address or key, and the receiver
+//! sees the sender's key as the link's authenticated peer (as the TLS handshake gives it).
+//! Time is `tokio::time`: run it under `#[tokio::test(start_paused = true)]` and
+//! [`MemNet::run_for`] moves virtual time forward in steps, firing the tree's ticks and the
+//! cells' timers when due, without waiting for real time.
+//!
+//! What it leaves out is the I/O around the host: links and their bounds, dialing, NAT roles,
+//! relays, the receptor and monitor servers. Those are tested over loopback sockets.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use borg_proto::identity::{PublicKey, SecretKey};
+use borg_proto::tree::{Peer, Target, TreeConfig, TreeNode};
+use serde_json::Value;
+
+use super::host::{Host, HostRequest};
+use super::EcdsaSeal;
+use crate::cell::{Cell, CellInit};
+use crate::clock::NetClock;
+
+/// Frames handled per step at most (a bound on a cell that answers every frame with two).
+const FRAMES_PER_STEP: usize = 100_000;
+
+struct MemNode {
+    host: Host,
+    key: PublicKey,
+    addr: String,
+    clock: Arc<NetClock>,
+    /// Refusals by wire code (what the actor counts in `borg_rejected_total`).
+    rejected: BTreeMap<&'static str, u64>,
+    /// Next tree tick (mono ms).
+    next_tick: u64,
+    /// Nodes whose frames are dropped to and from this one (a cut link).
+    cut: Vec<usize>,
+}
+
+/// Nodes wired together in memory.
+pub struct MemNet {
+    nodes: Vec<MemNode>,
+    /// (from, to, frame, local µs of the receiver when it arrived).
+    queue: VecDeque<(usize, usize, Vec<u8>)>,
+    max_children: u64,
+    heartbeat_ms: u64,
+    step: Duration,
+    frames: u64,
+}
+
+impl MemNet {
+    /// A network whose trees have `max_children` and `heartbeat_ms`; time moves in steps of
+    /// 5 ms.
+    pub fn new(max_children: u64, heartbeat_ms: u64) -> Self {
+        Self {
+            nodes: Vec::new(),
+            queue: VecDeque::new(),
+            max_children,
+            heartbeat_ms,
+            step: Duration::from_millis(5),
+            frames: 0,
+        }
+    }
+
+    /// Add a node of cell type `name` whose local clock reads `local_us` now, joining through
+    /// the nodes `contacts` (none: it is a root of one); `make` builds its cell (a registry
+    /// constructor). Returns its index.
+    pub fn add(
+        &mut self,
+        name: &'static str,
+        local_us: u64,
+        contacts: &[usize],
+        make: impl FnOnce(CellInit) -> Box<dyn Cell>,
+    ) -> usize {
+        let i = self.nodes.len();
+        let secret = SecretKey::generate();
+        let key = secret.public();
+        // Addresses only name nodes here; nothing is ever sent to them.
+        let addr = format!("127.77.{}.{}:13390", i / 250, i % 250 + 1);
+        let clock = NetClock::starting_at(local_us, 0);
+        let contact_addrs: Vec<String> = contacts
+            .iter()
+            .filter_map(|&c| self.nodes.get(c).map(|n| n.addr.clone()))
+            .collect();
+        let cell = make(CellInit {
+            name,
+            key,
+            clock: clock.clone(),
+            contacts: contact_addrs.clone(),
+        });
+        let me = Peer {
+            key,
+            addr: addr.clone(),
+            mon: addr.clone(),
+        };
+        let mut tree = TreeNode::new(
+            TreeConfig::new(self.max_children, self.heartbeat_ms),
+            me,
+            contact_addrs,
+            Box::new(EcdsaSeal {
+                key: secret.clone(),
+            }),
+            0x5eed ^ i as u64,
+        );
+        tree.start(clock.mono_ms());
+        let host = Host::new(
+            secret,
+            addr.clone(),
+            name.to_string(),
+            self.max_children,
+            clock.clone(),
+            tree,
+            cell,
+        );
+        self.nodes.push(MemNode {
+            host,
+            key,
+            addr,
+            clock,
+            rejected: BTreeMap::new(),
+            next_tick: 0,
+            cut: Vec::new(),
+        });
+        self.settle();
+        i
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    pub fn key(&self, i: usize) -> PublicKey {
+        self.nodes[i].key
+    }
+
+    pub fn clock(&self, i: usize) -> Arc<NetClock> {
+        self.nodes[i].clock.clone()
+    }
+
+    /// Frames delivered so far.
+    pub fn frames(&self) -> u64 {
+        self.frames
+    }
+
+    /// Node `i`'s `/status` as the runtime builds it from its tree and cell.
+    pub fn status(&self, i: usize) -> Value {
+        self.nodes[i].host.status()
+    }
+
+    /// Node `i`'s cell metrics (the lines its cell adds to `/metrics`).
+    pub fn metrics(&self, i: usize) -> String {
+        self.nodes[i].host.cell_metrics()
+    }
+
+    /// How many frames node `i` refused with wire code `code`.
+    pub fn rejected(&self, i: usize, code: &str) -> u64 {
+        self.nodes[i].rejected.get(code).copied().unwrap_or(0)
+    }
+
+    /// Cut (or mend) the link between `a` and `b`: frames between them are dropped.
+    pub fn set_cut(&mut self, a: usize, b: usize, cut: bool) {
+        for (x, y) in [(a, b), (b, a)] {
+            let list = &mut self.nodes[x].cut;
+            list.retain(|&n| n != y);
+            if cut {
+                list.push(y);
+            }
+        }
+    }
+
+    /// A receptor request of the cell's kinds to node `i`, from `from`.
+    pub fn request(
+        &mut self,
+        i: usize,
+        from: PublicKey,
+        kind: &str,
+        body: Value,
+    ) -> Result<Value, (u16, &'static str, String)> {
+        let r = self.nodes[i].host.handle_request(HostRequest::Cell {
+            from,
+            kind: kind.to_string(),
+            body,
+        });
+        self.settle();
+        r
+    }
+
+    /// Node `from` seals `kind`/`body` and it arrives at `to` (as if sent over their link).
+    pub fn inject(&mut self, from: usize, to: usize, kind: &str, body: Value) {
+        let frame = self.nodes[from].host.seal_kind_body(kind, body);
+        self.queue.push_back((from, to, frame));
+        self.settle();
+    }
+
+    /// A frame sealed by node `from` now (not sent).
+    pub fn seal(&self, from: usize, kind: &str, body: Value) -> Vec<u8> {
+        self.nodes[from].host.seal_kind_body(kind, body)
+    }
+
+    /// Raw bytes arrive at `to` on `from`'s link.
+    pub fn inject_bytes(&mut self, from: usize, to: usize, bytes: Vec<u8>) {
+        self.queue.push_back((from, to, bytes));
+        self.settle();
+    }
+
+    /// Move virtual time forward by `d` in steps, running every node's timers and delivering
+    /// every frame at each step. Under a paused tokio clock this takes no real time.
+    pub async fn run_for(&mut self, d: Duration) {
+        let end = tokio::time::Instant::now() + d;
+        while tokio::time::Instant::now() < end {
+            tokio::time::sleep(self.step).await;
+            self.timers();
+            self.settle();
+        }
+    }
+
+    /// Run until `done` holds (checked at every step) or `limit` of virtual time passed;
+    /// returns whether it held.
+    pub async fn run_until(
+        &mut self,
+        limit: Duration,
+        mut done: impl FnMut(&Self) -> bool,
+    ) -> bool {
+        let end = tokio::time::Instant::now() + limit;
+        loop {
+            if done(self) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= end {
+                return false;
+            }
+            tokio::time::sleep(self.step).await;
+            self.timers();
+            self.settle();
+        }
+    }
+
+    fn timers(&mut self) {
+        let tick = (self.heartbeat_ms / 10).clamp(10, 200);
+        for n in &mut self.nodes {
+            let now = n.clock.mono_ms();
+            if now >= n.next_tick {
+                n.next_tick = now + tick;
+                n.host.handle_tick();
+            }
+            if n.host.poll_timeout().is_some_and(|t| t <= now) {
+                n.host.handle_timeout();
+            }
+        }
+    }
+
+    /// Carry out and deliver until nothing moves (bounded).
+    fn settle(&mut self) {
+        for _ in 0..FRAMES_PER_STEP {
+            for i in 0..self.nodes.len() {
+                self.nodes[i].host.carry_out();
+                while let Some((to, frame)) = self.nodes[i].host.poll_transmit() {
+                    if let Some(j) = self.route(i, &to) {
+                        self.queue.push_back((i, j, frame));
+                    }
+                }
+            }
+            let Some((from, to, bytes)) = self.queue.pop_front() else {
+                return;
+            };
+            self.deliver(from, to, &bytes);
+        }
+    }
+
+    /// Which node a target names; an address reached the first time answers with its key
+    /// (what a completed dial tells the actor).
+    fn route(&mut self, from: usize, to: &Target) -> Option<usize> {
+        let j = match to {
+            Target::Key(k) => self.nodes.iter().position(|n| n.key == *k)?,
+            Target::Peer(p) => self.nodes.iter().position(|n| n.key == p.key)?,
+            Target::Addr(a) => {
+                let j = self.nodes.iter().position(|n| n.addr == *a)?;
+                let key = self.nodes[j].key;
+                self.nodes[from].host.tree.contact_answered(a, key);
+                j
+            }
+        };
+        (j != from && !self.nodes[from].cut.contains(&j)).then_some(j)
+    }
+
+    fn deliver(&mut self, from: usize, to: usize, bytes: &[u8]) {
+        if self.nodes[to].cut.contains(&from) {
+            return;
+        }
+        self.frames += 1;
+        let link_key = self.nodes[from].key;
+        let node = &mut self.nodes[to];
+        let rx_local_us = node.clock.local_us();
+        let result = node.host.open(&link_key, bytes).and_then(|env| {
+            if let Some(addr) = env.addr.as_ref() {
+                node.host.tree.peer_addr_changed(&env.from, addr);
+            }
+            node.host.dispatch(&env, rx_local_us)
+        });
+        if let Err(code) = result {
+            *node.rejected.entry(code).or_insert(0) += 1;
+        }
+    }
+}

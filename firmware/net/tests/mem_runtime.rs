@@ -1,0 +1,340 @@
+//! The node runtime's seam, in memory with paused time (issue 10): a toy cell registered
+//! here, two and more nodes wired by `borg_net::node::mem::MemNet`. No sockets, no sleeps:
+//! virtual seconds pass in microseconds of real time.
+//!
+//! Checks: cell messages are routed to the cell by kind prefix (and reach it signed by the
+//! sender, with the signer = link peer); kinds nobody owns are refused; receptor requests of
+//! the cell's kinds reach it; the cell's status and metrics are merged with the runtime's;
+//! the cell's timer fires on virtual time; cell broadcasts reach every node's cell; a frame
+//! signed by one key on another key's link, a stale one and a replayed one are refused.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use borg_net::cell::{Cell, CellAction, CellError, CellInit, CellTime};
+use borg_net::node::mem::MemNet;
+use borg_proto::identity::PublicKey;
+use borg_proto::tree::{Target, TreeState, TreeView};
+use serde_json::{json, Value};
+
+/// What a toy cell saw, shared with the test.
+#[derive(Default, Debug)]
+struct Seen {
+    pings: Vec<PublicKey>,
+    pongs: Vec<PublicKey>,
+    broadcasts: Vec<Value>,
+    timeouts: u64,
+    requests: u64,
+}
+
+struct Toy {
+    seen: Arc<Mutex<Seen>>,
+    parent: Option<PublicKey>,
+    pinged: Option<PublicKey>,
+    out: Vec<CellAction>,
+    next_timer: u64,
+}
+
+impl Toy {
+    fn make(seen: Arc<Mutex<Seen>>) -> impl FnOnce(CellInit) -> Box<dyn Cell> {
+        move |init: CellInit| {
+            Box::new(Toy {
+                seen,
+                parent: None,
+                pinged: None,
+                out: Vec::new(),
+                next_timer: init.clock.mono_ms() + 1000,
+            }) as Box<dyn Cell>
+        }
+    }
+}
+
+impl Cell for Toy {
+    fn kind_prefix(&self) -> &'static str {
+        "toy."
+    }
+
+    fn receptor_kinds(&self) -> &'static [&'static str] {
+        &["toy.shout"]
+    }
+
+    fn handle_tree(&mut self, _now: CellTime, view: &TreeView) {
+        self.parent = (view.state == TreeState::Joined)
+            .then(|| view.parent.as_ref().map(|p| p.peer.key))
+            .flatten();
+        // Once per parent: say hello.
+        if let Some(p) = self.parent {
+            if self.pinged != Some(p) {
+                self.pinged = Some(p);
+                self.out.push(CellAction::Send {
+                    to: Target::Key(p),
+                    kind: "toy.ping".into(),
+                    body: json!({"n": 1}),
+                });
+            }
+        }
+    }
+
+    fn handle_message(
+        &mut self,
+        _now: CellTime,
+        from: PublicKey,
+        _rx_local_us: u64,
+        kind: &str,
+        _body: &Value,
+    ) -> Result<(), CellError> {
+        match kind {
+            "toy.ping" => {
+                self.seen.lock().unwrap().pings.push(from);
+                self.out.push(CellAction::Send {
+                    to: Target::Key(from),
+                    kind: "toy.pong".into(),
+                    body: json!({}),
+                });
+                Ok(())
+            }
+            "toy.pong" => {
+                self.seen.lock().unwrap().pongs.push(from);
+                Ok(())
+            }
+            other => Err(CellError::malformed(format!("toy does not know {other}"))),
+        }
+    }
+
+    fn handle_request(
+        &mut self,
+        _now: CellTime,
+        _from: &PublicKey,
+        kind: &str,
+        body: &Value,
+    ) -> Result<Value, CellError> {
+        assert_eq!(kind, "toy.shout");
+        self.seen.lock().unwrap().requests += 1;
+        self.out.push(CellAction::Broadcast {
+            payload: body.clone(),
+        });
+        Ok(json!({"shouted": true}))
+    }
+
+    fn handle_broadcast(
+        &mut self,
+        _now: CellTime,
+        _id: &str,
+        _origin: &PublicKey,
+        payload: &Value,
+    ) {
+        self.seen.lock().unwrap().broadcasts.push(payload.clone());
+    }
+
+    fn handle_timeout(&mut self, now: CellTime) {
+        if now.mono_ms >= self.next_timer {
+            self.seen.lock().unwrap().timeouts += 1;
+            self.next_timer += 1000;
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<u64> {
+        Some(self.next_timer)
+    }
+
+    fn poll_action(&mut self, _now: CellTime) -> Option<CellAction> {
+        (!self.out.is_empty()).then(|| self.out.remove(0))
+    }
+
+    fn status(&self, _now: CellTime) -> Value {
+        json!({"toy_pings": self.seen.lock().unwrap().pings.len()})
+    }
+
+    fn metrics(&self, _now: CellTime) -> String {
+        format!(
+            "borg_toy_pings_total {}\n",
+            self.seen.lock().unwrap().pings.len()
+        )
+    }
+}
+
+/// 2026-12-01 in µs.
+const T0: u64 = 1_796_083_200_000_000;
+
+fn joined(net: &MemNet, i: usize) -> bool {
+    net.status(i)["state"] == "joined"
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_nodes_route_cell_messages_requests_status_and_timers() {
+    let mut net = MemNet::new(3, 1000);
+    let (sa, sb) = (Arc::default(), Arc::default());
+    let a = net.add("toyTree", T0, &[], Toy::make(Arc::clone(&sa)));
+    let b = net.add("toyTree", T0, &[a], Toy::make(Arc::clone(&sb)));
+    let wall = std::time::Instant::now();
+    assert!(
+        net.run_until(Duration::from_secs(10), |n| joined(n, b))
+            .await,
+        "b never joined: {}",
+        net.status(b)
+    );
+    assert_eq!(net.status(a)["state"], "root");
+    assert_eq!(net.status(b)["root"]["key"], net.key(a).to_b64());
+    // The hello went to the cell by prefix, signed by b; the answer came back.
+    net.run_for(Duration::from_millis(100)).await;
+    assert_eq!(sa.lock().unwrap().pings, vec![net.key(b)]);
+    assert_eq!(sb.lock().unwrap().pongs, vec![net.key(a)]);
+
+    // Status and metrics: the runtime's fields and the cell's, merged.
+    let st = net.status(a);
+    assert_eq!(st["toy_pings"], 1);
+    assert_eq!(st["size"], 2);
+    assert_eq!(st["cell"], "toyTree");
+    assert!(st["time"].is_object(), "{st}");
+    assert!(net.metrics(a).contains("borg_toy_pings_total 1"));
+
+    // A receptor request of the cell's kind reaches it; its broadcast reaches both cells.
+    let r = net.request(b, net.key(b), "toy.shout", json!({"hi": "all"}));
+    assert_eq!(r.unwrap(), json!({"shouted": true}));
+    net.run_for(Duration::from_millis(100)).await;
+    assert_eq!(sa.lock().unwrap().broadcasts, vec![json!({"hi": "all"})]);
+    assert_eq!(sb.lock().unwrap().broadcasts, vec![json!({"hi": "all"})]);
+
+    // Timers run on virtual time: a minute passes, the tree stays up (heartbeats flow), the
+    // cell's 1 s timer fired about sixty more times.
+    let before = sa.lock().unwrap().timeouts;
+    net.run_for(Duration::from_secs(60)).await;
+    let fired = sa.lock().unwrap().timeouts - before;
+    assert!(
+        (59..=61).contains(&fired),
+        "timer fired {fired} times in 60 s"
+    );
+    assert!(joined(&net, b), "{}", net.status(b));
+    // (No real sleeping: 70 virtual seconds of two nodes take well under a real second on
+    // any machine; printed, not asserted.)
+    println!(
+        "mem_runtime: 70 virtual s, {} frames, {:?} real",
+        net.frames(),
+        wall.elapsed()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn unowned_kinds_wrong_signers_stale_and_replayed_frames_are_refused() {
+    let mut net = MemNet::new(3, 1000);
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let a = net.add("toyTree", T0, &[], Toy::make(Arc::clone(&seen)));
+    let b = net.add("toyTree", T0, &[a], Toy::make(Arc::default()));
+    // An outsider with a fresh key and a clock an hour behind.
+    let c = net.add(
+        "toyTree",
+        T0 - 3_600_000_000,
+        &[],
+        Toy::make(Arc::default()),
+    );
+    assert!(
+        net.run_until(Duration::from_secs(10), |n| joined(n, b))
+            .await
+    );
+    net.run_for(Duration::from_millis(100)).await;
+    let pings = seen.lock().unwrap().pings.len();
+
+    // A kind no cell and not the tree owns.
+    net.inject(b, a, "mail.send", json!({}));
+    assert_eq!(net.rejected(a, "unknown_kind"), 1);
+    // A kind of the cell's prefix the cell refuses: its code is counted.
+    net.inject(b, a, "toy.unknown", json!({}));
+    assert_eq!(net.rejected(a, "malformed"), 1);
+    // c's clock is an hour off: its envelopes are stale.
+    net.inject(c, a, "toy.ping", json!({}));
+    assert_eq!(net.rejected(a, "stale"), 1);
+    // b's envelope arriving on c's link: the signer is not the link's peer.
+    net.inject_bytes(c, a, net.seal(b, "toy.ping", json!({"n": 2})));
+    assert_eq!(net.rejected(a, "forbidden"), 1);
+    // A frame on b's own link is accepted once, then refused as a replay.
+    let frame = net.seal(b, "toy.ping", json!({"n": 3}));
+    net.inject_bytes(b, a, frame.clone());
+    net.inject_bytes(b, a, frame);
+    assert_eq!(net.rejected(a, "replay"), 1);
+    assert_eq!(seen.lock().unwrap().pings.len(), pings + 1);
+    // Garbage.
+    net.inject_bytes(b, a, b"{not an envelope".to_vec());
+    assert_eq!(net.rejected(a, "malformed"), 2);
+}
+
+fn summary(net: &MemNet) -> Vec<String> {
+    (0..net.len())
+        .map(|i| {
+            let s = net.status(i);
+            format!(
+                "{i}: {} pos {} root {} size {}",
+                s["state"], s["position"], s["root"]["addr"], s["size"]
+            )
+        })
+        .collect()
+}
+
+/// Seven nodes with k = 2 under one root.
+async fn seven(net: &mut MemNet) -> usize {
+    let root = net.add("toyTree", T0, &[], Toy::make(Arc::default()));
+    for _ in 1..7 {
+        net.add("toyTree", T0, &[root], Toy::make(Arc::default()));
+    }
+    assert!(
+        net.run_until(Duration::from_secs(20), |n| (1..7).all(|i| joined(n, i)))
+            .await,
+        "{:#?}",
+        summary(net)
+    );
+    assert_eq!(net.status(root)["size"], 7);
+    root
+}
+
+#[tokio::test(start_paused = true)]
+async fn seven_nodes_form_one_tree_and_repair_it_when_an_inner_node_dies() {
+    let mut net = MemNet::new(2, 1000);
+    let root = seven(&mut net).await;
+    // An inner node (a child of the root, with children of its own) goes silent.
+    let inner = (1..7)
+        .find(|&i| {
+            net.status(i)["parent"]["key"] == net.key(root).to_b64()
+                && net.status(i)["children"]
+                    .as_array()
+                    .is_some_and(|c| !c.is_empty())
+        })
+        .unwrap();
+    for j in 0..7 {
+        net.set_cut(inner, j, true);
+    }
+    let others: Vec<usize> = (1..7).filter(|&i| i != inner).collect();
+    assert!(
+        net.run_until(Duration::from_secs(60), |n| n.status(root)["size"] == 6
+            && others.iter().all(
+                |&i| joined(n, i) && n.status(i)["root"]["key"] == n.key(root).to_b64()
+            ))
+        .await,
+        "{:#?}",
+        summary(&net)
+    );
+}
+
+/// Known gap, found with this harness: a subtree cut off from the root for longer than the
+/// failure timeout makes itself a tree of its own, and when the link comes back the two never
+/// merge. Each side probes only the other's root, and a root's size is believed only with a
+/// second witness from its tree (the Sybil rule of issue 9), which neither side can get. The
+/// netns run 5 of docs/BENCHMARKS.md saw the same split in peerTreeNet.
+#[tokio::test(start_paused = true)]
+#[ignore = "known gap: a split-off subtree does not merge back (see the doc comment)"]
+async fn a_subtree_cut_off_for_a_while_merges_back() {
+    let mut net = MemNet::new(2, 1000);
+    let root = seven(&mut net).await;
+    let child = (1..7)
+        .find(|&i| net.status(i)["parent"]["key"] == net.key(root).to_b64())
+        .unwrap();
+    net.set_cut(root, child, true);
+    net.run_for(Duration::from_secs(30)).await;
+    net.set_cut(root, child, false);
+    assert!(
+        net.run_until(Duration::from_secs(300), |n| (1..7).all(|i| joined(n, i))
+            && n.status(root)["size"] == 7)
+            .await,
+        "{:#?}",
+        summary(&net)
+    );
+}
