@@ -160,6 +160,11 @@ impl MemNet {
         self.nodes[i].host.cell_metrics()
     }
 
+    /// Node `i`'s tree counters.
+    pub fn tree_stats(&self, i: usize) -> borg_proto::tree::TreeStats {
+        self.nodes[i].host.tree.stats.clone()
+    }
+
     /// How many frames node `i` refused with wire code `code`.
     pub fn rejected(&self, i: usize, code: &str) -> u64 {
         self.nodes[i].rejected.get(code).copied().unwrap_or(0)

@@ -25,6 +25,19 @@ pub const MAX_SIZE_GROWTH_PER_S: u64 = 2_000;
 /// Foreign roots whose last claimed size we remember (for the growth bound).
 pub(super) const MAX_FOREIGN_ROOTS: usize = 16;
 
+/// How long a key we knew as part of our own tree (our root, a child) stays a witness for
+/// itself after we lost it: as long as the lost neighbour is probed (40 tries, backing off to
+/// 8 probe intervals), so a tree split by a long link failure merges back once it heals.
+pub(super) const FORMER_MS: u64 = 10 * 60 * 1000;
+/// Former neighbours remembered, at most.
+pub(super) const MAX_FORMER: usize = 16;
+
+/// A key that was part of our tree until we lost it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Former {
+    pub until: u64,
+}
+
 /// A probe we sent and the answer we expect.
 #[derive(Debug, Clone)]
 pub(super) struct ProbeOut {
@@ -167,7 +180,11 @@ impl TreeNode {
             }
             return;
         }
-        if !self.believable_size(now, &their_root.key, size, asked.witnessed) {
+        // A root that was part of our own tree (our root, or our child) until lately is its own
+        // witness (its size still has to keep within the growth bound from what we knew of
+        // our tree then): a tree split by a long link failure merges back.
+        let witnessed = asked.witnessed || self.former_witness(now, &their_root.key);
+        if !self.believable_size(now, &their_root.key, size, witnessed) {
             return self.reject_invalid("unbelievable tree size in a probe answer");
         }
         if !self.should_merge_into(size, &their_root.key) {
@@ -182,6 +199,40 @@ impl TreeNode {
             their_root: their_root.key,
         };
         self.route(now, 1, order);
+    }
+
+    /// Remember `key` as lost from our tree (of our current size), for [`FORMER_MS`].
+    pub(super) fn remember_former(&mut self, key: PublicKey, now: u64) {
+        if key == self.me.key {
+            return;
+        }
+        self.former.retain(|_, f| f.until > now);
+        if !self.former.contains_key(&key) && self.former.len() >= MAX_FORMER {
+            if let Some(oldest) = self
+                .former
+                .iter()
+                .min_by_key(|(_, f)| f.until)
+                .map(|(k, _)| *k)
+            {
+                self.former.remove(&oldest);
+            }
+        }
+        self.former.insert(
+            key,
+            Former {
+                until: now.saturating_add(FORMER_MS),
+            },
+        );
+        // What we knew of our tree then is where the growth bound of its claims starts.
+        if !self.foreign.contains_key(&key) && self.foreign.len() < MAX_FOREIGN_ROOTS {
+            let size = self.size.max(1);
+            self.foreign.insert(key, ForeignClaim { size, at: now });
+        }
+    }
+
+    /// Whether `root` was part of our tree until lately.
+    fn former_witness(&self, now: u64, root: &PublicKey) -> bool {
+        self.former.get(root).is_some_and(|f| f.until > now)
     }
 
     /// Whether a foreign root's claimed `size` may be believed: bounded, witnessed (unless it

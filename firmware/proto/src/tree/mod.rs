@@ -311,6 +311,9 @@ pub struct TreeNode {
     probes_out: Vec<ProbeOut>,
     /// What foreign roots last claimed about their tree's size.
     foreign: BTreeMap<PublicKey, ForeignClaim>,
+    /// Keys we knew first-hand as part of our own tree (our root, our children) until we lost
+    /// them, with the tree's size then and until when (see `merge::FORMER_MS`).
+    former: BTreeMap<PublicKey, merge::Former>,
     rng: u64,
     now: u64,
     last_down_at: u64,
@@ -388,6 +391,7 @@ impl TreeNode {
             seen_order: VecDeque::new(),
             probes_out: Vec::new(),
             foreign: BTreeMap::new(),
+            former: BTreeMap::new(),
             rng: seed ^ 0x9e37_79b9_7f4a_7c15,
             now: 0,
             last_down_at: 0,
@@ -1794,6 +1798,7 @@ impl TreeNode {
         for pos in failed {
             if let Some(slot) = self.children.remove(&pos) {
                 self.remember_lost(Some(slot.peer.clone()), slot.peer.addr.clone(), now);
+                self.remember_former(slot.peer.key, now);
                 self.vacant.insert(
                     pos,
                     Vacancy {
@@ -1891,6 +1896,9 @@ impl TreeNode {
             Some(t) => t,
             None => {
                 self.remember_lost(Some(parent.peer.clone()), parent.peer.addr.clone(), now);
+                if let Some(root) = self.root.as_ref().map(|r| r.key) {
+                    self.remember_former(root, now);
+                }
                 if let Some(p) = self.parent.as_mut() {
                     p.failed_at = Some(now);
                 }
