@@ -106,12 +106,22 @@ pub struct Mapping {
 impl Mapping {
     /// Net time at a local reading; monotone in `local`, never below `floor_net`.
     pub fn net_at(&self, local: u64) -> u64 {
+        let net = self.line_at(local).max(i128::from(self.floor_net));
+        u64::try_from(net.clamp(0, i128::from(u64::MAX))).unwrap_or(u64::MAX)
+    }
+
+    /// The mapping's line at `local`, without the floor: for a reading taken before the last
+    /// re-basing it is what the clock showed then (the mapping is continuous at every
+    /// re-basing, and its rate changed by at most a slew), where [`Mapping::net_at`] would
+    /// return the floor.
+    fn line_at(&self, local: u64) -> i128 {
         let dl = i128::from(local) - i128::from(self.base_local);
-        let net = i128::from(self.base_net) + dl + (dl * i128::from(self.rate_ppb)).div_euclid(PPB);
-        let net = net
-            .max(i128::from(self.floor_net))
-            .min(i128::from(u64::MAX));
-        u64::try_from(net).unwrap_or(u64::MAX)
+        i128::from(self.base_net) + dl + (dl * i128::from(self.rate_ppb)).div_euclid(PPB)
+    }
+
+    /// Net time at a past local reading (see `line_at`), at least 0.
+    pub fn net_then(&self, local: u64) -> u64 {
+        u64::try_from(self.line_at(local).clamp(0, i128::from(u64::MAX))).unwrap_or(u64::MAX)
     }
 }
 
@@ -594,7 +604,10 @@ impl TimeSync {
     /// Our answer to a request received at `rx_local` and sent at `tx_local`.
     pub fn answer(&mut self, rx_local: u64, tx_local: u64, nonce: Nonce) -> TimeAns {
         self.observe(rx_local.max(tx_local));
-        let rx = self.map.net_at(rx_local).min(MAX_WIRE_INT);
+        // The request may have been read before the mapping was last re-based (a sample from
+        // our parent handled in between): `net_at` would give the floor, a later time than
+        // the clock showed, which shortens the asker's round trip and biases its offset.
+        let rx = self.map.net_then(rx_local).min(MAX_WIRE_INT);
         let tx = self
             .map
             .net_at(tx_local)
