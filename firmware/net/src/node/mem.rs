@@ -6,13 +6,16 @@
 //! sent to an address or a peer reaches the node with that address or key, and the receiver
 //! sees the sender's key as the link's authenticated peer (as the TLS handshake gives it).
 //! Time is `tokio::time`: run it under `#[tokio::test(start_paused = true)]` and
-//! [`MemNet::run_for`] moves virtual time forward in steps, firing the tree's ticks and the
-//! cells' timers when due, without waiting for real time.
+//! [`MemNet::run_for`] moves virtual time from event to event (the next frame due, tree tick
+//! or cell timer), without waiting for real time. Links deliver at once, or after a latency
+//! drawn per frame ([`MemNet::set_latency`]: a base plus a jitter made of two uniform parts,
+//! like two queues in a row), from a seeded generator.
 //!
 //! What it leaves out is the I/O around the host: links and their bounds, dialing, NAT roles,
 //! relays, the receptor and monitor servers. Those are tested over loopback sockets.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,26 +47,68 @@ struct MemNode {
 /// Nodes wired together in memory.
 pub struct MemNet {
     nodes: Vec<MemNode>,
-    /// (from, to, frame, local µs of the receiver when it arrived).
+    /// Frames due now: (from, to, frame).
     queue: VecDeque<(usize, usize, Vec<u8>)>,
+    /// Frames in flight: (due, sequence), and by sequence (from, to, frame).
+    flight: BinaryHeap<Reverse<(tokio::time::Instant, u64)>>,
+    in_flight: BTreeMap<u64, (usize, usize, Vec<u8>)>,
+    seq: u64,
+    /// One-way latency: base and jitter, µs (each frame: base - jitter + two uniform draws
+    /// of up to one jitter each).
+    latency: Option<(u64, u64)>,
+    rng: u64,
     max_children: u64,
     heartbeat_ms: u64,
-    step: Duration,
     frames: u64,
 }
 
 impl MemNet {
-    /// A network whose trees have `max_children` and `heartbeat_ms`; time moves in steps of
-    /// 5 ms.
+    /// A network whose trees have `max_children` and `heartbeat_ms`, delivering at once.
     pub fn new(max_children: u64, heartbeat_ms: u64) -> Self {
         Self {
             nodes: Vec::new(),
             queue: VecDeque::new(),
+            flight: BinaryHeap::new(),
+            in_flight: BTreeMap::new(),
+            seq: 0,
+            latency: None,
+            rng: 1,
             max_children,
             heartbeat_ms,
-            step: Duration::from_millis(5),
             frames: 0,
         }
+    }
+
+    /// Every frame from now on takes `base ± jitter` one way (two uniform parts, so most
+    /// delays are near `base`), drawn from a generator seeded with `seed`.
+    pub fn set_latency(&mut self, base: Duration, jitter: Duration, seed: u64) {
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.latency = Some((us(base), us(jitter).min(us(base))));
+        self.rng = seed.max(1);
+    }
+
+    /// xorshift64*.
+    fn next_rand(&mut self) -> u64 {
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Queue a frame: due now, or after a drawn latency.
+    fn send(&mut self, from: usize, to: usize, frame: Vec<u8>) {
+        let Some((base, jitter)) = self.latency else {
+            self.queue.push_back((from, to, frame));
+            return;
+        };
+        let mut us = base - jitter;
+        if jitter > 0 {
+            us += self.next_rand() % (jitter + 1) + self.next_rand() % (jitter + 1);
+        }
+        self.seq += 1;
+        let due = tokio::time::Instant::now() + Duration::from_micros(us);
+        self.flight.push(Reverse((due, self.seq)));
+        self.in_flight.insert(self.seq, (from, to, frame));
     }
 
     /// Add a node of cell type `name` whose local clock reads `local_us` now, joining through
@@ -198,7 +243,8 @@ impl MemNet {
         r
     }
 
-    /// Node `from` seals `kind`/`body` and it arrives at `to` (as if sent over their link).
+    /// Node `from` seals `kind`/`body` and it arrives at `to` (as if sent over their link,
+    /// at once whatever the latency).
     pub fn inject(&mut self, from: usize, to: usize, kind: &str, body: Value) {
         let frame = self.nodes[from].host.seal_kind_body(kind, body);
         self.queue.push_back((from, to, frame));
@@ -216,35 +262,75 @@ impl MemNet {
         self.settle();
     }
 
-    /// Move virtual time forward by `d` in steps, running every node's timers and delivering
-    /// every frame at each step. Under a paused tokio clock this takes no real time.
+    /// Move virtual time forward by `d`, event by event: frames due, tree ticks, cell
+    /// timers. Under a paused tokio clock this takes no real time.
     pub async fn run_for(&mut self, d: Duration) {
         let end = tokio::time::Instant::now() + d;
-        while tokio::time::Instant::now() < end {
-            tokio::time::sleep(self.step).await;
-            self.timers();
-            self.settle();
-        }
+        self.run_until_instant(end, |_| false).await;
     }
 
-    /// Run until `done` holds (checked at every step) or `limit` of virtual time passed;
+    /// Run until `done` holds (checked after every event) or `limit` of virtual time passed;
     /// returns whether it held.
-    pub async fn run_until(
+    pub async fn run_until(&mut self, limit: Duration, done: impl FnMut(&Self) -> bool) -> bool {
+        let end = tokio::time::Instant::now() + limit;
+        self.run_until_instant(end, done).await
+    }
+
+    async fn run_until_instant(
         &mut self,
-        limit: Duration,
+        end: tokio::time::Instant,
         mut done: impl FnMut(&Self) -> bool,
     ) -> bool {
-        let end = tokio::time::Instant::now() + limit;
         loop {
+            self.timers();
+            self.arrivals();
+            self.settle();
             if done(self) {
                 return true;
             }
-            if tokio::time::Instant::now() >= end {
+            let now = tokio::time::Instant::now();
+            if now >= end {
                 return false;
             }
-            tokio::time::sleep(self.step).await;
-            self.timers();
-            self.settle();
+            // Never a zero-length step: a timer asking for "now" again costs 100 µs of
+            // virtual time, never a hot loop.
+            let next = self
+                .next_event()
+                .map_or(end, |t| t.min(end))
+                .max(now + Duration::from_micros(100));
+            tokio::time::sleep_until(next).await;
+        }
+    }
+
+    /// The next frame due or timer (tree tick, cell timeout) of any node.
+    fn next_event(&self) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        let mut next = self.flight.peek().map(|Reverse((t, _))| *t);
+        for n in &self.nodes {
+            let mono = n.clock.mono_ms();
+            let mut take = |ms: u64| {
+                let t = now + Duration::from_millis(ms.saturating_sub(mono));
+                next = Some(next.map_or(t, |x| x.min(t)));
+            };
+            take(n.next_tick);
+            if let Some(t) = n.host.poll_timeout() {
+                take(t.max(mono + 1));
+            }
+        }
+        next
+    }
+
+    /// Frames in flight whose time has come go to the queue.
+    fn arrivals(&mut self) {
+        let now = tokio::time::Instant::now();
+        while let Some(Reverse((due, seq))) = self.flight.peek().copied() {
+            if due > now {
+                break;
+            }
+            self.flight.pop();
+            if let Some(f) = self.in_flight.remove(&seq) {
+                self.queue.push_back(f);
+            }
         }
     }
 
@@ -269,7 +355,7 @@ impl MemNet {
                 self.nodes[i].host.carry_out();
                 while let Some((to, frame)) = self.nodes[i].host.poll_transmit() {
                     if let Some(j) = self.route(i, &to) {
-                        self.queue.push_back((i, j, frame));
+                        self.send(i, j, frame);
                     }
                 }
             }
