@@ -91,7 +91,7 @@ async fn three_hops_of_delayed_links_sync_within_a_few_milliseconds() {
     net.run_for(Duration::from_secs(120)).await;
     let clocks: Vec<_> = (0..n).map(|i| net.clock(i)).collect();
     let mut last = vec![0u64; n];
-    let mut worst = vec![0u64; 4];
+    let mut worst = [0u64; 4];
     for _ in 0..60 {
         net.run_for(Duration::from_secs(1)).await;
         let r = clocks[root].now_us();
