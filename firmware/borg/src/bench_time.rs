@@ -46,8 +46,9 @@ pub struct TimeBenchArgs {
     /// Seconds of sampling after everything synced and settled.
     #[arg(long, default_value_t = 60)]
     secs: u64,
-    /// Seconds of settling between "all synced" and sampling.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds of settling between "all synced" and sampling (cronoTree's frequency estimate
+    /// takes six 16 s blocks; chrony gets the same time).
+    #[arg(long, default_value_t = 90)]
     settle: u64,
     /// chrony's poll interval, log2 seconds (minpoll = maxpoll), e.g. 0 = 1 s, -2 = 250 ms.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
