@@ -207,16 +207,7 @@ impl TreeNode {
             return;
         }
         self.former.retain(|_, f| f.until > now);
-        if !self.former.contains_key(&key) && self.former.len() >= MAX_FORMER {
-            if let Some(oldest) = self
-                .former
-                .iter()
-                .min_by_key(|(_, f)| f.until)
-                .map(|(k, _)| *k)
-            {
-                self.former.remove(&oldest);
-            }
-        }
+        make_room(&mut self.former, &key, MAX_FORMER, |f| f.until);
         self.former.insert(
             key,
             Former {
@@ -251,16 +242,7 @@ impl TreeNode {
             }
             _ => true,
         };
-        if !self.foreign.contains_key(root) && self.foreign.len() >= MAX_FOREIGN_ROOTS {
-            if let Some(oldest) = self
-                .foreign
-                .iter()
-                .min_by_key(|(_, c)| c.at)
-                .map(|(k, _)| *k)
-            {
-                self.foreign.remove(&oldest);
-            }
-        }
+        make_room(&mut self.foreign, root, MAX_FOREIGN_ROOTS, |c| c.at);
         // Remember the claim either way: an inflated answer does not reset the bound.
         let keep = match self.foreign.get(root) {
             Some(prev) if !ok => prev.size,
@@ -284,5 +266,21 @@ impl TreeNode {
             return false;
         }
         (their_size, Some(*their_root)) > (self.size, my_root)
+    }
+}
+
+/// Before inserting `key` into `map` (at most `cap` entries): if it is new and the map is
+/// full, drop the entry with the smallest `age` key.
+fn make_room<V>(
+    map: &mut std::collections::BTreeMap<PublicKey, V>,
+    key: &PublicKey,
+    cap: usize,
+    age: impl Fn(&V) -> u64,
+) {
+    if map.contains_key(key) || map.len() < cap {
+        return;
+    }
+    if let Some(oldest) = map.iter().min_by_key(|(_, v)| age(v)).map(|(k, _)| *k) {
+        map.remove(&oldest);
     }
 }
