@@ -86,6 +86,10 @@ pub struct Sim {
     pub parts: u64,
     /// Configuration of nodes added after it is set.
     pub cfg: SyncConfig,
+    /// Load spikes: this many frames in 1,000 are held up by an extra uniform 0..`spike_us`
+    /// (a busy process or a segment stuck behind another), on either leg.
+    pub spikes_per_1000: u64,
+    pub spike_us: u64,
     rng: Rng,
     queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
     events: Vec<Option<Ev>>,
@@ -102,6 +106,8 @@ impl Sim {
             tick_us: 10_000,
             parts: 1,
             cfg: SyncConfig::default(),
+            spikes_per_1000: 0,
+            spike_us: 0,
             rng: Rng::new(seed),
             queue: BinaryHeap::new(),
             events: Vec::new(),
@@ -157,9 +163,12 @@ impl Sim {
     fn send(&mut self, ev: Ev) {
         let parts = self.parts.max(1);
         let (l, j) = (self.latency_us / parts, self.jitter_us / parts);
-        let lat = (0..parts)
+        let mut lat = (0..parts)
             .map(|_| self.rng.range(l - j, l + j))
             .sum::<u64>();
+        if self.spikes_per_1000 > 0 && self.rng.range(0, 999) < self.spikes_per_1000 {
+            lat += self.rng.range(0, self.spike_us);
+        }
         self.seq += 1;
         self.events.push(Some(ev));
         self.queue
