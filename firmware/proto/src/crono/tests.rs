@@ -419,3 +419,18 @@ fn tree14_figures() {
         }
     }
 }
+
+#[test]
+fn a_reading_from_before_a_rebase_is_answered_with_the_time_then_not_the_floor() {
+    let m = Mapping {
+        base_local: 1_000_000,
+        base_net: 5_000_000,
+        rate_ppb: 500_000,
+        floor_net: 5_000_000,
+    };
+    // net_at never goes below the floor (what cells read as "now")...
+    assert_eq!(m.net_at(900_000), 5_000_000);
+    // ...but a request read 100 ms before the re-basing is stamped with the time then.
+    assert_eq!(m.net_then(900_000), 4_899_950);
+    assert_eq!(m.net_then(1_100_000), m.net_at(1_100_000));
+}
