@@ -395,6 +395,8 @@ fn bench(args: &TimeBenchArgs, exe: &Path, dir: &Path) -> Result<()> {
     let mut chrony: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
     let mut chrony_est: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
     let mut stratum: BTreeMap<usize, usize> = BTreeMap::new();
+    // Per node: its signed errors and its last `time` object (diagnostics).
+    let mut per_node: BTreeMap<usize, (Vec<f64>, Value)> = BTreeMap::new();
     let end = Instant::now() + Duration::from_secs(args.secs);
     let mut rounds = 0;
     while Instant::now() < end {
@@ -434,6 +436,11 @@ fn bench(args: &TimeBenchArgs, exe: &Path, dir: &Path) -> Result<()> {
                     stratum.insert(i, s);
                     if s > 0 {
                         ours.entry(s).or_default().push((o - r).abs());
+                        let e = per_node
+                            .entry(i)
+                            .or_insert_with(|| (Vec::new(), Value::Null));
+                        e.0.push(o - r);
+                        e.1 = v.clone();
                     }
                 }
             }
@@ -491,6 +498,15 @@ fn bench(args: &TimeBenchArgs, exe: &Path, dir: &Path) -> Result<()> {
         ours_sync.get(&0).copied().unwrap_or(f64::NAN),
         chrony_sync.get(&0).copied().unwrap_or(f64::NAN)
     );
+    // Per node: what to look at when a hop's figures are off.
+    for (i, (errs, t)) in &mut per_node {
+        let mean = errs.iter().sum::<f64>() / errs.len().max(1) as f64;
+        let (p50, _) = p50_p99(&mut errs.iter().map(|e| e.abs()).collect::<Vec<_>>());
+        println!(
+            "  n{i}: stratum {}, error mean {mean:+.3} ms, |error| p50 {p50:.3} ms; freq {} ppm, window restarts {}, samples {}, rejected {}, bound {} ms",
+            t["stratum"], t["freq_ppm"], t["window_restarts"], t["samples"], t["rejected"], t["error_bound_ms"]
+        );
+    }
     drop(procs);
     drop(hub);
     Ok(())

@@ -185,7 +185,7 @@ impl NetClock {
         let offset_us = i128::from(now_us) - i128::from(self.local_us());
         let sys_off = self.system_offset_us();
         let ms = |us: i128| us as f64 / 1000.0;
-        let (source, stratum, bound, samples, rejected) = match st {
+        let (source, stratum, bound, samples, rejected, freq_ppm, restarts) = match st {
             Some(st) => (
                 match st.source {
                     TimeSource::Local => "local".to_string(),
@@ -196,8 +196,10 @@ impl NetClock {
                 json!(ms(i128::from(st.error_bound_us))),
                 st.samples,
                 st.rejected,
+                st.freq_ppb as f64 / 1000.0,
+                st.restarts,
             ),
-            None => ("local".to_string(), Value::Null, Value::Null, 0, 0),
+            None => ("local".to_string(), Value::Null, Value::Null, 0, 0, 0.0, 0),
         };
         json!({
             "synced": self.is_synced(),
@@ -209,6 +211,8 @@ impl NetClock {
             "system_offset_ms": ms(i128::from(sys_off)),
             "samples": samples,
             "rejected": rejected,
+            "freq_ppm": freq_ppm,
+            "window_restarts": restarts,
         })
     }
 
@@ -255,6 +259,8 @@ mod tests {
             stratum: 0,
             samples: 0,
             rejected: 0,
+            freq_ppb: 0,
+            restarts: 0,
         }
     }
 

@@ -60,6 +60,8 @@ pub(super) struct Filter {
     /// Local time the current block started (its samples are the newest ones from there).
     block_from: Option<i128>,
     freq_ppb: i64,
+    /// Windows restarted because the parent's bounds stopped intersecting ours.
+    restarts: u64,
 }
 
 impl Filter {
@@ -72,6 +74,7 @@ impl Filter {
             blocks: VecDeque::new(),
             block_from: None,
             freq_ppb: 0,
+            restarts: 0,
         }
     }
 
@@ -95,6 +98,12 @@ impl Filter {
         self.freq_ppb
     }
 
+    /// Windows restarted because a sample did not fit the bounds (the parent stepped, or
+    /// our frequency estimate was off).
+    pub fn restarts(&self) -> u64 {
+        self.restarts
+    }
+
     /// Local time between the oldest and the newest sample.
     pub fn span(&self) -> i128 {
         match (self.samples.front(), self.samples.back()) {
@@ -116,6 +125,7 @@ impl Filter {
             let tol = 1000 + self.drift_allowance_ppm * self.span() / 1_000_000;
             if s.lo > up + tol || s.up < lo - tol {
                 self.clear();
+                self.restarts = self.restarts.saturating_add(1);
             }
         }
         while self.samples.len() >= self.window {

@@ -144,6 +144,10 @@ pub struct TimeStatus {
     pub stratum: u8,
     pub samples: u64,
     pub rejected: u64,
+    /// The frequency correction towards the parent, ppb (diagnostics).
+    pub freq_ppb: i64,
+    /// Sample windows restarted because a sample did not fit (diagnostics).
+    pub restarts: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -712,6 +716,8 @@ impl TimeSync {
             stratum: self.stratum,
             samples: self.n_samples,
             rejected: self.n_rejected,
+            freq_ppb: self.filter.freq_ppb(),
+            restarts: self.filter.restarts(),
         }
     }
 }
