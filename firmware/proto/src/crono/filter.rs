@@ -153,7 +153,15 @@ impl Filter {
 
     fn estimate_freq(&self) -> i64 {
         let slope = if self.blocks.len() >= 6 {
-            slope(self.blocks.iter().copied())
+            // A parent still slewing out its own first error when our blocks began (at up
+            // to 500 ppm) bends the oldest points; a line through them would carry that
+            // transient as a frequency for minutes (seen: -100 ppm, 3-5 ms off, on a loaded
+            // bench). Drop the oldest points while they sit off the line the others make.
+            let mut pts: Vec<(i128, i128)> = self.blocks.iter().copied().collect();
+            while pts.len() > 4 && front_is_off(&pts) {
+                pts.remove(0);
+            }
+            slope(pts.into_iter())
         } else if self.samples.len() >= 16 && self.span() >= 30_000_000 {
             slope(self.samples.iter().map(|s| (s.t, s.mid())))
         } else {
@@ -268,4 +276,37 @@ fn slope(points: impl Iterator<Item = (i128, i128)> + Clone) -> Option<i128> {
     } else {
         (b * 1e9) as i128
     })
+}
+
+/// Whether the oldest point is off the least-squares line through the others by more than
+/// four times their residual spread (at least 0.25 ms).
+fn front_is_off(pts: &[(i128, i128)]) -> bool {
+    let Some(((t0, m0), rest)) = pts.split_first() else {
+        return false;
+    };
+    let n = rest.len() as f64;
+    if n < 3.0 {
+        return false;
+    }
+    let (base_t, base_m) = rest[0];
+    let xs: Vec<(f64, f64)> = rest
+        .iter()
+        .map(|(t, m)| ((t - base_t) as f64, (m - base_m) as f64))
+        .collect();
+    let tm = xs.iter().map(|p| p.0).sum::<f64>() / n;
+    let mm = xs.iter().map(|p| p.1).sum::<f64>() / n;
+    let den: f64 = xs.iter().map(|p| (p.0 - tm).powi(2)).sum();
+    if den <= 0.0 {
+        return false;
+    }
+    let b = xs.iter().map(|p| (p.0 - tm) * (p.1 - mm)).sum::<f64>() / den;
+    let sd = (xs
+        .iter()
+        .map(|p| (p.1 - mm - b * (p.0 - tm)).powi(2))
+        .sum::<f64>()
+        / (n - 2.0))
+        .sqrt();
+    let x0 = (t0 - base_t) as f64;
+    let r0 = (m0 - base_m) as f64 - (mm + b * (x0 - tm));
+    r0.abs() > 4.0 * sd.max(250.0)
 }
