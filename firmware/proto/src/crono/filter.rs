@@ -243,70 +243,78 @@ fn window_mean(samples: &[Sample]) -> Option<(i128, i128, f64)> {
     Some((tm, mm, var / n as f64))
 }
 
+/// A least-squares line through `(t, offset)` points, in µs relative to the first point.
+struct Line {
+    /// The first point (the origin of the fit's coordinates).
+    origin: (i128, i128),
+    /// Mean t and mean offset, relative to `origin`.
+    tm: f64,
+    mm: f64,
+    /// Slope (µs per µs), sum of squared t deviations, residual standard deviation.
+    b: f64,
+    den: f64,
+    sd: f64,
+}
+
+impl Line {
+    /// The fit, if there are at least three points spanning any time.
+    fn fit(points: impl Iterator<Item = (i128, i128)> + Clone) -> Option<Self> {
+        let origin = points.clone().next()?;
+        let pts: Vec<(f64, f64)> = points
+            .map(|(t, m)| ((t - origin.0) as f64, (m - origin.1) as f64))
+            .collect();
+        let n = pts.len() as f64;
+        if n < 3.0 {
+            return None;
+        }
+        let tm = pts.iter().map(|p| p.0).sum::<f64>() / n;
+        let mm = pts.iter().map(|p| p.1).sum::<f64>() / n;
+        let den: f64 = pts.iter().map(|p| (p.0 - tm).powi(2)).sum();
+        if den <= 0.0 {
+            return None;
+        }
+        let b = pts.iter().map(|p| (p.0 - tm) * (p.1 - mm)).sum::<f64>() / den;
+        let rss: f64 = pts
+            .iter()
+            .map(|p| (p.1 - mm - b * (p.0 - tm)).powi(2))
+            .sum();
+        let sd = (rss / (n - 2.0).max(1.0)).sqrt();
+        Some(Self {
+            origin,
+            tm,
+            mm,
+            b,
+            den,
+            sd,
+        })
+    }
+
+    /// How far `(t, m)` lies from the line (µs).
+    fn residual(&self, (t, m): (i128, i128)) -> f64 {
+        let x = (t - self.origin.0) as f64;
+        (m - self.origin.1) as f64 - (self.mm + self.b * (x - self.tm))
+    }
+}
+
 /// Least-squares slope (ppb) of `(t, offset)` points, if they span any time, taken as 0 when
 /// it is within two standard errors of 0: a slope the points cannot tell from none would only
 /// carry their noise into the offset (at 100 ppm real drift it is always significant).
 fn slope(points: impl Iterator<Item = (i128, i128)> + Clone) -> Option<i128> {
-    let first = points.clone().next()?;
-    let pts: Vec<(f64, f64)> = points
-        .map(|(t, m)| ((t - first.0) as f64, (m - first.1) as f64))
-        .collect();
-    let n = pts.len() as f64;
-    if n < 3.0 {
-        return None;
-    }
-    let tm = pts.iter().map(|p| p.0).sum::<f64>() / n;
-    let mm = pts.iter().map(|p| p.1).sum::<f64>() / n;
-    let (mut num, mut den) = (0f64, 0f64);
-    for (t, m) in &pts {
-        num += (t - tm) * (m - mm);
-        den += (t - tm) * (t - tm);
-    }
-    if den <= 0.0 {
-        return None;
-    }
-    let b = num / den;
-    let rss: f64 = pts
-        .iter()
-        .map(|(t, m)| (m - mm - b * (t - tm)).powi(2))
-        .sum();
-    let se = (rss / (n - 2.0).max(1.0) / den).sqrt();
-    Some(if b.abs() < 2.0 * se {
+    let line = Line::fit(points)?;
+    let se = line.sd / line.den.sqrt();
+    Some(if line.b.abs() < 2.0 * se {
         0
     } else {
-        (b * 1e9) as i128
+        (line.b * 1e9) as i128
     })
 }
 
 /// Whether the oldest point is off the least-squares line through the others by more than
 /// four times their residual spread (at least 0.25 ms).
 fn front_is_off(pts: &[(i128, i128)]) -> bool {
-    let Some(((t0, m0), rest)) = pts.split_first() else {
+    let Some((first, rest)) = pts.split_first() else {
         return false;
     };
-    let n = rest.len() as f64;
-    if n < 3.0 {
-        return false;
-    }
-    let (base_t, base_m) = rest[0];
-    let xs: Vec<(f64, f64)> = rest
-        .iter()
-        .map(|(t, m)| ((t - base_t) as f64, (m - base_m) as f64))
-        .collect();
-    let tm = xs.iter().map(|p| p.0).sum::<f64>() / n;
-    let mm = xs.iter().map(|p| p.1).sum::<f64>() / n;
-    let den: f64 = xs.iter().map(|p| (p.0 - tm).powi(2)).sum();
-    if den <= 0.0 {
-        return false;
-    }
-    let b = xs.iter().map(|p| (p.0 - tm) * (p.1 - mm)).sum::<f64>() / den;
-    let sd = (xs
-        .iter()
-        .map(|p| (p.1 - mm - b * (p.0 - tm)).powi(2))
-        .sum::<f64>()
-        / (n - 2.0))
-        .sqrt();
-    let x0 = (t0 - base_t) as f64;
-    let r0 = (m0 - base_m) as f64 - (mm + b * (x0 - tm));
-    r0.abs() > 4.0 * sd.max(250.0)
+    Line::fit(rest.iter().copied())
+        .is_some_and(|line| line.residual(*first).abs() > 4.0 * line.sd.max(250.0))
 }
