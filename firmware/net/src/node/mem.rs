@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use borg_proto::crono::sim::Rng;
 use borg_proto::identity::{PublicKey, SecretKey};
 use borg_proto::tree::{Peer, Target, TreeConfig, TreeNode};
 use serde_json::Value;
@@ -56,7 +57,7 @@ pub struct MemNet {
     /// One-way latency: base and jitter, µs (each frame: base - jitter + two uniform draws
     /// of up to one jitter each).
     latency: Option<(u64, u64)>,
-    rng: u64,
+    rng: Rng,
     max_children: u64,
     heartbeat_ms: u64,
     frames: u64,
@@ -72,7 +73,7 @@ impl MemNet {
             in_flight: BTreeMap::new(),
             seq: 0,
             latency: None,
-            rng: 1,
+            rng: Rng::new(1),
             max_children,
             heartbeat_ms,
             frames: 0,
@@ -84,15 +85,7 @@ impl MemNet {
     pub fn set_latency(&mut self, base: Duration, jitter: Duration, seed: u64) {
         let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         self.latency = Some((us(base), us(jitter).min(us(base))));
-        self.rng = seed.max(1);
-    }
-
-    /// xorshift64*.
-    fn next_rand(&mut self) -> u64 {
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        self.rng = Rng::new(seed);
     }
 
     /// Queue a frame: due now, or after a drawn latency.
@@ -101,10 +94,7 @@ impl MemNet {
             self.queue.push_back((from, to, frame));
             return;
         };
-        let mut us = base - jitter;
-        if jitter > 0 {
-            us += self.next_rand() % (jitter + 1) + self.next_rand() % (jitter + 1);
-        }
+        let us = base - jitter + self.rng.range(0, jitter) + self.rng.range(0, jitter);
         self.seq += 1;
         let due = tokio::time::Instant::now() + Duration::from_micros(us);
         self.flight.push(Reverse((due, self.seq)));
