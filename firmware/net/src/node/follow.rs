@@ -180,7 +180,7 @@ impl Actor {
 
     pub(super) fn seal_reach(&self, msg: &ReachMsg) -> Vec<u8> {
         let (kind, body) = msg.to_kind_body();
-        self.seal_kind_body(&kind, body)
+        self.host.seal_kind_body(&kind, body)
     }
 }
 

@@ -302,9 +302,9 @@ impl Host {
         .to_bytes()
     }
 
-    /// The tree's and the cell's part of `/status` (the actor adds links, ports, NAT).
-    pub(crate) fn status(&self) -> Value {
-        let view = self.tree.view();
+    /// The tree's and the cell's part of `/status` (the actor adds links, ports, NAT), from
+    /// `view`, the tree's view now (the caller has it at hand).
+    pub(crate) fn status(&self, view: &TreeView) -> Value {
         let k = self.k;
         let placed = |p: &borg_proto::tree::Placed| json!({"pos": p.pos, "key": p.peer.key.to_b64(), "addr": p.peer.addr, "mon": p.peer.mon});
         let mut status = json!({

@@ -187,7 +187,8 @@ impl MemNet {
 
     /// Node `i`'s `/status` as the runtime builds it from its tree and cell.
     pub fn status(&self, i: usize) -> Value {
-        self.nodes[i].host.status()
+        let host = &self.nodes[i].host;
+        host.status(&host.tree.view())
     }
 
     /// Node `i`'s cell metrics (the lines its cell adds to `/metrics`).
@@ -236,9 +237,8 @@ impl MemNet {
     /// Node `from` seals `kind`/`body` and it arrives at `to` (as if sent over their link,
     /// at once whatever the latency).
     pub fn inject(&mut self, from: usize, to: usize, kind: &str, body: Value) {
-        let frame = self.nodes[from].host.seal_kind_body(kind, body);
-        self.queue.push_back((from, to, frame));
-        self.settle();
+        let frame = self.seal(from, kind, body);
+        self.inject_bytes(from, to, frame);
     }
 
     /// A frame sealed by node `from` now (not sent).
@@ -246,7 +246,7 @@ impl MemNet {
         self.nodes[from].host.seal_kind_body(kind, body)
     }
 
-    /// Raw bytes arrive at `to` on `from`'s link.
+    /// Raw bytes arrive at `to` on `from`'s link (at once, whatever the latency).
     pub fn inject_bytes(&mut self, from: usize, to: usize, bytes: Vec<u8>) {
         self.queue.push_back((from, to, bytes));
         self.settle();

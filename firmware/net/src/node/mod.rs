@@ -753,11 +753,6 @@ impl Actor {
         }
         self.metrics.dropped_outbound += self.host.take_dropped();
     }
-
-    /// Seal `kind`/`body` with our key, our advertised address and network time.
-    fn seal_kind_body(&self, kind: &str, body: Value) -> Vec<u8> {
-        self.host.seal_kind_body(kind, body)
-    }
 }
 
 impl NodeHandle {

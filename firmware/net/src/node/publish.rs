@@ -8,7 +8,7 @@ impl Actor {
     /// Publish the snapshot, the base view, the probe candidates and the neighbourhood.
     pub(super) fn publish(&mut self) {
         let view = self.host.tree.view();
-        let mut status = self.host.status();
+        let mut status = self.host.status(&view);
         if let Some(obj) = status.as_object_mut() {
             obj.insert("mon".into(), json!(self.cfg.mon.to_string()));
             obj.insert("recp".into(), json!(self.cfg.recp.to_string()));
