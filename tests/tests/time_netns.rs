@@ -186,14 +186,14 @@ fn network_time_over_three_delayed_hops() {
         .expect("a node at stratum 0");
 
     // Settle, then sample: the error vs the root, and network time never backwards.
-    let sample = std::env::var("BORG_TIME_SAMPLE_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .map_or(SAMPLE, Duration::from_secs);
-    let settle = std::env::var("BORG_TIME_SETTLE_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .map_or(SETTLE, Duration::from_secs);
+    let secs = |var: &str, default: Duration| {
+        std::env::var(var)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map_or(default, Duration::from_secs)
+    };
+    let sample = secs("BORG_TIME_SAMPLE_SECS", SAMPLE);
+    let settle = secs("BORG_TIME_SETTLE_SECS", SETTLE);
     let settle_end = Instant::now() + settle;
     let end = settle_end + sample;
     let mut last_now: BTreeMap<String, u64> = BTreeMap::new();
