@@ -138,6 +138,11 @@ fn forged_answers_and_a_request_flood_do_not_move_time_or_stop_the_node() {
         "newcomer did not sync during the attack: {:?}",
         net.cell_status(3, CRONO_MON)
     );
+    println!(
+        "newcomer synced {:.1} ms from the network, {:.1} s into the attack",
+        newcomer.unwrap_or_default(),
+        started.elapsed().as_secs_f64()
+    );
     rt.block_on(attack).unwrap();
     let secs = started.elapsed().as_secs_f64();
     let (n_sent, n_ans) = (

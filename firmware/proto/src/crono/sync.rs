@@ -29,6 +29,11 @@ pub struct SyncConfig {
     pub window: usize,
     /// Largest slew (rate change used to correct an offset), ppm.
     pub max_slew_ppm: i64,
+    /// Largest slew for an offset error above `fast_slew_above_us`, ppm. A first estimate
+    /// taken under load can be off by half a long round trip; at `max_slew_ppm` alone a
+    /// 150 ms error backwards (which may not step) would take five minutes to slew out.
+    pub fast_slew_ppm: i64,
+    pub fast_slew_above_us: u64,
     /// Largest frequency correction (drift estimate), ppm. It must cover a parent that is
     /// itself slewing at `max_slew_ppm`, plus two oscillators of ±100 ppm.
     pub max_freq_ppm: i64,
@@ -59,6 +64,8 @@ impl Default for SyncConfig {
             poll_max_us: 1_000_000,
             window: 64,
             max_slew_ppm: 500,
+            fast_slew_ppm: 50_000,
+            fast_slew_above_us: 2_000,
             max_freq_ppm: 1000,
             slew_time_us: 3_000_000,
             step_us: 1_000_000,
@@ -209,6 +216,7 @@ impl TimeSync {
         cfg.max_outstanding = cfg.max_outstanding.clamp(1, 16);
         cfg.window = cfg.window.clamp(1, 64);
         cfg.max_slew_ppm = cfg.max_slew_ppm.clamp(1, 10_000);
+        cfg.fast_slew_ppm = cfg.fast_slew_ppm.clamp(cfg.max_slew_ppm, 100_000);
         cfg.max_freq_ppm = cfg.max_freq_ppm.clamp(0, 10_000);
         cfg.slew_time_us = cfg.slew_time_us.max(1);
         Self {
@@ -281,7 +289,7 @@ impl TimeSync {
     }
 
     fn rebase(&mut self, now: u64, net: u64, rate_ppb: i64) {
-        let bound = (self.cfg.max_freq_ppm + self.cfg.max_slew_ppm) * 1000;
+        let bound = (self.cfg.max_freq_ppm + self.cfg.fast_slew_ppm) * 1000;
         self.map = Mapping {
             base_local: now,
             base_net: net,
@@ -306,7 +314,11 @@ impl TimeSync {
             self.synced = true;
             return;
         }
-        let max = i128::from(self.cfg.max_slew_ppm) * 1000;
+        let max = if e.unsigned_abs() > u128::from(self.cfg.fast_slew_above_us) {
+            i128::from(self.cfg.fast_slew_ppm) * 1000
+        } else {
+            i128::from(self.cfg.max_slew_ppm) * 1000
+        };
         let tau = i128::from(self.cfg.slew_time_us);
         let slew = (e * PPB / tau).clamp(-max, max);
         let slew_i64 = i64::try_from(slew).unwrap_or(0);

@@ -434,3 +434,67 @@ fn a_reading_from_before_a_rebase_is_answered_with_the_time_then_not_the_floor()
     assert_eq!(m.net_then(900_000), 4_899_950);
     assert_eq!(m.net_then(1_100_000), m.net_at(1_100_000));
 }
+
+/// A first estimate taken under load (a round trip of 300 ms, all of it on one way) is
+/// 150 ms off; net time may not step back (nor step forward under a second), so it slews
+/// fast instead of at 500 ppm (five minutes), and never goes backwards doing so.
+fn bootstrap_off_by_a_one_sided_queue(queued_on_the_way_out: bool) {
+    let p = SecretKey::generate().public();
+    let mut s = TimeSync::new(SyncConfig::default(), FLOOR);
+    // True net time = local + OFF.
+    const OFF: u64 = 30 * 86_400 * S;
+    let t = FLOOR + 10 * S;
+    let TimeMsg::Req { nonce } = s.bootstrap_request(t, [1; 16]) else {
+        panic!()
+    };
+    // The request waits 300 ms before the parent reads it, or the answer waits 300 ms
+    // before we read it.
+    let stamped = if queued_on_the_way_out {
+        t + 300_000
+    } else {
+        t
+    };
+    assert_eq!(
+        s.handle_answer(t + 300_000, &p, &ans(nonce, stamped + OFF)),
+        Ok(())
+    );
+    s.handle_timeout(t + 4 * S);
+    let ahead = |s: &TimeSync, l: u64| s.net_at(l) as i64 - (l + OFF) as i64;
+    let first = ahead(&s, t + 4 * S);
+    assert!(s.status(t + 4 * S).synced);
+    assert!(
+        (140_000..=160_000).contains(&first.abs()),
+        "{first} µs ahead"
+    );
+    assert_eq!(first > 0, queued_on_the_way_out);
+    s.set_parent(t + 4 * S, Some(p));
+    let mut last_net = s.net_at(t + 4 * S);
+    let mut l = t + 4 * S;
+    let mut k = 0u8;
+    let end = l + 20 * S;
+    while l < end {
+        if let Some((_, TimeMsg::Req { nonce })) = s.poll_transmit(l, [k; 16]) {
+            k = k.wrapping_add(1);
+            // A 2 ms round trip, symmetric.
+            let _ = s.handle_answer(l + 2_000, &p, &ans(nonce, l + 1_000 + OFF));
+        }
+        s.handle_timeout(l + 2_000);
+        let net = s.net_at(l + 2_000);
+        assert!(net >= last_net, "net time went backwards at {l}");
+        last_net = net;
+        l += 50_000;
+    }
+    let err = ahead(&s, l);
+    println!("bootstrap {first} µs ahead; 20 s later {err} µs");
+    assert!(err.abs() < 2_000, "still {err} µs ahead after 20 s");
+}
+
+#[test]
+fn a_bootstrap_150_ms_ahead_is_slewed_back_within_seconds() {
+    bootstrap_off_by_a_one_sided_queue(true);
+}
+
+#[test]
+fn a_bootstrap_150_ms_behind_is_slewed_forward_within_seconds() {
+    bootstrap_off_by_a_one_sided_queue(false);
+}
