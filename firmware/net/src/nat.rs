@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use borg_proto::envelope::{self, ReplayCache};
 use borg_proto::identity::{PublicKey, SecretKey};
-use borg_proto::reach::msg::{peek_beacon, BeaconMap, ReachMsg, Referral, MAX_REFERRALS};
+use borg_proto::reach::msg::{
+    peek_beacon, BeaconMap, ReachMsg, Referral, MAX_BEACON_PROOFS, MAX_PROOF_BYTES, MAX_REFERRALS,
+};
 use borg_proto::reach::{
     is_private, Decision, Evidence, LanPeer, LocalNet, MapState, PeerAddr, Reach, ReachConfig, Role,
 };
@@ -146,6 +148,7 @@ impl NatStatus {
             },
             "lan_peers": self.lan.iter().map(|p| json!({
                 "key": p.key.to_b64(), "addr": p.lan_addr.to_string(), "role": p.role.as_str(),
+                "believed": p.role != Role::Gateway || p.believed_gateway(),
             })).collect::<Vec<_>>(),
             "nat_decided_after_ms": self.decided_after_ms,
         })
@@ -164,12 +167,14 @@ pub(crate) enum NatEvent {
         addr: SocketAddr,
         role: Role,
     },
-    /// A dial-back arrived carrying `token` for `addr`.
+    /// A dial-back arrived carrying `token` for `addr`; `proof` is the observer's sealed
+    /// `nat.reached` as it came (a gateway shows it to its LAN in its beacons).
     DialedBack {
         observer: PublicKey,
         from_ip: IpAddr,
         addr: SocketAddr,
         token: String,
+        proof: String,
     },
     /// An observer named other nodes it reached directly: more witnesses to ask.
     Referred {
@@ -215,6 +220,8 @@ pub(crate) struct ProbeCtx {
     /// Datagrams on the beacon port dropped before a signature check (not in [`NatStatus`],
     /// so that a flood of them does not wake the node actor).
     pub(crate) beacons_dropped: AtomicU64,
+    /// Gateway claims in LAN beacons without a proof we could check (not believed).
+    pub(crate) gateway_claims_unproven: AtomicU64,
     clock: Arc<NetClock>,
 }
 
@@ -238,6 +245,9 @@ const PROBER_TTL: Duration = Duration::from_secs(90);
 const MAX_REFERRED: usize = 8;
 /// How long a referred witness is kept without being referred again.
 const REFERRED_TTL: Duration = Duration::from_secs(10 * 60);
+
+/// Dial-back proofs a node keeps (one per observer and address, newest kept).
+const MAX_PROOFS_KEPT: usize = 4;
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// A tentative role (one witness) probes every `probe_every` times this (10 s by default):
@@ -266,6 +276,7 @@ pub fn spawn(
         candidates: candidates.clone(),
         probers: Mutex::new(Vec::new()),
         beacons_dropped: AtomicU64::new(0),
+        gateway_claims_unproven: AtomicU64::new(0),
         clock: cfg.clock.clone(),
     });
     let net = crate::localnet::read();
@@ -286,6 +297,7 @@ pub fn spawn(
         next_probe: Instant::now(),
         tokens: HashMap::new(),
         referred: Vec::new(),
+        proofs: Vec::new(),
         beacon_sources: HashMap::new(),
         beacon_window: (Instant::now(), 0),
         last: None,
@@ -320,6 +332,9 @@ struct NatTask {
     tokens: HashMap<String, (SocketAddr, Instant)>,
     /// Witnesses observers referred us to (at most [`MAX_REFERRED`]), with when.
     referred: Vec<(Referral, Instant)>,
+    /// Dial-backs that came in with our tokens, newest last (at most [`MAX_PROOFS_KEPT`]):
+    /// (observer, address reached, its sealed `nat.reached`, when).
+    proofs: Vec<(PublicKey, SocketAddr, String, Instant)>,
     /// Beacon sources by IP: when we last checked one's signature (at most
     /// [`MAX_BEACON_SOURCES`]).
     beacon_sources: HashMap<IpAddr, Instant>,
@@ -411,10 +426,19 @@ impl NatTask {
                 from_ip,
                 addr,
                 token,
+                proof,
             } => {
                 if self.tokens.get(&token).is_some_and(|(a, _)| *a == addr) {
                     self.reach
                         .observe(now, observer, from_ip, Evidence::Reached { addr });
+                    if proof.len() <= MAX_PROOF_BYTES {
+                        self.proofs
+                            .retain(|(o, a, _, _)| !(*o == observer && *a == addr));
+                        if self.proofs.len() >= MAX_PROOFS_KEPT {
+                            self.proofs.remove(0);
+                        }
+                        self.proofs.push((observer, addr, proof, Instant::now()));
+                    }
                 }
             }
             NatEvent::Referred { by, peers } => {
@@ -555,6 +579,7 @@ impl NatTask {
             role,
             external,
             map,
+            proofs,
         }) = ReachMsg::from_kind_body(&env.kind, &env.body)
         else {
             return;
@@ -563,6 +588,13 @@ impl NatTask {
         if cell != self.cfg.cell || lan.ip() != from.ip() {
             return;
         }
+        let vouched = role == Role::Gateway
+            && external.is_some_and(|ext| self.vouched(&env.from, ext, &proofs));
+        if role == Role::Gateway && !vouched {
+            self.ctx
+                .gateway_claims_unproven
+                .fetch_add(1, Ordering::Relaxed);
+        }
         self.reach.lan_peer(LanPeer {
             key: env.from,
             lan_addr: lan,
@@ -570,8 +602,24 @@ impl NatTask {
             role,
             external,
             map_refused: map == BeaconMap::Refused,
+            vouched,
             at: now,
         });
+    }
+
+    /// Whether one of a gateway claim's proofs shows an observer of ours reached `claimant`
+    /// at `external` (at most [`MAX_BEACON_PROOFS`] signature checks, none for a signer that
+    /// is not one of our observers).
+    fn vouched(&self, claimant: &PublicKey, external: SocketAddr, proofs: &[String]) -> bool {
+        let now_ms = self.cfg.clock.now_ms();
+        let ttl = self.cfg.rules.evidence_ttl_ms;
+        proofs.iter().any(|p| {
+            borg_proto::reach::proof::check(p, claimant, external, now_ms, ttl, |k| {
+                self.reach.is_observer(k)
+            })
+            .inspect_err(|e| tracing::debug!("gateway proof from {claimant} refused: {e}"))
+            .is_ok()
+        })
     }
 
     async fn send_beacon(&self, sock: &UdpSocket) {
@@ -591,6 +639,18 @@ impl NatTask {
             MapState::Mapped { .. } => BeaconMap::Mapped,
             MapState::Refused { .. } => BeaconMap::Refused,
         };
+        // A gateway's evidence: the newest dial-backs through its external address.
+        let proofs = external
+            .map(|ext| {
+                self.proofs
+                    .iter()
+                    .rev()
+                    .filter(|p| p.1 == ext)
+                    .take(MAX_BEACON_PROOFS)
+                    .map(|p| p.2.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
         let msg = ReachMsg::Beacon {
             cell: self.cfg.cell.clone(),
             lan,
@@ -598,6 +658,7 @@ impl NatTask {
             role: d.role,
             external,
             map,
+            proofs,
         };
         let (kind, body) = msg.to_kind_body();
         let bytes = envelope::seal(
@@ -640,6 +701,8 @@ impl NatTask {
         self.tokens
             .retain(|_, (_, at)| at.elapsed() < Duration::from_secs(60));
         self.referred.retain(|(_, at)| at.elapsed() < REFERRED_TTL);
+        let proof_ttl = Duration::from_millis(self.cfg.rules.evidence_ttl_ms);
+        self.proofs.retain(|p| p.3.elapsed() < proof_ttl);
         let d = self.reach.decide(now, self.cfg.fallback);
 
         // Mapping.
@@ -1095,14 +1158,18 @@ async fn answer_probe_inner(ctx: &ProbeCtx, conn: &mut PeerConn) -> Result<(), P
                 let msg = ReachMsg::Reached {
                     addr: target,
                     token,
+                    to: prober,
                 };
                 back.send(&seal(ctx, &msg, &addr.to_string())).await?;
                 let _ = tokio::time::timeout(PROBE_TIMEOUT, back.recv()).await;
             }
             Ok(())
         }
-        ReachMsg::Reached { addr, token } => {
+        ReachMsg::Reached { addr, token, to } => {
             let _ = prober_addr;
+            if to != ctx.key.public() {
+                return Err(ProbeError::Rejected("a dial-back for another key".into()));
+            }
             let _ = ctx
                 .events
                 .send(NatEvent::DialedBack {
@@ -1110,6 +1177,7 @@ async fn answer_probe_inner(ctx: &ProbeCtx, conn: &mut PeerConn) -> Result<(), P
                     from_ip: remote.ip(),
                     addr,
                     token,
+                    proof: String::from_utf8_lossy(&bytes).into_owned(),
                 })
                 .await;
             Ok(())

@@ -284,7 +284,18 @@ pub struct LanPeer {
     pub external: Option<SocketAddr>,
     /// It tried to map a port on `router` and was refused.
     pub map_refused: bool,
+    /// Its beacon carried a proof ([`proof::check`]) that an observer of ours reached it
+    /// at `external`: only then is its gateway claim believed.
+    pub vouched: bool,
     pub at: u64,
+}
+
+impl LanPeer {
+    /// A gateway claim with evidence: a claim alone would let any LAN device make the real
+    /// gateway yield its mapping and draw the LAN's relayed traffic.
+    pub fn believed_gateway(&self) -> bool {
+        self.role == Role::Gateway && self.external.is_some() && self.vouched
+    }
 }
 
 /// Our port mapping on the router.
@@ -335,6 +346,12 @@ pub struct ReachConfig {
     pub verify_ms: u64,
     /// With one independent witness only after this long, decide on its word tentatively.
     pub tentative_ms: u64,
+    /// With no believed gateway on the LAN for this long, stop waiting for the mapping
+    /// candidate and map too: a LAN device with the lowest key that never maps (keys and
+    /// LAN addresses are free) must not keep the LAN unmapped. An honest candidate maps
+    /// within a beacon TTL and is verified within `verify_ms`; of several gateways the
+    /// higher keys yield.
+    pub candidate_patience_ms: u64,
 }
 
 /// Default of [`ReachConfig::tentative_ms`]: two probe rounds (undecided nodes probe every
@@ -354,6 +371,7 @@ impl ReachConfig {
             refused_retry_ms: 5 * 60_000,
             verify_ms: 15_000,
             tentative_ms: TENTATIVE_AFTER_MS,
+            candidate_patience_ms: 30_000,
         }
     }
 }
@@ -406,6 +424,8 @@ pub struct Reach {
     observers: BTreeMap<PublicKey, ObserverInfo>,
     lan: BTreeMap<PublicKey, LanPeer>,
     map: MapState,
+    /// When a believed gateway's beacon last came (0: never).
+    gateway_seen_at: u64,
 }
 
 const MAX_OBSERVATIONS: usize = 256;
@@ -423,6 +443,7 @@ impl Reach {
             observers: BTreeMap::new(),
             lan: BTreeMap::new(),
             map: MapState::Idle,
+            gateway_seen_at: 0,
         }
     }
 
@@ -485,10 +506,19 @@ impl Reach {
         );
     }
 
+    /// Whether `key` is an outside node we reached ourselves (a probe we sent answered):
+    /// the only keys whose proofs of a LAN gateway we take.
+    pub fn is_observer(&self, key: &PublicKey) -> bool {
+        self.observers.contains_key(key)
+    }
+
     /// A verified beacon from a node on our LAN.
     pub fn lan_peer(&mut self, peer: LanPeer) {
         if peer.key == self.me {
             return;
+        }
+        if peer.believed_gateway() {
+            self.gateway_seen_at = self.gateway_seen_at.max(peer.at);
         }
         if self.lan.len() >= MAX_LAN_PEERS && !self.lan.contains_key(&peer.key) {
             return;
@@ -735,9 +765,7 @@ impl Reach {
 
         // Our own mapping, once an outsider came through it. Two nodes that mapped at once
         // (neither had heard the other yet) settle it: the higher key yields.
-        let lower_gateway = live
-            .iter()
-            .any(|p| p.role == Role::Gateway && p.key < self.me);
+        let lower_gateway = live.iter().any(|p| p.believed_gateway() && p.key < self.me);
         if let MapState::Mapped { external, .. } = &self.map {
             if self.mapping_verified() && !lower_gateway {
                 d.role = Role::Gateway;
@@ -769,7 +797,7 @@ impl Reach {
         // A live gateway on our LAN (lowest key if there are several).
         if let Some(gw) = live
             .iter()
-            .filter(|p| p.role == Role::Gateway)
+            .filter(|p| p.believed_gateway())
             .find_map(|p| p.external.map(|ext| (p, ext)))
         {
             let (gw, ext) = gw;
@@ -787,16 +815,22 @@ impl Reach {
             return d;
         }
         if !router_refused && nat != NatKind::None {
-            // The mapping candidate: lowest key among live, non-public LAN nodes.
+            // The mapping candidate: lowest key among live, non-public LAN nodes; one that
+            // claims to be the gateway without proof is not waited for.
             let candidate = live
                 .iter()
                 .filter(|p| p.role != Role::Public && !p.map_refused)
+                .filter(|p| p.role != Role::Gateway)
                 .map(|p| p.key)
                 .chain(std::iter::once(self.me))
                 .min();
             // Map only after a beacon TTL, so that the LAN's other nodes have been heard.
             let heard_lan = now.saturating_sub(self.started) >= self.cfg.beacon_ttl_ms;
-            if candidate == Some(self.me) && heard_lan {
+            let waited_since = self
+                .started
+                .max(self.gateway_seen_at.saturating_add(self.cfg.beacon_ttl_ms));
+            let impatient = now.saturating_sub(waited_since) >= self.cfg.candidate_patience_ms;
+            if (candidate == Some(self.me) || impatient) && heard_lan {
                 d.want_mapping = true;
                 d.reason = "mapping a port on the router for this LAN".into();
                 return d;
@@ -884,6 +918,7 @@ fn rendezvous(me: &PublicKey, candidate: &PublicKey) -> [u8; 32] {
 }
 
 pub mod msg;
+pub mod proof;
 
 #[cfg(test)]
 mod tests;

@@ -47,6 +47,11 @@ impl Actor {
                     .beacons_dropped
                     .load(std::sync::atomic::Ordering::Relaxed);
                 obj.insert("beacons_dropped".into(), json!(dropped));
+                let unproven = n
+                    .probe_ctx
+                    .gateway_claims_unproven
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                obj.insert("gateway_claims_unproven".into(), json!(unproven));
             }
             obj.insert(
                 "relay_limited".into(),

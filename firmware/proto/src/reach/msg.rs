@@ -22,6 +22,14 @@ use crate::identity::PublicKey;
 /// can make a prober dial (the prober probes at most six peers a round anyway) small.
 pub const MAX_REFERRALS: usize = 4;
 
+/// Proofs one beacon may carry at most: `nat.reached` envelopes from outside observers that
+/// came in through the gateway's mapping (one per observer; two let a LAN node that probed
+/// other observers than the gateway's first one still check a claim).
+pub const MAX_BEACON_PROOFS: usize = 2;
+
+/// Bytes of one proof at most (a sealed `nat.reached` is about 400).
+pub const MAX_PROOF_BYTES: usize = 1024;
+
 /// Errors decoding a reachability message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReachMsgError {
@@ -31,6 +39,10 @@ pub enum ReachMsgError {
     Malformed { kind: String, reason: String },
     #[error("nat.seen names {0} witnesses, more than {MAX_REFERRALS}")]
     TooManyReferrals(usize),
+    #[error("nat.beacon carries {0} proofs, more than {MAX_BEACON_PROOFS}")]
+    TooManyProofs(usize),
+    #[error("a nat.beacon proof of {0} bytes, more than {MAX_PROOF_BYTES}")]
+    ProofTooLarge(usize),
 }
 
 /// Another node an observer reached directly at `addr`: somebody else a prober can ask, so
@@ -73,9 +85,15 @@ pub enum ReachMsg {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         peers: Vec<Referral>,
     },
-    /// Observer to prober, on the dial-back connection to `addr`.
+    /// Observer to prober, on the dial-back connection to `addr`, where TLS showed it the
+    /// key `to`. Signed by the observer, it is also the prober's proof for its LAN that its
+    /// mapping is reached from outside (carried in its beacons, [`super::proof`]).
     #[serde(rename = "nat.reached")]
-    Reached { addr: SocketAddr, token: String },
+    Reached {
+        addr: SocketAddr,
+        token: String,
+        to: PublicKey,
+    },
     /// LAN presence, every beacon interval.
     #[serde(rename = "nat.beacon")]
     Beacon {
@@ -85,6 +103,10 @@ pub enum ReachMsg {
         role: Role,
         external: Option<SocketAddr>,
         map: BeaconMap,
+        /// A gateway's evidence: sealed `nat.reached` envelopes naming its key and
+        /// `external` (at most [`MAX_BEACON_PROOFS`] of [`MAX_PROOF_BYTES`] each).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        proofs: Vec<String>,
     },
     /// Relayed node to its relay, periodically over their link.
     #[serde(rename = "relay.register")]
@@ -125,10 +147,19 @@ impl ReachMsg {
                 reason,
             }
         })?;
-        if let ReachMsg::Seen { peers, .. } = &msg {
-            if peers.len() > MAX_REFERRALS {
+        match &msg {
+            ReachMsg::Seen { peers, .. } if peers.len() > MAX_REFERRALS => {
                 return Err(ReachMsgError::TooManyReferrals(peers.len()));
             }
+            ReachMsg::Beacon { proofs, .. } => {
+                if proofs.len() > MAX_BEACON_PROOFS {
+                    return Err(ReachMsgError::TooManyProofs(proofs.len()));
+                }
+                if let Some(p) = proofs.iter().find(|p| p.len() > MAX_PROOF_BYTES) {
+                    return Err(ReachMsgError::ProofTooLarge(p.len()));
+                }
+            }
+            _ => {}
         }
         Ok(msg)
     }
@@ -196,6 +227,7 @@ mod tests {
             ReachMsg::Reached {
                 addr: a,
                 token: "1".into(),
+                to: SecretKey::generate().public(),
             },
             ReachMsg::Beacon {
                 cell: "peerTreeNet".into(),
@@ -204,6 +236,16 @@ mod tests {
                 role: Role::Gateway,
                 external: None,
                 map: BeaconMap::Mapped,
+                proofs: vec![],
+            },
+            ReachMsg::Beacon {
+                cell: "peerTreeNet".into(),
+                lan: a,
+                router: Some(a.ip()),
+                role: Role::Gateway,
+                external: Some(a),
+                map: BeaconMap::Mapped,
+                proofs: vec!["{}".into(), "x".repeat(MAX_PROOF_BYTES)],
             },
             ReachMsg::RelayRegister {},
             ReachMsg::RelayOpen { token: "ab".into() },
@@ -265,6 +307,7 @@ mod tests {
             role: Role::Local,
             external: None,
             map: BeaconMap::None,
+            proofs: vec![],
         };
         let (kind, body) = beacon.to_kind_body();
         let bytes = crate::envelope::seal(&key, &kind, None, 1, body).to_bytes();
@@ -301,6 +344,22 @@ mod tests {
                 prop_assert!(peers.len() <= MAX_REFERRALS);
                 let (kind, b) = m.to_kind_body();
                 prop_assert_eq!(ReachMsg::from_kind_body(&kind, &b), Ok(m.clone()));
+            }
+        }
+
+        /// Whatever proofs a beacon carries, what decodes holds at most the bounds.
+        #[test]
+        fn beacon_proofs_are_bounded_at_decode(n in 0usize..5, len in 0usize..1100) {
+            let body = json!({"cell": "peerTreeNet", "lan": "10.0.0.1:13300", "router": null,
+                              "role": "gateway", "external": "11.0.0.2:13300", "map": "mapped",
+                              "proofs": vec!["p".repeat(len); n]});
+            match ReachMsg::from_kind_body("nat.beacon", &body) {
+                Ok(ReachMsg::Beacon { proofs, .. }) => {
+                    prop_assert!(proofs.len() <= MAX_BEACON_PROOFS);
+                    prop_assert!(proofs.iter().all(|p| p.len() <= MAX_PROOF_BYTES));
+                }
+                Ok(_) => prop_assert!(false),
+                Err(e) => prop_assert!(n > MAX_BEACON_PROOFS || len > MAX_PROOF_BYTES, "{e}"),
             }
         }
 

@@ -160,6 +160,7 @@ fn behind_nat_the_lowest_key_maps_and_becomes_gateway_once_reached() {
             role: Role::Probing,
             external: None,
             map_refused: false,
+            vouched: false,
             at: 1,
         });
     }
@@ -176,6 +177,7 @@ fn behind_nat_the_lowest_key_maps_and_becomes_gateway_once_reached() {
             role: Role::Probing,
             external: None,
             map_refused: false,
+            vouched: false,
             at: t,
         });
     }
@@ -218,19 +220,31 @@ fn others_on_the_lan_wait_for_the_candidate_then_relay_through_the_gateway() {
         role: Role::Probing,
         external: None,
         map_refused: false,
+        vouched: false,
         at: 1,
     };
     r.lan_peer(peer.clone());
     let d = r.decide(2, FALLBACK);
     assert!(!d.want_mapping);
     assert_eq!(d.role, Role::Probing);
-    // Even long after the settle time, a live candidate is waited for.
+    // After the settle time, a live candidate is still waited for...
+    let patience = r.config().candidate_patience_ms;
+    peer.at = patience - 1;
+    r.lan_peer(peer.clone());
+    let d = r.decide(patience - 1, FALLBACK);
+    assert_eq!(d.role, Role::Probing);
+    assert!(!d.want_mapping, "{d:?}");
+    // ...but not for ever: one that never maps (a LAN device with the lowest key) would
+    // keep the LAN unmapped. We map too; of two gateways the higher key yields.
     peer.at = 100_000;
     r.lan_peer(peer.clone());
-    assert_eq!(r.decide(100_001, FALLBACK).role, Role::Probing);
+    let d = r.decide(100_001, FALLBACK);
+    assert_eq!(d.role, Role::Probing);
+    assert!(d.want_mapping, "{d:?}");
 
     peer.role = Role::Gateway;
     peer.external = Some(sock(203, 0, 113, 1, 13300));
+    peer.vouched = true;
     peer.at = 100_002;
     r.lan_peer(peer.clone());
     let d = r.decide(100_003, FALLBACK);
@@ -301,6 +315,7 @@ fn a_lan_peer_reporting_refusal_counts_for_the_whole_lan() {
         role: Role::Relayed,
         external: None,
         map_refused: true,
+        vouched: false,
         at: 1,
     });
     let d = r.decide(2, FALLBACK);
@@ -580,4 +595,57 @@ fn a_port_forwarded_by_hand_makes_a_gateway_without_any_mapping() {
     assert_eq!(d.role, Role::Gateway, "{d:?}");
     assert_eq!(d.advertise, PeerAddr::Direct(forwarded));
     assert!(!d.want_mapping);
+}
+
+/// A LAN device with a lower key says it is the gateway, without a proof an observer of ours
+/// signed (issue 9 item 8): the real gateway keeps its mapping, the others keep relaying
+/// through it, and with no real gateway yet the claimant is not waited for as the candidate.
+#[test]
+fn a_gateway_claim_without_proof_is_not_believed() {
+    let mut keys = [key(), key(), key()];
+    keys.sort();
+    let (liar, gw, me) = (keys[0], keys[1], keys[2]);
+    let claim = LanPeer {
+        key: liar,
+        lan_addr: sock(10, 0, 1, 66, 13300),
+        router: Some(ip(10, 0, 1, 1)),
+        role: Role::Gateway,
+        external: Some(sock(203, 0, 113, 1, 13300)),
+        map_refused: false,
+        vouched: false,
+        at: 100_000,
+    };
+    // The real gateway does not yield to it.
+    let mut real = r_with_gateway_mapping(gw);
+    real.lan_peer(claim.clone());
+    assert_eq!(real.decide(100_001, FALLBACK).role, Role::Gateway);
+    // With proof, it would (two gateways that mapped at once: the higher key yields).
+    real.lan_peer(LanPeer {
+        vouched: true,
+        ..claim.clone()
+    });
+    assert_eq!(real.decide(100_001, FALLBACK).role, Role::Relayed);
+
+    // A node behind the same router relays through the real gateway, not the claimant.
+    let mut r = lan_node(me);
+    let ext = sock(203, 0, 113, 1, 40000);
+    seen(&mut r, 1, ip(198, 51, 100, 5), ext);
+    seen(&mut r, 1, ip(198, 51, 100, 6), ext);
+    r.lan_peer(claim.clone());
+    // No real gateway yet: the claimant is not the candidate to wait for.
+    let d = r.decide(100_001, FALLBACK);
+    assert!(d.want_mapping, "{d:?}");
+    r.lan_peer(LanPeer {
+        key: gw,
+        lan_addr: sock(10, 0, 1, 10, 13300),
+        router: Some(ip(10, 0, 1, 1)),
+        role: Role::Gateway,
+        external: Some(sock(203, 0, 113, 1, 13301)),
+        map_refused: false,
+        vouched: true,
+        at: 100_000,
+    });
+    let d = r.decide(100_001, FALLBACK);
+    assert_eq!(d.role, Role::Relayed);
+    assert_eq!(d.relay.map(|x| x.key), Some(gw));
 }
