@@ -1,12 +1,12 @@
 //! Resource floods against real `borg node` processes, from outsiders with fresh keys on
 //! their own loopback addresses (issue 9, items 5, 6, 7 and 11): silent connections on every
-//! door, a flood of validly signed envelopes, a broadcast that grows past the frame limit
-//! when escaped, and refusals that must show on `/metrics`.
+//! door, running out of file descriptors, a flood of validly signed envelopes, a broadcast
+//! that grows past the frame limit when escaped, and refusals that must show on `/metrics`.
 //!
 //! Each test asserts that the tree stays whole (one root, positions 1..N once, the same size
 //! everywhere), that a newcomer still joins while the attack is on, and that the attacked
 //! node's resident memory stays under [`RSS_BOUND_KB`]. The tests take turns (one lock), so
-//! their timing does not depend on each other's CPU use; subnets 127.50-53.x.x.
+//! their timing does not depend on each other's CPU use; subnets 127.50-54.x.x.
 #![allow(clippy::unwrap_used)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -603,4 +603,109 @@ fn every_refusal_is_counted_on_metrics() {
     let join = newcomer_joins(&mut net, 3, Duration::from_secs(12), "after refusals");
     let rss = assert_rss(&net, 0, "after refusals");
     eprintln!("FIGURES item11: newcomer join {join:?}, root RSS {rss} KiB");
+}
+
+// ----- item 5: out of file descriptors ------------------------------------------------------
+
+/// CPU time (user + system) a process has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
+/// The root runs out of file descriptors (its limit lowered to a dozen above what it holds,
+/// then a flood of silent connections): each failed `accept` backs off (10 ms doubling to
+/// 1 s) instead of spinning, the failures are counted, and once the flood ends the node works
+/// again with no restart: the tree is whole and a newcomer joins.
+#[test]
+fn running_out_of_file_descriptors_backs_off_and_recovers() {
+    let _turn = turn();
+    const SUBNET: u8 = 54;
+    let mut net = small_tree(SUBNET);
+    let root = pid(&net, 0);
+    let target: SocketAddr = format!("{}:13300", net.ip(0)).parse().unwrap();
+    let name = "borg_accept_errors_total{door=\"tree\"}";
+    let errors_before = metric_of(&net, 0, name);
+    let limit = fds(root) + 12;
+    let out = std::process::Command::new("prlimit")
+        .args([
+            "--pid",
+            &root.to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ])
+        .output()
+        .expect("prlimit (util-linux)");
+    assert!(
+        out.status.success(),
+        "prlimit: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cpu_before = cpu_ticks(root);
+    let started = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    // 15 sources, 8 connections each (the per-IP handshake cap), held until stopped.
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            rt().block_on(async {
+                let mut held = Vec::new();
+                for n in 1..=15 {
+                    for _ in 0..8 {
+                        let c = tcp_from(outsider(SUBNET, n), target);
+                        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(300), c).await
+                        {
+                            held.push(s);
+                        }
+                    }
+                }
+                while !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                held.len()
+            })
+        })
+    };
+    // The node's own fds show the shortage: it holds its whole limit.
+    let full = wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
+        (fds(root) as u64 >= limit as u64).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(6));
+    let cpu_ticks_used = cpu_ticks(root) - cpu_before;
+    stop.store(true, Ordering::Relaxed);
+    let opened = flood.join().unwrap();
+    let flood_secs = started.elapsed().as_secs_f64();
+    assert!(full.is_some(), "the root never ran out of fds ({limit})");
+
+    // It recovers by itself.
+    let errors = wait_for(Duration::from_secs(20), Duration::from_millis(200), || {
+        metric(&net.metrics(0), name)
+    })
+    .expect("the root's monitor never answered again")
+        - errors_before;
+    net.wait_tree(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("tree not whole after the fd shortage: {e}"));
+    let join = newcomer_joins(&mut net, 3, Duration::from_secs(20), "after an fd shortage");
+    assert_rss(&net, 0, "after the fd shortage");
+    let tick = 100.0; // USER_HZ on Linux
+    eprintln!(
+        "FIGURES item5-fd: limit {limit} fds, {opened} silent connections in {flood_secs:.1} s, \
+         {errors} failed accepts (backed off), root CPU {:.2} s during the shortage, \
+         newcomer joined after in {join:?}",
+        cpu_ticks_used as f64 / tick
+    );
+    assert!(
+        errors > 0,
+        "no accept ever failed: the test did not run out of fds"
+    );
+    // Without back-off a failing accept is retried at once: hundreds of thousands a second.
+    // With it: at most one per back-off step (10 ms doubling to 1 s) between the accepts
+    // that succeed as the handshake timeout (5 s) frees descriptors.
+    assert!(
+        errors < 400,
+        "{errors} failed accepts in {flood_secs:.1} s: accept is not backing off"
+    );
 }
