@@ -625,8 +625,10 @@ fn cpu_ticks(pid: u32) -> u64 {
 fn running_out_of_file_descriptors_backs_off_and_recovers() {
     let _turn = turn();
     const SUBNET: u8 = 55;
+    let test_started = Instant::now();
     let mut net = small_tree(SUBNET);
     let root = pid(&net, 0);
+    let root_key = key_of(&net, 0);
     let target: SocketAddr = format!("{}:13300", net.ip(0)).parse().unwrap();
     let name = "borg_accept_errors_total{door=\"tree\"}";
     let errors_before = metric_of(&net, 0, name);
@@ -675,17 +677,25 @@ fn running_out_of_file_descriptors_backs_off_and_recovers() {
     });
     std::thread::sleep(Duration::from_secs(6));
     let cpu_ticks_used = cpu_ticks(root) - cpu_before;
+    // The links the root already held need no new descriptor: its children still hear it.
+    for i in [1, 2] {
+        let st = net.status(i).unwrap();
+        assert_eq!(st["state"], "joined", "child {i} during the shortage: {st}");
+        assert_eq!(st["parent"]["key"], root_key.to_b64().as_str(), "child {i}");
+    }
     stop.store(true, Ordering::Relaxed);
     let opened = flood.join().unwrap();
     let flood_secs = started.elapsed().as_secs_f64();
     assert!(full.is_some(), "the root never ran out of fds ({limit})");
 
     // It recovers by itself.
+    let recovering = Instant::now();
     let errors = wait_for(Duration::from_secs(20), Duration::from_millis(200), || {
         metric(&net.metrics(0), name)
     })
     .expect("the root's monitor never answered again")
         - errors_before;
+    let monitor_back = recovering.elapsed();
     net.wait_tree(Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("tree not whole after the fd shortage: {e}"));
     let join = newcomer_joins(&mut net, 3, Duration::from_secs(20), "after an fd shortage");
@@ -694,8 +704,10 @@ fn running_out_of_file_descriptors_backs_off_and_recovers() {
     eprintln!(
         "FIGURES item5-fd: limit {limit} fds, {opened} silent connections in {flood_secs:.1} s, \
          {errors} failed accepts (backed off), root CPU {:.2} s during the shortage, \
-         newcomer joined after in {join:?}",
-        cpu_ticks_used as f64 / tick
+         monitor answering {monitor_back:?} after the flood ended, newcomer joined after in \
+         {join:?} (test started {:.0} s before)",
+        cpu_ticks_used as f64 / tick,
+        test_started.elapsed().as_secs_f64()
     );
     assert!(
         errors > 0,
