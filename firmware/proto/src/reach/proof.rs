@@ -35,13 +35,18 @@ pub enum ProofError {
     Future(u64),
 }
 
+/// The fields read before the signature check (untrusted until it passes).
 #[derive(Deserialize)]
-struct PeekFrom {
+struct Peek {
     from: PublicKey,
+    kind: String,
+    ts: u64,
+    body: serde_json::Value,
 }
 
 /// The observer whose proof shows that `claimant` is reached from outside at `external`, at
-/// net time `now_ms`. The cheap checks (is the signer one of ours) come before the signature.
+/// net time `now_ms`. Every cheap check (signer one of ours, kind, key, address, age) comes
+/// before the signature check, so a copied or made-up proof costs a JSON parse only.
 pub fn check(
     proof: &str,
     claimant: &PublicKey,
@@ -50,32 +55,34 @@ pub fn check(
     max_age_ms: u64,
     is_observer: impl Fn(&PublicKey) -> bool,
 ) -> Result<PublicKey, ProofError> {
-    let peek: PeekFrom = serde_json::from_str(proof).map_err(|_| ProofError::Malformed)?;
+    let peek: Peek = serde_json::from_str(proof).map_err(|_| ProofError::Malformed)?;
     if !is_observer(&peek.from) {
         return Err(ProofError::UnknownObserver);
     }
-    let env = envelope::verify_signature_only(proof.as_bytes())
-        .map_err(|e| ProofError::Signature(e.to_string()))?
-        .into_inner();
-    if env.ts > now_ms.saturating_add(MAX_CLOCK_SKEW_MS) {
-        return Err(ProofError::Future(env.ts - now_ms));
+    if peek.ts > now_ms.saturating_add(MAX_CLOCK_SKEW_MS) {
+        return Err(ProofError::Future(peek.ts - now_ms));
     }
-    let age = now_ms.saturating_sub(env.ts);
+    let age = now_ms.saturating_sub(peek.ts);
     if age > max_age_ms {
         return Err(ProofError::Stale(age));
     }
-    match ReachMsg::from_kind_body(&env.kind, &env.body) {
-        Ok(ReachMsg::Reached { addr, to, .. }) => {
-            if to != *claimant {
-                Err(ProofError::OtherKey)
-            } else if addr != external {
-                Err(ProofError::OtherAddr(addr))
-            } else {
-                Ok(env.from)
-            }
+    match ReachMsg::from_kind_body(&peek.kind, &peek.body) {
+        Ok(ReachMsg::Reached { to, .. }) if to != *claimant => return Err(ProofError::OtherKey),
+        Ok(ReachMsg::Reached { addr, .. }) if addr != external => {
+            return Err(ProofError::OtherAddr(addr))
         }
-        _ => Err(ProofError::WrongKind),
+        Ok(ReachMsg::Reached { .. }) => {}
+        _ => return Err(ProofError::WrongKind),
     }
+    // What was read above is what the signature covers, or the check fails here.
+    let env = envelope::verify_signature_only(proof.as_bytes())
+        .map_err(|e| ProofError::Signature(e.to_string()))?
+        .into_inner();
+    if env.from != peek.from || env.ts != peek.ts || env.kind != peek.kind || env.body != peek.body
+    {
+        return Err(ProofError::Malformed);
+    }
+    Ok(env.from)
 }
 
 /// Seal a proof as an observer does after a dial-back (tests and tools).
