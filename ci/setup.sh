@@ -11,7 +11,8 @@ rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup com
 #   procps          `kill`, which the process tests exec (bash's builtin is not on PATH)
 #   python3         image/modules.py and the PID-1 tests' stand-in monitor
 #   curl            ci/demo.sh shows the monitor with it
-host_pkgs=(gcc libc6-dev ca-certificates procps python3 curl)
+#   util-linux      `prlimit`, which the fd-shortage test (adversarial_flood) runs on a node
+host_pkgs=(gcc libc6-dev ca-certificates procps python3 curl util-linux)
 # The netns NAT tests (tests/tests/portmap_miniupnpd.rs, nat_topology.rs) build home routers out of network
 # namespaces and run the real miniupnpd in each. Only the daemon package: the `miniupnpd` package
 # would add a debconf question and a system service that we do not want (the tests start their own
