@@ -1,9 +1,17 @@
 //! [`RedbStore`]: shards in one redb file, each change its own durable transaction.
 //!
-//! Layout: table `shards` maps the 32 address bytes to the shard bytes; table `meta` holds
-//! `stored_bytes`, the sum of the shard lengths, changed in the same write transaction as the
-//! shards so the two can never disagree after a crash. Every write transaction commits with
-//! immediate durability and quick repair (which implies redb's two-phase commit): `commit`
+//! Layout (format 1):
+//! - `index`: address (32 bytes) -> shard length. Listing, `has` and the byte count read only
+//!   this small table, never the shard bytes.
+//! - `chunks`: (address, n) -> the n-th piece of the shard, [`CHUNK_BYTES`] each (the last one
+//!   shorter; an empty shard has none). redb gives a value that does not fit a page a run of
+//!   pages rounded up to a power of two, so a whole 256 KiB shard would take 512 KiB of file;
+//!   pieces that just fit a 16 KiB page waste almost nothing (docs/STORAGE.md has the numbers).
+//! - `meta`: `stored_bytes`, the sum of the index lengths, and `format`.
+//!
+//! A put writes the index entry, all chunks and the counter in one write transaction, so after
+//! a crash a shard is wholly there or not at all and the counter agrees. Every write commits
+//! with immediate durability and quick repair (which implies redb's two-phase commit): `commit`
 //! returns only after the data and then the commit slot have been fsynced, and reopening after
 //! a crash does not walk the whole file.
 
@@ -13,16 +21,25 @@ use std::path::{Path, PathBuf};
 
 use redb::{
     Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata,
-    TableDefinition, WriteTransaction,
+    Table, TableDefinition, WriteTransaction,
 };
 
 use crate::{
     check_address, check_budget, check_size, Address, ScrubReport, ShardStore, StoreError, Usage,
 };
 
-const SHARDS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("shards");
+const INDEX: TableDefinition<[u8; 32], u64> = TableDefinition::new("index");
+const CHUNKS: TableDefinition<([u8; 32], u32), &[u8]> = TableDefinition::new("chunks");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const STORED_BYTES: &str = "stored_bytes";
+const FORMAT: &str = "format";
+const FORMAT_VERSION: u64 = 1;
+
+/// Bytes per chunk: a leaf holding one chunk (4 bytes of page header, 4 of value length, 36
+/// of key) fits a 16 KiB page with room to spare. Reading does not depend on this value
+/// (a shard is whatever chunks it has, checked against its length and hash), so it can change
+/// without a format change.
+const CHUNK_BYTES: usize = 16 * 1024 - 64;
 
 /// The first bytes of every redb file (redb's header, "inspired by PNG's magic number").
 const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
@@ -76,27 +93,45 @@ impl RedbStore {
         &self.path
     }
 
-    /// Create the tables and the byte counter on first open.
+    /// Create the tables, the format mark and the byte counter on first open; refuse a
+    /// database written in another format (or by another program).
     fn init(&self) -> Result<(), StoreError> {
         let txn = self.begin_write()?;
-        let fresh = {
-            let shards = txn.open_table(SHARDS)?;
+        let no_tables = txn.list_tables()?.next().is_none();
+        let format = if no_tables {
+            None
+        } else {
             let meta = txn.open_table(META)?;
-            let has_counter = meta.get(STORED_BYTES)?.is_some();
-            // A new database (or one missing its counter, never written by us): count.
-            if has_counter {
-                None
-            } else {
-                Some(sum_lengths(&shards)?)
-            }
+            let format = meta.get(FORMAT)?.map(|v| v.value());
+            format
         };
-        match fresh {
-            Some(bytes) => {
-                txn.open_table(META)?.insert(STORED_BYTES, bytes)?;
-                txn.commit()?;
+        match format {
+            Some(FORMAT_VERSION) => {
+                txn.abort()?;
+                return Ok(());
             }
-            None => txn.abort()?,
+            Some(other) => {
+                return Err(StoreError::Db(format!(
+                    "{} is shard store format {other}; this build reads format {FORMAT_VERSION}",
+                    self.path.display()
+                )))
+            }
+            None if no_tables => {}
+            None => {
+                // Someone else's redb database: leave it as it is.
+                return Err(StoreError::Db(format!(
+                    "{} is a redb database but not a shard store (it has no shard store format mark)",
+                    self.path.display()
+                )));
+            }
         }
+        txn.open_table(INDEX)?;
+        txn.open_table(CHUNKS)?;
+        let mut meta = txn.open_table(META)?;
+        meta.insert(FORMAT, FORMAT_VERSION)?;
+        meta.insert(STORED_BYTES, 0)?;
+        drop(meta);
+        txn.commit()?;
         Ok(())
     }
 
@@ -114,29 +149,32 @@ impl RedbStore {
     fn insert(&self, addr: &Address, bytes: &[u8]) -> Result<(), StoreError> {
         let txn = self.begin_write()?;
         let decision = {
-            let mut shards = txn.open_table(SHARDS)?;
+            let mut index = txn.open_table(INDEX)?;
+            let mut chunks = txn.open_table(CHUNKS)?;
             let mut meta = txn.open_table(META)?;
-            let used = counter(&meta)?;
-            let old_len = match shards.get(addr.as_bytes())? {
-                // Content addressing: the same address means the same bytes, unless the stored
-                // copy went bad, in which case the caller's good copy replaces it.
-                Some(old) if old.value() == bytes => None,
-                Some(old) => Some(old.value().len() as u64),
-                None => Some(0),
+            let old_len = index.get(addr.as_bytes())?.map(|v| v.value());
+            // Content addressing: the same address means the same bytes, unless the stored
+            // copy went bad, in which case the caller's good copy replaces it.
+            let replace = match old_len {
+                None => true,
+                Some(len) => !stored_equals(len, &chunks, addr, bytes)?,
             };
-            match old_len {
-                None => Decision::NoOp,
-                Some(old_len) => {
-                    let used = used.saturating_sub(old_len);
-                    match check_budget(used, self.budget, bytes.len()) {
-                        Err(e) => Decision::Refuse(e),
-                        Ok(()) => {
-                            shards.insert(addr.as_bytes(), bytes)?;
-                            meta.insert(STORED_BYTES, used + bytes.len() as u64)?;
-                            Decision::Write
+            if replace {
+                let used = counter(&meta)?.saturating_sub(old_len.unwrap_or(0));
+                match check_budget(used, self.budget, bytes.len()) {
+                    Err(e) => Decision::Refuse(e),
+                    Ok(()) => {
+                        remove_chunks(&mut chunks, addr)?;
+                        for (n, piece) in (0u32..).zip(bytes.chunks(CHUNK_BYTES)) {
+                            chunks.insert((*addr.as_bytes(), n), piece)?;
                         }
+                        index.insert(addr.as_bytes(), bytes.len() as u64)?;
+                        meta.insert(STORED_BYTES, used + bytes.len() as u64)?;
+                        Decision::Write
                     }
                 }
+            } else {
+                Decision::NoOp
             }
         };
         match decision {
@@ -149,24 +187,37 @@ impl RedbStore {
         }
     }
 
-    /// In one transaction, remove those of `addrs` whose stored bytes (read again inside the
-    /// transaction, as another thread may have replaced them) do not hash to their address,
-    /// and add `fix` to the byte counter. Returns the addresses removed.
-    fn remove_corrupt(&self, addrs: &[Address], fix: i128) -> Result<Vec<Address>, StoreError> {
+    /// In one transaction, remove those of `addrs` whose stored shard (read again inside the
+    /// transaction, as another thread may have replaced it) is not intact, remove chunks that
+    /// have no index entry under `orphans`, and add `fix` to the byte counter. Returns the
+    /// addresses removed.
+    fn remove_corrupt(
+        &self,
+        addrs: &[Address],
+        orphans: &[Address],
+        fix: i128,
+    ) -> Result<Vec<Address>, StoreError> {
         let txn = self.begin_write()?;
         let mut removed = Vec::new();
         {
-            let mut shards = txn.open_table(SHARDS)?;
+            let mut index = txn.open_table(INDEX)?;
+            let mut chunks = txn.open_table(CHUNKS)?;
             let mut meta = txn.open_table(META)?;
             let mut bytes = i128::from(counter(&meta)?) + fix;
             for addr in addrs {
-                let bad_len = match shards.get(addr.as_bytes())? {
-                    Some(v) if !addr.matches(v.value()) => Some(v.value().len()),
-                    _ => None,
+                let Some(len) = index.get(addr.as_bytes())?.map(|v| v.value()) else {
+                    continue;
                 };
-                if let Some(len) = bad_len {
-                    shards.remove(addr.as_bytes())?;
-                    bytes -= len as i128;
+                if read_shard(&index, &chunks, addr)?.is_none() {
+                    index.remove(addr.as_bytes())?;
+                    remove_chunks(&mut chunks, addr)?;
+                    bytes -= i128::from(len);
+                    removed.push(*addr);
+                }
+            }
+            for addr in orphans {
+                if index.get(addr.as_bytes())?.is_none() {
+                    remove_chunks(&mut chunks, addr)?;
                     removed.push(*addr);
                 }
             }
@@ -174,6 +225,7 @@ impl RedbStore {
             meta.insert(STORED_BYTES, bytes)?;
         }
         txn.commit()?;
+        removed.sort_unstable();
         Ok(removed)
     }
 }
@@ -193,36 +245,38 @@ impl ShardStore for RedbStore {
     }
 
     fn get(&self, addr: &Address) -> Result<Option<Vec<u8>>, StoreError> {
-        let bytes = {
+        let found = {
             let txn = self.db.begin_read()?;
-            let shards = txn.open_table(SHARDS)?;
-            let Some(v) = shards.get(addr.as_bytes())? else {
+            let index = txn.open_table(INDEX)?;
+            if index.get(addr.as_bytes())?.is_none() {
                 return Ok(None);
-            };
-            v.value().to_vec()
+            }
+            read_shard(&index, &txn.open_table(CHUNKS)?, addr)?
         };
-        if addr.matches(&bytes) {
-            return Ok(Some(bytes));
+        match found {
+            Some(bytes) => Ok(Some(bytes)),
+            None => {
+                self.remove_corrupt(&[*addr], &[], 0)?;
+                Err(StoreError::Corrupt { addr: *addr })
+            }
         }
-        self.remove_corrupt(&[*addr], 0)?;
-        Err(StoreError::Corrupt { addr: *addr })
     }
 
     fn has(&self, addr: &Address) -> Result<bool, StoreError> {
         let txn = self.db.begin_read()?;
-        let shards = txn.open_table(SHARDS)?;
-        Ok(shards.get(addr.as_bytes())?.is_some())
+        let index = txn.open_table(INDEX)?;
+        Ok(index.get(addr.as_bytes())?.is_some())
     }
 
     fn delete(&self, addr: &Address) -> Result<(), StoreError> {
         let txn = self.begin_write()?;
         let removed = {
-            let mut shards = txn.open_table(SHARDS)?;
+            let mut index = txn.open_table(INDEX)?;
+            let mut chunks = txn.open_table(CHUNKS)?;
             let mut meta = txn.open_table(META)?;
-            let old_len = shards
-                .remove(addr.as_bytes())?
-                .map(|v| v.value().len() as u64);
+            let old_len = index.remove(addr.as_bytes())?.map(|v| v.value());
             if let Some(len) = old_len {
+                remove_chunks(&mut chunks, addr)?;
                 let used = counter(&meta)?;
                 meta.insert(STORED_BYTES, used.saturating_sub(len))?;
             }
@@ -238,10 +292,10 @@ impl ShardStore for RedbStore {
 
     fn usage(&self) -> Result<Usage, StoreError> {
         let txn = self.db.begin_read()?;
-        let shards = txn.open_table(SHARDS)?;
+        let index = txn.open_table(INDEX)?;
         let meta = txn.open_table(META)?;
         Ok(Usage {
-            shards: shards.len()?,
+            shards: index.len()?,
             bytes: counter(&meta)?,
             budget: self.budget,
         })
@@ -249,9 +303,9 @@ impl ShardStore for RedbStore {
 
     fn addresses(&self) -> Result<Vec<Address>, StoreError> {
         let txn = self.db.begin_read()?;
-        let shards = txn.open_table(SHARDS)?;
+        let index = txn.open_table(INDEX)?;
         let mut all = Vec::new();
-        for entry in shards.iter()? {
+        for entry in index.iter()? {
             let (k, _) = entry?;
             all.push(Address::from_bytes(k.value()));
         }
@@ -261,48 +315,135 @@ impl ShardStore for RedbStore {
     }
 
     fn scrub(&self) -> Result<ScrubReport, StoreError> {
-        let (checked, suspects, counted, sum) = {
+        let (checked, suspects, orphans, counted, sum) = {
             let txn = self.db.begin_read()?;
-            let shards = txn.open_table(SHARDS)?;
+            let index = txn.open_table(INDEX)?;
+            let chunks = txn.open_table(CHUNKS)?;
             let meta = txn.open_table(META)?;
             let mut checked = 0u64;
             let mut sum = 0u64;
+            let mut expected_chunks = 0u64;
             let mut suspects = Vec::new();
-            for entry in shards.iter()? {
+            for entry in index.iter()? {
                 let (k, v) = entry?;
                 let addr = Address::from_bytes(k.value());
-                let bytes = v.value();
+                let len = v.value();
                 checked += 1;
-                sum += bytes.len() as u64;
-                if !addr.matches(bytes) {
+                sum = sum.saturating_add(len);
+                expected_chunks = expected_chunks.saturating_add(len.div_ceil(CHUNK_BYTES as u64));
+                if read_shard(&index, &chunks, &addr)?.is_none() {
                     suspects.push(addr);
                 }
             }
-            (checked, suspects, counter(&meta)?, sum)
+            // Chunks of no indexed shard (only a damaged index page could leave them) waste
+            // space; they are looked for only when the chunk count says some exist.
+            let orphans = if chunks.len()? == expected_chunks {
+                Vec::new()
+            } else {
+                orphan_chunks(&index, &chunks)?
+            };
+            (checked, suspects, orphans, counter(&meta)?, sum)
         };
-        // The counter is kept in the same transactions as the shards, so it only disagrees
-        // with them if its own page went bad; then it is set right from this snapshot.
+        // The counter is kept in the same transactions as the index, so it only disagrees
+        // with it if its own page went bad; then it is set right from this snapshot.
         let fix = i128::from(sum) - i128::from(counted);
-        let corrupt = if suspects.is_empty() && fix == 0 {
+        let corrupt = if suspects.is_empty() && orphans.is_empty() && fix == 0 {
             Vec::new()
         } else {
-            self.remove_corrupt(&suspects, fix)?
+            self.remove_corrupt(&suspects, &orphans, fix)?
         };
         Ok(ScrubReport { checked, corrupt })
     }
 }
 
-fn counter(meta: &impl ReadableTable<&'static str, u64>) -> Result<u64, StoreError> {
-    Ok(meta.get(STORED_BYTES)?.map(|v| v.value()).unwrap_or(0))
+/// The shard under `addr` if it is intact: its chunks, joined, have the indexed length and
+/// hash to `addr`. `None` if it is not indexed or not intact.
+fn read_shard(
+    index: &impl ReadableTable<[u8; 32], u64>,
+    chunks: &impl ReadableTable<([u8; 32], u32), &'static [u8]>,
+    addr: &Address,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let Some(len) = index.get(addr.as_bytes())?.map(|v| v.value()) else {
+        return Ok(None);
+    };
+    let Ok(len) = usize::try_from(len) else {
+        return Ok(None);
+    };
+    if len > crate::MAX_SHARD_BYTES {
+        return Ok(None);
+    }
+    let mut bytes = Vec::with_capacity(len);
+    let a = *addr.as_bytes();
+    for (expect, entry) in (0u32..).zip(chunks.range((a, 0u32)..=(a, u32::MAX))?) {
+        let (k, v) = entry?;
+        let piece = v.value();
+        // A missing piece, or a shard longer than indexed: not intact.
+        if k.value().1 != expect || bytes.len() + piece.len() > len {
+            return Ok(None);
+        }
+        bytes.extend_from_slice(piece);
+    }
+    Ok((bytes.len() == len && addr.matches(&bytes)).then_some(bytes))
 }
 
-fn sum_lengths(shards: &impl ReadableTable<[u8; 32], &'static [u8]>) -> Result<u64, StoreError> {
-    let mut sum = 0u64;
-    for entry in shards.iter()? {
-        let (_, v) = entry?;
-        sum += v.value().len() as u64;
+/// Whether the shard stored under `addr` with indexed length `len` is exactly `bytes`
+/// (which the caller has checked hash to `addr`, so no hashing is needed here).
+fn stored_equals(
+    len: u64,
+    chunks: &impl ReadableTable<([u8; 32], u32), &'static [u8]>,
+    addr: &Address,
+    bytes: &[u8],
+) -> Result<bool, StoreError> {
+    if len != bytes.len() as u64 {
+        return Ok(false);
     }
-    Ok(sum)
+    let a = *addr.as_bytes();
+    let mut at = 0usize;
+    for (expect, entry) in (0u32..).zip(chunks.range((a, 0u32)..=(a, u32::MAX))?) {
+        let (k, v) = entry?;
+        let piece = v.value();
+        if k.value().1 != expect || bytes.get(at..at + piece.len()) != Some(piece) {
+            return Ok(false);
+        }
+        at += piece.len();
+    }
+    Ok(at == bytes.len())
+}
+
+/// Remove every chunk stored under `addr`.
+fn remove_chunks(
+    chunks: &mut Table<'_, ([u8; 32], u32), &'static [u8]>,
+    addr: &Address,
+) -> Result<(), StoreError> {
+    let a = *addr.as_bytes();
+    let mut keys = Vec::new();
+    for entry in chunks.range((a, 0u32)..=(a, u32::MAX))? {
+        keys.push(entry?.0.value().1);
+    }
+    for n in keys {
+        chunks.remove((a, n))?;
+    }
+    Ok(())
+}
+
+/// Addresses that have chunks but no index entry.
+fn orphan_chunks(
+    index: &impl ReadableTable<[u8; 32], u64>,
+    chunks: &impl ReadableTable<([u8; 32], u32), &'static [u8]>,
+) -> Result<Vec<Address>, StoreError> {
+    let mut orphans: Vec<Address> = Vec::new();
+    for entry in chunks.iter()? {
+        let (k, _) = entry?;
+        let addr = Address::from_bytes(k.value().0);
+        if orphans.last() != Some(&addr) && index.get(addr.as_bytes())?.is_none() {
+            orphans.push(addr);
+        }
+    }
+    Ok(orphans)
+}
+
+fn counter(meta: &impl ReadableTable<&'static str, u64>) -> Result<u64, StoreError> {
+    Ok(meta.get(STORED_BYTES)?.map(|v| v.value()).unwrap_or(0))
 }
 
 /// Refuse a file that exists, is not empty and does not start with redb's magic number, with
@@ -337,5 +478,190 @@ fn open_error(path: &Path, e: DatabaseError) -> StoreError {
             StoreError::Io(format!("{}: {io}", path.display()))
         }
         e => StoreError::Db(format!("{}: {e}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! White-box tests: damage the tables directly, as a failing disk or a bug could.
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use redb::TableHandle;
+
+    fn store() -> (tempfile::TempDir, RedbStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path().join("s.redb"), u64::MAX).unwrap();
+        (dir, store)
+    }
+
+    fn shard(len: usize, tag: u8) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_mul(31) ^ tag).collect()
+    }
+
+    /// Change the tables directly, bypassing every rule.
+    fn surgery(
+        store: &RedbStore,
+        f: impl FnOnce(
+            &mut Table<'_, ([u8; 32], u32), &'static [u8]>,
+            &mut Table<'_, [u8; 32], u64>,
+            &mut Table<'_, &'static str, u64>,
+        ),
+    ) {
+        let txn = store.db.begin_write().unwrap();
+        {
+            let mut chunks = txn.open_table(CHUNKS).unwrap();
+            let mut index = txn.open_table(INDEX).unwrap();
+            let mut meta = txn.open_table(META).unwrap();
+            f(&mut chunks, &mut index, &mut meta);
+        }
+        txn.commit().unwrap();
+    }
+
+    fn chunk_count(store: &RedbStore) -> u64 {
+        let txn = store.db.begin_read().unwrap();
+        let chunks = txn.open_table(CHUNKS).unwrap();
+        chunks.len().unwrap()
+    }
+
+    #[test]
+    fn shards_are_stored_in_chunks() {
+        let (_dir, store) = store();
+        store.put(&shard(3 * CHUNK_BYTES + 1, 1)).unwrap();
+        store.put(&shard(CHUNK_BYTES, 2)).unwrap();
+        store.put(b"").unwrap();
+        assert_eq!(chunk_count(&store), 4 + 1);
+        store
+            .delete(&Address::of(&shard(3 * CHUNK_BYTES + 1, 1)))
+            .unwrap();
+        assert_eq!(chunk_count(&store), 1);
+    }
+
+    #[test]
+    fn a_missing_or_extra_chunk_is_corrupt() {
+        let (_dir, store) = store();
+        let a = store.put(&shard(40_000, 1)).unwrap();
+        let b = store.put(&shard(40_000, 2)).unwrap();
+        let keep = store.put(&shard(100, 3)).unwrap();
+        surgery(&store, |chunks, _, _| {
+            chunks.remove((*a.as_bytes(), 1)).unwrap();
+            chunks
+                .insert((*b.as_bytes(), 3), b"tail".as_slice())
+                .unwrap();
+        });
+        assert_eq!(store.get(&a), Err(StoreError::Corrupt { addr: a }));
+        assert_eq!(store.get(&b), Err(StoreError::Corrupt { addr: b }));
+        assert_eq!(store.addresses().unwrap(), vec![keep]);
+        assert_eq!(
+            chunk_count(&store),
+            1,
+            "chunks of removed shards left behind"
+        );
+        assert_eq!(store.usage().unwrap().bytes, 100);
+        // Re-fetched, they go back in whole.
+        store.put(&shard(40_000, 1)).unwrap();
+        assert_eq!(store.get(&a).unwrap().unwrap(), shard(40_000, 1));
+    }
+
+    #[test]
+    fn a_wrong_indexed_length_is_corrupt() {
+        let (_dir, store) = store();
+        let a = store.put(&shard(20_000, 1)).unwrap();
+        surgery(&store, |_, index, _| {
+            index.insert(a.as_bytes(), 19_999).unwrap();
+        });
+        assert_eq!(store.scrub().unwrap().corrupt, vec![a]);
+        assert_eq!(chunk_count(&store), 0);
+        assert_eq!(store.usage().unwrap().bytes, 0);
+    }
+
+    #[test]
+    fn scrub_removes_orphan_chunks_and_fixes_the_counter() {
+        let (_dir, store) = store();
+        let a = store.put(&shard(50_000, 1)).unwrap();
+        let orphan = Address::of(b"no index entry");
+        surgery(&store, |chunks, _, meta| {
+            chunks
+                .insert((*orphan.as_bytes(), 0), b"lost".as_slice())
+                .unwrap();
+            meta.insert(STORED_BYTES, 7).unwrap();
+        });
+        let report = store.scrub().unwrap();
+        assert_eq!(report.checked, 1);
+        assert_eq!(report.corrupt, vec![orphan]);
+        assert_eq!(chunk_count(&store), 50_000u64.div_ceil(CHUNK_BYTES as u64));
+        assert_eq!(store.usage().unwrap().bytes, 50_000);
+        assert_eq!(store.get(&a).unwrap().unwrap(), shard(50_000, 1));
+        assert_eq!(
+            store.scrub().unwrap(),
+            ScrubReport {
+                checked: 1,
+                corrupt: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn other_formats_and_foreign_databases_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = RedbStore::open(&path, 1).unwrap();
+        surgery(&store, |_, _, meta| {
+            meta.insert(FORMAT, 2).unwrap();
+        });
+        drop(store);
+        let e = RedbStore::open(&path, 1).unwrap_err();
+        assert!(e.to_string().contains("format 2"), "{e}");
+
+        let other = dir.path().join("other.redb");
+        {
+            let db = Database::create(&other).unwrap();
+            let txn = db.begin_write().unwrap();
+            let def: TableDefinition<&str, &str> = TableDefinition::new("settings");
+            txn.open_table(def).unwrap().insert("k", "v").unwrap();
+            txn.commit().unwrap();
+        }
+        let e = RedbStore::open(&other, 1).unwrap_err();
+        assert!(e.to_string().contains("not a shard store"), "{e}");
+        let db = Database::create(&other).unwrap();
+        let names: Vec<String> = db
+            .begin_read()
+            .unwrap()
+            .list_tables()
+            .unwrap()
+            .map(|t| t.name().to_string())
+            .collect();
+        assert_eq!(
+            names,
+            vec!["settings".to_string()],
+            "the foreign database was changed"
+        );
+    }
+
+    /// Chunking keeps the pages a shard takes close to its size (a whole 256 KiB value would
+    /// take a 512 KiB run of pages).
+    #[test]
+    fn pages_used_stay_close_to_the_bytes_stored() {
+        let (_dir, store) = store();
+        let mut total = 0u64;
+        for i in 0..24u32 {
+            let len = (i as usize * 11_113) % (crate::MAX_SHARD_BYTES + 1);
+            let mut s = shard(len, i as u8);
+            s.extend_from_slice(&i.to_le_bytes());
+            total += s.len() as u64;
+            store.put(&s).unwrap();
+        }
+        store.put(&shard(crate::MAX_SHARD_BYTES, 99)).unwrap();
+        total += crate::MAX_SHARD_BYTES as u64;
+        let txn = store.db.begin_write().unwrap();
+        let stats = txn.stats().unwrap();
+        // In base pages (a run of 2^k pages counts 2^k), all tables and redb's own included.
+        let allocated = stats.allocated_pages() * stats.page_size() as u64;
+        txn.abort().unwrap();
+        let ratio = allocated as f64 / total as f64;
+        eprintln!("allocated pages: {ratio:.3} times the shard bytes");
+        assert!(
+            ratio < 1.12,
+            "allocated pages take {ratio:.2} times the shard bytes"
+        );
     }
 }
