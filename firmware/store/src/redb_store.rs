@@ -6,7 +6,7 @@
 //! - `chunks`: (address, n) -> the n-th piece of the shard, [`CHUNK_BYTES`] each (the last one
 //!   shorter; an empty shard has none). redb gives a value that does not fit a page a run of
 //!   pages rounded up to a power of two, so a whole 256 KiB shard would take 512 KiB of file;
-//!   pieces that just fit a 16 KiB page waste almost nothing (docs/STORAGE.md has the numbers).
+//!   pieces that just fit a 16 KiB run of pages waste almost nothing (docs/STORAGE.md has the numbers).
 //! - `meta`: `stored_bytes`, the sum of the index lengths, and `format`.
 //!
 //! A put writes the index entry, all chunks and the counter in one write transaction, so after
