@@ -147,6 +147,16 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     Some(body.to_string())
 }
 
+/// Resident memory (VmRSS) of process `pid` in KiB, 0 if it is gone.
+pub fn proc_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The value of a Prometheus counter line `name{labels} value` (labels given exactly).
 pub fn metric(text: &str, name_and_labels: &str) -> Option<u64> {
     text.lines()

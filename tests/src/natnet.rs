@@ -61,6 +61,15 @@ impl NsNodes {
         );
     }
 
+    /// [`NsNodes::spawn`], then wait (bounded) until its status answers.
+    pub fn spawn_answering(&mut self, name: &str, ns: &Ns, join: &[String]) {
+        self.spawn(name, ns, join);
+        wait_for(Duration::from_secs(20), Duration::from_millis(50), || {
+            self.status(name)
+        })
+        .unwrap_or_else(|| panic!("{name} never answered"));
+    }
+
     /// SIGKILL: no chance to clean up (the router keeps its mapping until the lease ends).
     pub fn kill9(&mut self, name: &str) {
         if let Some(mut n) = self.nodes.remove(name) {

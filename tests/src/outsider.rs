@@ -138,13 +138,7 @@ pub fn node_key(net: &Net, i: usize) -> PublicKey {
 
 /// Resident memory of node `i`'s process in KiB (`VmRSS` in /proc/PID/status).
 pub fn rss_kib(net: &Net, i: usize) -> u64 {
-    let pid = net.nodes[&i].child.id();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
+    crate::proc_rss_kib(net.nodes[&i].child.id())
 }
 
 /// The largest resident memory among the running nodes, in KiB.

@@ -51,16 +51,6 @@ fn pid(net: &Net, i: usize) -> u32 {
     net.nodes[&i].child.id()
 }
 
-/// VmRSS of a process, in KiB.
-fn rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Open file descriptors of a process (sockets included).
 fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -69,7 +59,7 @@ fn fds(pid: u32) -> usize {
 }
 
 fn assert_rss(net: &Net, i: usize, when: &str) -> u64 {
-    let rss = rss_kb(pid(net, i));
+    let rss = borg_tests::proc_rss_kib(pid(net, i));
     assert!(
         rss > 0 && rss < RSS_BOUND_KB,
         "node {i} RSS {rss} KiB {when} (bound {RSS_BOUND_KB} KiB)"

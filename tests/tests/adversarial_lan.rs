@@ -176,15 +176,6 @@ fn role(nodes: &NsNodes, n: &str) -> String {
     nodes.role(n).unwrap_or_else(|| "?".into())
 }
 
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn a_lan_device_claiming_the_gateway_role_is_not_believed() {
     if !netns::enabled() || netns::role().is_some() {
@@ -207,11 +198,7 @@ fn a_lan_device_claiming_the_gateway_role_is_not_believed() {
 
     let mut nodes = NsNodes::new("advlan", HB_MS, K);
     borg_tests::borg_bin();
-    nodes.spawn("p1", &p1, &[]);
-    wait_for(Duration::from_secs(20), Duration::from_millis(100), || {
-        nodes.status("p1")
-    })
-    .expect("p1 never answered");
+    nodes.spawn_answering("p1", &p1, &[]);
     let contacts = vec![p1.ip.to_string(), p2.ip.to_string()];
     nodes.spawn("p2", &p2, &[p1.ip.to_string()]);
     nodes.spawn("a1", &a1, &contacts);
@@ -349,7 +336,7 @@ fn a_lan_device_claiming_the_gateway_role_is_not_believed() {
                 "{n} believes the liar: {p}"
             );
         }
-        let rss = rss_kb(nodes.nodes[n].child.id());
+        let rss = borg_tests::proc_rss_kib(nodes.nodes[n].child.id());
         assert!(rss < RSS_BOUND_KB, "{n}: RSS {rss} KiB");
     }
     nodes

@@ -143,15 +143,6 @@ fn fake_registrations_role() {
     });
 }
 
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn a_relay_request_flood_costs_the_flooder_and_the_relay_still_works() {
     if !netns::enabled() || netns::role().is_some() {
@@ -171,11 +162,7 @@ fn a_relay_request_flood_costs_the_flooder_and_the_relay_still_works() {
     let l1 = topo.lan_host(&lan, "l1", 10);
     let mut nodes = NsNodes::new("advrelay", HB_MS, K);
     borg_tests::borg_bin();
-    nodes.spawn("p1", &p1, &[]);
-    wait_for(Duration::from_secs(20), Duration::from_millis(50), || {
-        nodes.status("p1")
-    })
-    .expect("p1 never answered");
+    nodes.spawn_answering("p1", &p1, &[]);
     nodes.spawn("l1", &l1, &[p1.ip.to_string()]);
     // L1 relayed by P1 (tentatively: P1 is its only witness) and registered there.
     let want = |n: &str| if n == "p1" { "public" } else { "relayed" };
@@ -260,7 +247,7 @@ fn a_relay_request_flood_costs_the_flooder_and_the_relay_still_works() {
     nodes
         .wait_delivered("through-the-relay-under-flood", DELIVER_WITHIN)
         .unwrap_or_else(|missing| panic!("not delivered at {missing:?}"));
-    let rss = rss_kb(nodes.nodes["p1"].child.id());
+    let rss = borg_tests::proc_rss_kib(nodes.nodes["p1"].child.id());
     println!("P1 RSS during the flood: {} KiB", rss);
     assert!(rss > 0 && rss < RSS_BOUND_KB, "P1 RSS {rss} KiB");
     assert!(
@@ -291,11 +278,7 @@ fn fake_registrations_do_not_lock_real_nodes_out_of_a_relay() {
     let l2 = topo.lan_host(&lan, "l2", 11);
     let mut nodes = NsNodes::new("advreg", HB_MS, K);
     borg_tests::borg_bin();
-    nodes.spawn("p1", &p1, &[]);
-    wait_for(Duration::from_secs(20), Duration::from_millis(50), || {
-        nodes.status("p1")
-    })
-    .expect("p1 never answered");
+    nodes.spawn_answering("p1", &p1, &[]);
     nodes.spawn("l1", &l1, &[p1.ip.to_string()]);
     let want = |n: &str| if n == "p1" { "public" } else { "relayed" };
     nodes
@@ -356,7 +339,7 @@ fn fake_registrations_do_not_lock_real_nodes_out_of_a_relay() {
     nodes
         .wait_delivered("past-the-fake-registrations", DELIVER_WITHIN)
         .unwrap_or_else(|missing| panic!("not delivered at {missing:?}"));
-    let rss = rss_kb(nodes.nodes["p1"].child.id());
+    let rss = borg_tests::proc_rss_kib(nodes.nodes["p1"].child.id());
     println!("P1 RSS with {sent} fake registrations held: {rss} KiB");
     assert!(rss > 0 && rss < RSS_BOUND_KB, "P1 RSS {rss} KiB");
     drop(attacker);

@@ -62,11 +62,7 @@ fn wait_lan_a_gateway(nodes: &NsNodes, a: &[&str], within: Duration) -> String {
 
 /// Start the two public nodes: p1 alone, then p2 joining it (everyone else's contacts).
 fn start_publics(nodes: &mut NsNodes, p1: &Ns, p2: &Ns) {
-    nodes.spawn("p1", p1, &[]);
-    wait_for(Duration::from_secs(20), Duration::from_millis(100), || {
-        nodes.status("p1")
-    })
-    .expect("p1 never answered");
+    nodes.spawn_answering("p1", p1, &[]);
     nodes.spawn("p2", p2, &[p1.ip.to_string()]);
 }
 
