@@ -1,7 +1,8 @@
 //! The cell seam, end to end on loopback: a toy cell type registered in this test (one line in
 //! its own registry, no edit to the runtime) gets its own tree on its DNA port, finds its peers
 //! through the base tree, exchanges messages of its kind prefix, answers receptor kinds, and
-//! shows up in the merged status, metrics and the base cell's `cells` list.
+//! shows up in the merged status, metrics and the base cell's `cells` list. Bulk bytes go as
+//! binary frames over the cell's real TLS links (a 256 KiB frame answers each hello).
 //!
 //! Real processes' worth of parts (TLS, listeners, actors) in one test process; waits are
 //! conditions with deadlines, never sleeps.
@@ -27,6 +28,7 @@ use serde_json::{json, Value};
 struct Toy {
     hellos: u64,
     broadcasts: u64,
+    binary_bytes: u64,
     greeted: Option<PublicKey>,
     out: Vec<CellAction>,
 }
@@ -60,7 +62,7 @@ impl Cell for Toy {
     fn handle_message(
         &mut self,
         _now: CellTime,
-        _from: PublicKey,
+        from: PublicKey,
         _rx: u64,
         kind: &str,
         body: &Value,
@@ -68,10 +70,26 @@ impl Cell for Toy {
         match (kind, body.get("n").and_then(|n| n.as_u64())) {
             ("toy.hello", Some(1)) => {
                 self.hellos += 1;
+                // The size of a shard, back over the link the hello came on.
+                let mut bytes = vec![0xA5; 256 * 1024];
+                bytes[0] = 1;
+                self.out.push(CellAction::SendBinary { to: from, bytes });
                 Ok(())
             }
             _ => Err(CellError::malformed("toy.hello takes {\"n\":1}")),
         }
+    }
+    fn handle_binary(
+        &mut self,
+        _now: CellTime,
+        _from: PublicKey,
+        b: &[u8],
+    ) -> Result<(), CellError> {
+        if b[0] != 1 || b[1..].iter().any(|x| *x != 0xA5) {
+            return Err(CellError::malformed("not a toy frame"));
+        }
+        self.binary_bytes += b.len() as u64;
+        Ok(())
     }
     fn handle_request(
         &mut self,
@@ -94,7 +112,7 @@ impl Cell for Toy {
         self.out.pop()
     }
     fn status(&self, _now: CellTime) -> Value {
-        json!({"toy_hellos": self.hellos, "toy_broadcasts": self.broadcasts})
+        json!({"toy_hellos": self.hellos, "toy_broadcasts": self.broadcasts, "toy_binary_bytes": self.binary_bytes})
     }
     fn metrics(&self, _now: CellTime) -> String {
         format!("borg_toy_hellos_total {}\n", self.hellos)
@@ -196,6 +214,15 @@ async fn a_toy_cell_registered_in_one_line_runs_its_own_tree_and_doors() {
         (a[1].status()["toy_hellos"] == 2).then_some(())
     })
     .await;
+    // Each hello was answered by one 256 KiB binary frame over the same TLS link.
+    until("a binary frame at each child", || {
+        [&b, &c]
+            .iter()
+            .all(|n| n[1].status()["toy_binary_bytes"] == 256 * 1024)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(a[1].status()["toy_binary_bytes"], 0);
 
     // Receptor kinds of the cell; unknown kinds name what the cell knows.
     let recp = SocketAddr::new("127.0.77.1".parse().unwrap(), TOY.recp_port);

@@ -11,6 +11,13 @@
 //! be the link's TLS peer) go to [`Cell::handle_message`]; receptor requests whose kind is in
 //! [`Cell::receptor_kinds`] go to [`Cell::handle_request`]. Tree messages, `ping`,
 //! `broadcast` and `status` stay with the runtime.
+//!
+//! Bulk bytes (shards) do not go through envelopes: a frame whose first byte is below
+//! [`BINARY_FRAME_MAX_FIRST_BYTE`] (never the start of JSON text) is a binary frame for the
+//! link's cell ([`Cell::handle_binary`]), authenticated by the link's TLS peer key only. The cell
+//! opens such transfers with signed envelopes and checks the bytes itself (a shard's integrity
+//! is its SHA-256 address). A cell sends them with [`CellAction::SendBinary`], over an open link
+//! only, within the link's outbound byte bound.
 
 use std::sync::Arc;
 
@@ -55,6 +62,23 @@ pub enum CellAction {
     },
     /// Broadcast `payload` down this cell's tree (delivered to the cell on every node).
     Broadcast { payload: Value },
+    /// Send `bytes` as one binary frame (see [`is_binary_frame`]) over the open link to `to`.
+    /// Never dialed and never kept for later: with no link, or with the link's outbound bytes
+    /// at their bound, it is dropped and counted (`borg_dropped_outbound_total`); the cell's
+    /// own protocol asks again.
+    SendBinary { to: PublicKey, bytes: Vec<u8> },
+}
+
+/// Binary frames start with a byte below this one: 0x00-0x08 can never begin JSON text
+/// (which starts with `{`, or whitespace before it), so the two kinds of frame cannot be
+/// confused.
+pub const BINARY_FRAME_MAX_FIRST_BYTE: u8 = 0x09;
+
+/// Whether a link frame is a cell's binary frame rather than an envelope.
+pub fn is_binary_frame(frame: &[u8]) -> bool {
+    frame
+        .first()
+        .is_some_and(|b| *b < BINARY_FRAME_MAX_FIRST_BYTE)
 }
 
 /// The base tree (peerTreeNet) as a non-base cell sees it: where to find peers of its type.
@@ -154,6 +178,21 @@ pub trait Cell: Send + 'static {
         kind: &str,
         body: &Value,
     ) -> Result<(), CellError>;
+    /// A binary frame (see [`is_binary_frame`]) from the link whose TLS peer is `from`. No
+    /// signature: only the link's authentication, so the cell accepts only what it asked for.
+    /// The default refuses every binary frame.
+    fn handle_binary(
+        &mut self,
+        _now: CellTime,
+        _from: PublicKey,
+        _bytes: &[u8],
+    ) -> Result<(), CellError> {
+        Err(CellError {
+            status: 400,
+            code: "unknown_kind",
+            message: "this cell takes no binary frames".into(),
+        })
+    }
     /// A verified receptor request of one of [`Cell::receptor_kinds`].
     fn handle_request(
         &mut self,

@@ -26,6 +26,8 @@ struct Seen {
     broadcasts: Vec<Value>,
     timeouts: u64,
     requests: u64,
+    /// Binary frames: (link peer, length, first byte).
+    binary: Vec<(PublicKey, usize, u8)>,
 }
 
 struct Toy {
@@ -56,7 +58,7 @@ impl Cell for Toy {
     }
 
     fn receptor_kinds(&self) -> &'static [&'static str] {
-        &["toy.shout"]
+        &["toy.shout", "toy.bulk"]
     }
 
     fn handle_tree(&mut self, _now: CellTime, view: &TreeView) {
@@ -109,6 +111,15 @@ impl Cell for Toy {
         kind: &str,
         body: &Value,
     ) -> Result<Value, CellError> {
+        if kind == "toy.bulk" {
+            // {to, len, first}: send `len` bytes starting with `first` as one binary frame.
+            let to = PublicKey::from_b64(body["to"].as_str().unwrap()).unwrap();
+            let len = body["len"].as_u64().unwrap() as usize;
+            let mut bytes = vec![7u8; len];
+            bytes[0] = body["first"].as_u64().unwrap() as u8;
+            self.out.push(CellAction::SendBinary { to, bytes });
+            return Ok(json!({}));
+        }
         assert_eq!(kind, "toy.shout");
         self.seen.lock().unwrap().requests += 1;
         self.out.push(CellAction::Broadcast {
@@ -125,6 +136,23 @@ impl Cell for Toy {
         payload: &Value,
     ) {
         self.seen.lock().unwrap().broadcasts.push(payload.clone());
+    }
+
+    fn handle_binary(
+        &mut self,
+        _now: CellTime,
+        from: PublicKey,
+        bytes: &[u8],
+    ) -> Result<(), CellError> {
+        if bytes[0] != 1 {
+            return Err(CellError::malformed("toy frames start with 1"));
+        }
+        self.seen
+            .lock()
+            .unwrap()
+            .binary
+            .push((from, bytes.len(), bytes[0]));
+        Ok(())
     }
 
     fn handle_timeout(&mut self, now: CellTime) {
@@ -365,4 +393,62 @@ async fn a_tree_split_by_a_long_link_failure_merges_back() {
             net.tree_stats(child)
         );
     }
+}
+
+/// Bulk bytes travel as binary frames, not envelopes: they reach the cell of the link with the
+/// link's peer as sender; the cell refuses what it did not ask for (counted); a cell without
+/// binary frames refuses them all; frames that could pass for JSON or that the framing would
+/// refuse are never sent.
+#[tokio::test(start_paused = true)]
+async fn binary_frames_reach_the_cell_of_the_link_and_nothing_else() {
+    let mut net = MemNet::new(3, 1000);
+    let (sa, sb) = (Arc::default(), Arc::default());
+    let a = net.add("toyTree", T0, &[], Toy::make(Arc::clone(&sa)));
+    let b = net.add("toyTree", T0, &[a], Toy::make(Arc::clone(&sb)));
+    assert!(
+        net.run_until(Duration::from_secs(10), |n| joined(n, b))
+            .await
+    );
+    let to_b = net.key(b).to_b64();
+    let bulk = |len: usize, first: u8| json!({"to": to_b, "len": len, "first": first});
+
+    // 256 KiB, the size of a shard: delivered whole, from a.
+    net.request(a, net.key(a), "toy.bulk", bulk(256 * 1024, 1))
+        .unwrap();
+    net.run_for(Duration::from_millis(10)).await;
+    assert_eq!(sb.lock().unwrap().binary, vec![(net.key(a), 256 * 1024, 1)]);
+    assert_eq!(net.take_dropped(a), 0);
+
+    // A first byte of '{' (JSON) and a frame over the frame limit: never sent, counted.
+    net.request(a, net.key(a), "toy.bulk", bulk(100, b'{'))
+        .unwrap();
+    net.request(
+        a,
+        net.key(a),
+        "toy.bulk",
+        bulk(borg_net::frame::MAX_FRAME + 1, 1),
+    )
+    .unwrap();
+    net.run_for(Duration::from_millis(10)).await;
+    assert_eq!(sb.lock().unwrap().binary.len(), 1);
+    assert_eq!(net.take_dropped(a), 2);
+
+    // What the cell refuses is counted under its code; nothing is recorded.
+    net.inject_bytes(a, b, vec![2, 0, 0]);
+    assert_eq!(net.rejected(b, "malformed"), 1);
+    assert_eq!(sb.lock().unwrap().binary.len(), 1);
+    // A JSON frame is still an envelope (here a garbage one: malformed, not binary).
+    net.inject_bytes(a, b, b"{\"v\":1}".to_vec());
+    assert_eq!(net.rejected(b, "malformed"), 2);
+    assert_eq!(sb.lock().unwrap().binary.len(), 1);
+
+    // A cell that takes no binary frames (the base cell) refuses them as unknown_kind.
+    let mut base = MemNet::new(3, 1000);
+    let x = base.add("peerTreeNet", T0, &[], |_| Box::new(borg_net::cell::NoCell));
+    let y = base.add("peerTreeNet", T0, &[x], |_| {
+        Box::new(borg_net::cell::NoCell)
+    });
+    base.inject_bytes(x, y, vec![1, 2, 3]);
+    assert_eq!(base.rejected(y, "unknown_kind"), 1);
+    assert!(sa.lock().unwrap().binary.is_empty());
 }

@@ -18,7 +18,7 @@ use borg_proto::tree::{geometry, Action, Target, TreeMsg, TreeNode, TreeView};
 use serde_json::{json, Value};
 
 use super::{BCAST_ENVELOPE_OVERHEAD, CELL_BCAST_KIND, DELIVERED_LOG_TARGET};
-use crate::cell::{Cell, CellAction, CellTime};
+use crate::cell::{is_binary_frame, Cell, CellAction, CellTime};
 use crate::clock::NetClock;
 use crate::frame::MAX_FRAME;
 
@@ -56,7 +56,8 @@ pub(crate) struct Host {
     /// Id and network time (ms) of the last broadcast delivered.
     last_broadcast: Option<(String, u64)>,
     out: VecDeque<(Target, Vec<u8>)>,
-    /// Cell broadcasts dropped as too large since the last [`Host::take_dropped`].
+    /// Cell broadcasts dropped as too large and binary frames refused since the last
+    /// [`Host::take_dropped`].
     dropped: u64,
 }
 
@@ -154,6 +155,19 @@ impl Host {
         Ok(())
     }
 
+    /// Hand a binary frame from `link_key`'s link to the cell. Err is the wire code to count.
+    pub(crate) fn dispatch_binary(
+        &mut self,
+        link_key: &PublicKey,
+        bytes: &[u8],
+    ) -> Result<(), &'static str> {
+        let t = CellTime::of(&self.clock);
+        self.cell.handle_binary(t, *link_key, bytes).map_err(|e| {
+            tracing::debug!(cell = %self.cell_name, "binary frame from {}: {e}", link_key.short());
+            e.code
+        })
+    }
+
     /// A receptor request for the runtime (broadcast) or the cell (its receptor kinds).
     pub(crate) fn handle_request(&mut self, req: HostRequest) -> Result<Value, HostError> {
         match req {
@@ -207,7 +221,7 @@ impl Host {
         self.out.pop_front()
     }
 
-    /// Cell broadcasts dropped as too large since the last call.
+    /// Cell broadcasts and binary frames dropped as unsendable since the last call.
     pub(crate) fn take_dropped(&mut self) -> u64 {
         std::mem::take(&mut self.dropped)
     }
@@ -248,6 +262,15 @@ impl Host {
                         continue;
                     }
                     self.tree.broadcast(wrapped);
+                }
+                CellAction::SendBinary { to, bytes } => {
+                    // A binary frame that could be read as JSON, or one the framing refuses,
+                    // is the cell's bug: never sent.
+                    if !is_binary_frame(&bytes) || bytes.len() > MAX_FRAME {
+                        self.dropped += 1;
+                        continue;
+                    }
+                    self.out.push_back((Target::Key(to), bytes));
                 }
             }
         }

@@ -201,6 +201,11 @@ impl MemNet {
         self.nodes[i].host.tree.stats.clone()
     }
 
+    /// Cell broadcasts and binary frames node `i` dropped as unsendable since the last call.
+    pub fn take_dropped(&mut self, i: usize) -> u64 {
+        self.nodes[i].host.take_dropped()
+    }
+
     /// How many frames node `i` refused with wire code `code`.
     pub fn rejected(&self, i: usize, code: &str) -> u64 {
         self.nodes[i].rejected.get(code).copied().unwrap_or(0)
@@ -380,6 +385,12 @@ impl MemNet {
         let link_key = self.nodes[from].key;
         let node = &mut self.nodes[to];
         let rx_local_us = node.clock.local_us();
+        if crate::cell::is_binary_frame(bytes) {
+            if let Err(code) = node.host.dispatch_binary(&link_key, bytes) {
+                *node.rejected.entry(code).or_insert(0) += 1;
+            }
+            return;
+        }
         let result = node.host.open(&link_key, bytes).and_then(|env| {
             if let Some(addr) = env.addr.as_ref() {
                 node.host.tree.peer_addr_changed(&env.from, addr);

@@ -725,6 +725,12 @@ impl Actor {
 
     fn on_frame(&mut self, link_key: PublicKey, bytes: Vec<u8>, rx_local_us: u64) {
         self.metrics.frames_in += 1;
+        if crate::cell::is_binary_frame(&bytes) {
+            if let Err(code) = self.host.dispatch_binary(&link_key, &bytes) {
+                self.reject(code);
+            }
+            return;
+        }
         let env = match self.host.open(&link_key, &bytes) {
             Ok(env) => env,
             Err(code) => return self.reject(code),
