@@ -9,11 +9,15 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use borg_cells::{start_node_with, CellOptions, CellType};
-use borg_net::cell::{Cell, CellAction, CellError, CellInit, CellTime, NoCell};
+use borg_net::cell::{
+    Cell, CellAction, CellError, CellInit, CellTime, NoCell, Work, WorkDone, WorkPanicked,
+    MAX_WORK_IN_FLIGHT,
+};
 use borg_net::client;
 use borg_net::node::NodeHandle;
 use borg_proto::dna;
@@ -29,6 +33,12 @@ struct Toy {
     hellos: u64,
     broadcasts: u64,
     binary_bytes: u64,
+    /// Blocking jobs: queued, done, panicked; how many ran at once at most.
+    work: Vec<Work>,
+    work_done: u64,
+    work_panicked: u64,
+    running: Arc<AtomicUsize>,
+    max_running: Arc<AtomicUsize>,
     greeted: Option<PublicKey>,
     out: Vec<CellAction>,
 }
@@ -38,7 +48,7 @@ impl Cell for Toy {
         "toy."
     }
     fn receptor_kinds(&self) -> &'static [&'static str] {
-        &["toy.count", "toy.shout"]
+        &["toy.count", "toy.shout", "toy.work"]
     }
     fn handle_tree(&mut self, _now: CellTime, view: &TreeView) {
         if view.state == TreeState::Joined {
@@ -96,10 +106,28 @@ impl Cell for Toy {
         _now: CellTime,
         _from: &PublicKey,
         kind: &str,
-        _body: &Value,
+        body: &Value,
     ) -> Result<Value, CellError> {
         match kind {
             "toy.count" => Ok(json!({"hellos": self.hellos, "broadcasts": self.broadcasts})),
+            "toy.work" => {
+                // n jobs that wait for the test's gate (stand-ins for fsyncs); the last panics.
+                let n = body["n"].as_u64().unwrap_or(0);
+                for i in 0..n {
+                    let (running, max) = (self.running.clone(), self.max_running.clone());
+                    self.work.push(Box::new(move || -> WorkDone {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        max.fetch_max(now, Ordering::SeqCst);
+                        let (open, cv) = &GATE;
+                        let guard = open.lock().unwrap();
+                        let _ = cv.wait_timeout_while(guard, LIMIT, |open| !*open).unwrap();
+                        running.fetch_sub(1, Ordering::SeqCst);
+                        assert!(i + 1 < n, "the last toy job panics");
+                        Box::new(i)
+                    }));
+                }
+                Ok(json!({}))
+            }
             _ => {
                 self.out.push(CellAction::Broadcast {
                     payload: json!({"toy": "shout"}),
@@ -111,8 +139,26 @@ impl Cell for Toy {
     fn poll_action(&mut self, _now: CellTime) -> Option<CellAction> {
         self.out.pop()
     }
+    fn poll_work(&mut self) -> Option<Work> {
+        self.work.pop()
+    }
+    fn handle_work_done(&mut self, _now: CellTime, done: WorkDone) {
+        if done.downcast_ref::<u64>().is_some() {
+            self.work_done += 1;
+        } else if done.downcast_ref::<WorkPanicked>().is_some() {
+            self.work_panicked += 1;
+        }
+    }
     fn status(&self, _now: CellTime) -> Value {
-        json!({"toy_hellos": self.hellos, "toy_broadcasts": self.broadcasts, "toy_binary_bytes": self.binary_bytes})
+        json!({
+            "toy_hellos": self.hellos,
+            "toy_broadcasts": self.broadcasts,
+            "toy_binary_bytes": self.binary_bytes,
+            "toy_work_done": self.work_done,
+            "toy_work_panicked": self.work_panicked,
+            "toy_work_running": self.running.load(Ordering::SeqCst),
+            "toy_work_max_running": self.max_running.load(Ordering::SeqCst),
+        })
     }
     fn metrics(&self, _now: CellTime) -> String {
         format!("borg_toy_hellos_total {}\n", self.hellos)
@@ -141,6 +187,10 @@ const REGISTRY: &[CellType] = &[
 
 const LIMIT: Duration = Duration::from_secs(20);
 
+/// Closed until the test opens it: the toy's blocking jobs wait here.
+static GATE: (std::sync::Mutex<bool>, std::sync::Condvar) =
+    (std::sync::Mutex::new(false), std::sync::Condvar::new());
+
 async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = tokio::time::Instant::now() + LIMIT;
     loop {
@@ -167,8 +217,12 @@ async fn node(ip: &str, join: Option<&str>, dir: &tempfile::TempDir) -> Vec<Arc<
 }
 
 async fn ask(recp: SocketAddr, kind: &str) -> (u16, Value) {
+    ask_with(recp, kind, json!({})).await
+}
+
+async fn ask_with(recp: SocketAddr, kind: &str, body: Value) -> (u16, Value) {
     let key = SecretKey::generate();
-    let env = envelope::seal(&key, kind, None, borg_net::node::now_ms(), json!({}));
+    let env = envelope::seal(&key, kind, None, borg_net::node::now_ms(), body);
     let (status, body) = client::receptor_post(recp, env.to_bytes()).await.unwrap();
     let v: Value = serde_json::from_slice(&body).unwrap();
     (status, v)
@@ -271,4 +325,31 @@ async fn a_toy_cell_registered_in_one_line_runs_its_own_tree_and_doors() {
         st["time"]["synced"], false,
         "no time cell in this registry: {st}"
     );
+
+    // Blocking work runs off the actor: 12 jobs that wait for a gate. While they wait, exactly
+    // MAX_WORK_IN_FLIGHT of them run and the cell still answers its receptor (an actor waiting
+    // on a job would never answer). Opened, all come back; the panicking one as WorkPanicked.
+    assert_eq!(ask_with(recp, "toy.work", json!({"n": 12})).await.0, 200);
+    until("the jobs in flight", || {
+        (a[1].status()["toy_work_running"] == MAX_WORK_IN_FLIGHT as u64).then_some(())
+    })
+    .await;
+    let (status, v) = ask(recp, "toy.count").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(a[1].status()["toy_work_done"], 0);
+    {
+        let (open, cv) = &GATE;
+        *open.lock().unwrap() = true;
+        cv.notify_all();
+    }
+    until("12 jobs back", || {
+        let st = a[1].status();
+        (st["toy_work_done"] == 11 && st["toy_work_panicked"] == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        a[1].status()["toy_work_max_running"],
+        MAX_WORK_IN_FLIGHT as u64
+    );
+    assert_eq!(ask(recp, "toy.count").await.0, 200);
 }

@@ -69,6 +69,20 @@ pub enum CellAction {
     SendBinary { to: PublicKey, bytes: Vec<u8> },
 }
 
+/// Blocking work a cell hands to the runtime, e.g. a store's durable write (an fsync takes
+/// milliseconds, and the actor must never wait on a disk). The runtime runs it on a blocking
+/// thread, at most [`MAX_WORK_IN_FLIGHT`] of one cell at a time, and hands what it returns to
+/// [`Cell::handle_work_done`]. The cell itself stays sans-IO: the closure is the only part that
+/// touches the disk, and in-memory tests run it inline.
+pub type Work = Box<dyn FnOnce() -> WorkDone + Send>;
+/// What a [`Work`] returns; the cell downcasts it to its own type.
+pub type WorkDone = Box<dyn std::any::Any + Send>;
+/// Given to [`Cell::handle_work_done`] in place of the result when the work panicked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkPanicked;
+/// Blocking jobs of one cell running at once, at most.
+pub const MAX_WORK_IN_FLIGHT: usize = 4;
+
 /// Binary frames start with a byte below this one: 0x00-0x08 can never begin JSON text
 /// (which starts with `{`, or whitespace before it), so the two kinds of frame cannot be
 /// confused.
@@ -207,6 +221,13 @@ pub trait Cell: Send + 'static {
             message: format!("this cell does not answer {kind:?}"),
         })
     }
+    /// The next blocking job to run off the actor (see [`Work`]); asked only while fewer than
+    /// [`MAX_WORK_IN_FLIGHT`] of this cell's jobs run.
+    fn poll_work(&mut self) -> Option<Work> {
+        None
+    }
+    /// A job from [`Cell::poll_work`] finished: what it returned, or [`WorkPanicked`].
+    fn handle_work_done(&mut self, _now: CellTime, _done: WorkDone) {}
     /// Timers: called at or after [`Cell::poll_timeout`].
     fn handle_timeout(&mut self, _now: CellTime) {}
     /// The next monotonic ms at which to call [`Cell::handle_timeout`].

@@ -18,7 +18,7 @@ use borg_proto::tree::{geometry, Action, Target, TreeMsg, TreeNode, TreeView};
 use serde_json::{json, Value};
 
 use super::{BCAST_ENVELOPE_OVERHEAD, CELL_BCAST_KIND, DELIVERED_LOG_TARGET};
-use crate::cell::{is_binary_frame, Cell, CellAction, CellTime};
+use crate::cell::{is_binary_frame, Cell, CellAction, CellTime, Work, WorkDone};
 use crate::clock::NetClock;
 use crate::frame::MAX_FRAME;
 
@@ -199,6 +199,16 @@ impl Host {
                     .map_err(|e| (e.status, e.code, e.message))
             }
         }
+    }
+
+    /// The cell's next blocking job, if it has one.
+    pub(crate) fn poll_work(&mut self) -> Option<Work> {
+        self.cell.poll_work()
+    }
+
+    /// A blocking job of the cell finished.
+    pub(crate) fn handle_work_done(&mut self, done: WorkDone) {
+        self.cell.handle_work_done(CellTime::of(&self.clock), done);
     }
 
     /// The tree's periodic tick (heartbeats, failure detection).

@@ -29,6 +29,9 @@ use super::EcdsaSeal;
 use crate::cell::{Cell, CellInit};
 use crate::clock::NetClock;
 
+/// Blocking jobs of one node run per step at most.
+const WORK_PER_STEP: usize = 1024;
+
 /// Frames handled per step at most (a bound on a cell that answers every frame with two).
 const FRAMES_PER_STEP: usize = 100_000;
 
@@ -348,6 +351,17 @@ impl MemNet {
         for _ in 0..FRAMES_PER_STEP {
             for i in 0..self.nodes.len() {
                 self.nodes[i].host.carry_out();
+                // Blocking jobs run inline here: deterministic, one at a time (bounded, as a
+                // cell could keep asking).
+                for _ in 0..WORK_PER_STEP {
+                    let Some(work) = self.nodes[i].host.poll_work() else {
+                        break;
+                    };
+                    let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+                        .unwrap_or_else(|_| Box::new(crate::cell::WorkPanicked));
+                    self.nodes[i].host.handle_work_done(done);
+                    self.nodes[i].host.carry_out();
+                }
                 while let Some((to, frame)) = self.nodes[i].host.poll_transmit() {
                     if let Some(j) = self.route(i, &to) {
                         self.send(i, j, frame);

@@ -128,6 +128,8 @@ pub(crate) enum Inbound {
         key: Option<PublicKey>,
         addr: String,
     },
+    /// A blocking job of the cell finished (see [`crate::cell::Work`]).
+    WorkDone(crate::cell::WorkDone),
     /// A frame-level error on an authenticated connection (oversized, truncated).
     FrameError {
         code: &'static str,
@@ -382,6 +384,8 @@ struct Actor {
     wait_for_time: bool,
     /// Join deferred until the NAT role is known (bounded by `join_after`).
     wait_for_role: bool,
+    /// The cell's blocking jobs running now (at most `cell::MAX_WORK_IN_FLIGHT`).
+    work_in_flight: usize,
 }
 
 /// How long a node waits for its NAT role, or for network time, before joining anyway.
@@ -500,6 +504,7 @@ pub async fn start(cfg: NodeConfig, cell: Box<dyn Cell>) -> Result<NodeHandle, N
         last_base_join: 0,
         wait_for_time: false,
         wait_for_role: false,
+        work_in_flight: 0,
     };
     let links = LinkCtx {
         cell: crate::tls::cell_of_alpn(&crate::tls::alpn_of(&actor.cfg.cell))
@@ -714,6 +719,10 @@ impl Actor {
                 }
             }
             Inbound::FrameError { code } => self.reject(code),
+            Inbound::WorkDone(done) => {
+                self.work_in_flight = self.work_in_flight.saturating_sub(1);
+                self.host.handle_work_done(done);
+            }
             Inbound::Receptor { request, reply } => {
                 let _ = reply.send(self.host.handle_request(request));
             }
@@ -758,6 +767,26 @@ impl Actor {
             self.send_frame(to, frame);
         }
         self.metrics.dropped_outbound += self.host.take_dropped();
+        self.start_work();
+    }
+
+    /// Hand the cell's blocking jobs to blocking threads, within the in-flight bound; each
+    /// result comes back as an [`Inbound::WorkDone`].
+    fn start_work(&mut self) {
+        while self.work_in_flight < crate::cell::MAX_WORK_IN_FLIGHT {
+            let Some(work) = self.host.poll_work() else {
+                return;
+            };
+            self.work_in_flight += 1;
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let done = tokio::task::spawn_blocking(work)
+                    .await
+                    .unwrap_or_else(|_| Box::new(crate::cell::WorkPanicked));
+                // The actor is gone only when the node stops.
+                let _ = tx.send(Inbound::WorkDone(done)).await;
+            });
+        }
     }
 }
 
