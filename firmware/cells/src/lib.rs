@@ -171,6 +171,7 @@ fn init_for(
         key,
         clock: clock.clone(),
         contacts: opts.join.iter().map(|a| a.to_string()).collect(),
+        data_dir: Some(opts.data_dir.clone()),
     }
 }
 

@@ -256,6 +256,9 @@ pub struct CellInit {
     pub clock: Arc<NetClock>,
     /// The node's contacts (`--join`, base-tree addresses).
     pub contacts: Vec<String>,
+    /// The node's data directory, where a cell keeps what must survive a restart (the
+    /// appliance's data partition). `None` in in-memory tests: keep state in memory.
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 /// A cell type with no behaviour of its own: the base tree (peerTreeNet) is all runtime.

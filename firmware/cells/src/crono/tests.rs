@@ -30,6 +30,7 @@ fn node(i: u8, local_us: u64, contacts: Vec<String>) -> Node {
         key,
         clock: clock.clone(),
         contacts,
+        data_dir: None,
     });
     Node {
         key,

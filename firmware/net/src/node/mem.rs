@@ -129,6 +129,7 @@ impl MemNet {
             key,
             clock: clock.clone(),
             contacts: contact_addrs.clone(),
+            data_dir: None,
         });
         let me = Peer {
             key,
