@@ -140,11 +140,13 @@ pub enum IdCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Print the public key of a phrase (SLIP-0010 NIST P-256 at m/0').
+    /// Print the public key of your phrase (SLIP-0010 NIST P-256 at m/0'). Without
+    /// --phrase-file: the phrase kept in your config dir ($XDG_CONFIG_HOME/borg/phrase, else
+    /// ~/.config/borg/phrase), made on first use with a warning to write it down.
     Show {
-        /// File holding the phrase (24 words).
+        /// File holding the phrase (24 words), e.g. on a USB stick.
         #[arg(long, value_name = "FILE")]
-        phrase_file: PathBuf,
+        phrase_file: Option<PathBuf>,
         /// File holding the optional BIP39 passphrase.
         #[arg(long, value_name = "FILE")]
         passphrase_file: Option<PathBuf>,
@@ -174,17 +176,9 @@ pub fn id(cmd: IdCommand) -> Result<()> {
             passphrase_file,
             json,
         } => {
-            let phrase = std::fs::read_to_string(&phrase_file)
-                .with_context(|| format!("reading phrase file {}", phrase_file.display()))?;
-            let passphrase = match passphrase_file {
-                Some(p) => std::fs::read_to_string(&p)
-                    .with_context(|| format!("reading passphrase file {}", p.display()))?
-                    .trim_end_matches(['\n', '\r'])
-                    .to_string(),
-                None => String::new(),
-            };
-            let key = mnemonic::user_key(phrase.trim(), &passphrase)
-                .map_err(|e| anyhow!("invalid phrase in {}: {e}", phrase_file.display()))?;
+            let user = crate::userkey::load(phrase_file.as_deref(), passphrase_file.as_deref())?;
+            let key = mnemonic::user_key(&user.phrase, &user.passphrase)
+                .map_err(|e| anyhow!("invalid phrase in {}: {e}", user.source.display()))?;
             if json {
                 println!(
                     "{}",

@@ -8,6 +8,7 @@ mod bench_relay;
 mod bench_time;
 mod bench_tree;
 mod cli;
+mod userkey;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
