@@ -17,6 +17,7 @@ use borg_net::node::{self, BaseFollow, CellRouter, NodeConfig, NodeError, NodeHa
 use borg_proto::dna::{self, CellDna};
 
 pub mod crono;
+pub mod shard;
 
 /// One cell type: its DNA and how to make its behaviour.
 #[derive(Debug, Clone, Copy)]
