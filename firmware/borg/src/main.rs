@@ -100,3 +100,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Up(args) => appliance::run_up(args),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pid1_and_the_node_page_agree_on_the_appliance_file_variable() {
+        assert_eq!(
+            borg_system::init::APPLIANCE_FILE_ENV,
+            borg_net::page::APPLIANCE_FILE_ENV
+        );
+    }
+}

@@ -33,6 +33,7 @@ pub mod guard;
 pub mod localnet;
 pub mod nat;
 pub mod node;
+pub mod page;
 pub mod portmap;
 pub mod relay;
 pub mod serve;

@@ -1,5 +1,5 @@
 //! The cell's two doors: the receptor (HTTPS `POST /` with a signed envelope) and the
-//! read-only monitor (HTTP `GET /status`, `GET /metrics`).
+//! read-only monitor (HTTP `GET /` a page for people, `GET /status`, `GET /metrics`).
 //!
 //! The receptor answers success with an envelope signed by this node whose `body.re` is the
 //! request's nonce, and failure with `{"error": code, "message": ...}` and a 4xx/5xx status.
@@ -420,11 +420,25 @@ fn monitor(node: &NodeHandle, req: &Request<Incoming>) -> Resp {
         return error_response(
             405,
             "forbidden",
-            "the monitor is read-only: GET /status or /metrics",
+            "the monitor is read-only: GET /, /status or /metrics",
         );
     }
     let snap = node.snapshot.borrow().clone();
     match req.uri().path() {
+        "/" => {
+            // PID 1's file is small and on tmpfs (bounded read): no need to leave the task.
+            let page = crate::page::render(&node.status(), crate::page::appliance_view().as_ref());
+            let mut r = Response::new(Full::new(Bytes::from(page)));
+            let h = r.headers_mut();
+            h.insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            for (name, value) in crate::page::HEADERS {
+                h.insert(*name, hyper::header::HeaderValue::from_static(value));
+            }
+            r
+        }
         "/status" => json_response(StatusCode::OK, &node.status()),
         "/metrics" => {
             let mut r = Response::new(Full::new(Bytes::from(render_metrics(
@@ -437,6 +451,10 @@ fn monitor(node: &NodeHandle, req: &Request<Incoming>) -> Resp {
             );
             r
         }
-        _ => error_response(404, "malformed", "try GET /status or GET /metrics"),
+        _ => error_response(
+            404,
+            "malformed",
+            "try GET / (a page), GET /status or GET /metrics",
+        ),
     }
 }

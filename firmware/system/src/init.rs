@@ -409,6 +409,7 @@ pub fn run(mut cfg: InitConfig) -> Result<(), InitError> {
         s.net.note = Some("networking managed by the host".into());
     }
     start_leds(&cfg, &shared, net_enabled);
+    start_appliance_file(appliance_file(&cfg), &shared);
     start_node_watch(&shared, cfg.monitor, keeper.clone());
     start_console(&cfg, &shared);
 
@@ -421,6 +422,10 @@ pub fn run(mut cfg: InitConfig) -> Result<(), InitError> {
             args: cell_args(&cfg, name),
             data_dir: process_data_dir(&cfg.data_dir, name),
             user: cell_user(&cfg),
+            env: vec![(
+                APPLIANCE_FILE_ENV.to_string(),
+                appliance_file(&cfg).display().to_string(),
+            )],
         })
         .collect();
     let mut sup = Supervisor::new(specs, cfg.policy);
@@ -752,6 +757,67 @@ fn start_leds(cfg: &InitConfig, shared: &Shared, net_enabled: bool) {
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+}
+
+/// The environment variable that tells the node where PID 1's view is (the node's page,
+/// `GET /` on its monitor, shows it). The same name as `borg_net::page::APPLIANCE_FILE_ENV`
+/// (this crate does not depend on borg-net; the `borg` binary's tests check they agree).
+pub const APPLIANCE_FILE_ENV: &str = "BORG_APPLIANCE_FILE";
+
+/// Where PID 1 keeps its view for the node's page: tmpfs on the appliance (rewritten as the
+/// log moves; never the SD card), the data directory under `borg up`.
+pub fn appliance_file(cfg: &InitConfig) -> PathBuf {
+    if cfg.system {
+        PathBuf::from("/run/borg/appliance.json")
+    } else {
+        cfg.data_dir.join("appliance.json")
+    }
+}
+
+/// Log lines PID 1 puts in its view.
+pub const APPLIANCE_LOG_LINES: usize = 30;
+/// How often the view is refreshed (written only when it changed).
+pub const APPLIANCE_FILE_EVERY: Duration = Duration::from_secs(1);
+
+/// PID 1's view for the node's page: LED state and backend, and the last log lines.
+pub fn appliance_view(shared: &Shared) -> serde_json::Value {
+    let (led, backend) = {
+        let s = shared.lock();
+        (s.led.name(), s.led_backend.clone())
+    };
+    serde_json::json!({
+        "led": led,
+        "led_backend": backend,
+        "log": crate::logring::tail(APPLIANCE_LOG_LINES),
+    })
+}
+
+fn start_appliance_file(path: PathBuf, shared: &Shared) {
+    let sh = shared.clone();
+    spawn_thread("appliance-file", move || {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let tmp = path.with_extension("tmp");
+        let mut last = String::new();
+        let mut logged_err = false;
+        loop {
+            let text = appliance_view(&sh).to_string();
+            if text != last {
+                let written =
+                    std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, &path));
+                match written {
+                    Ok(()) => last = text,
+                    Err(e) if !logged_err => {
+                        tracing::warn!(error = %e, path = %path.display(), "appliance view file");
+                        logged_err = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+            std::thread::sleep(APPLIANCE_FILE_EVERY);
         }
     });
 }

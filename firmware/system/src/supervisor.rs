@@ -142,6 +142,8 @@ pub struct CellSpec {
     pub data_dir: PathBuf,
     /// Run as this uid/gid (when we are root).
     pub user: Option<(u32, u32)>,
+    /// Extra environment for the process.
+    pub env: Vec<(String, String)>,
 }
 
 /// A cell's current phase.
@@ -435,6 +437,7 @@ fn spawn(spec: &CellSpec) -> Result<i32, SupervisorError> {
     cmd.arg0("borg")
         .args(&spec.args)
         .env("BORG_CELL", &spec.name)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -575,6 +578,7 @@ mod tests {
             args: vec![],
             data_dir: std::env::temp_dir().join("borg-sup-test-x"),
             user: None,
+            env: vec![],
         };
         let mut s = Supervisor::new(vec![spec], p());
         let now = Instant::now();
