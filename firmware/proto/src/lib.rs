@@ -13,6 +13,7 @@
 //! - [`build`]: the build time, the floor of network time.
 //! - [`crono`]: network time (cronoTree): `time.*` messages and the sans-IO sync state machine.
 //! - [`dna`]: the compiled-in cell table (names, ports, max children).
+//! - [`shard`]: shard placement (rendezvous hashing), the member directory, repair planning.
 #![forbid(unsafe_code)]
 
 pub mod build;
@@ -23,4 +24,5 @@ pub mod identity;
 pub mod jcs;
 pub mod mnemonic;
 pub mod reach;
+pub mod shard;
 pub mod tree;
