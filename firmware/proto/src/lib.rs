@@ -12,6 +12,8 @@
 //! - [`reach`]: reachability: NAT roles from peers' evidence, LAN gateway choice, relayed addresses.
 //! - [`build`]: the build time, the floor of network time.
 //! - [`crono`]: network time (cronoTree): `time.*` messages and the sans-IO sync state machine.
+//! - [`stream`]: windowed streaming of shards (DStream): binary frames, the pulling receiver,
+//!   the holder's sender, resume records.
 //! - [`dna`]: the compiled-in cell table (names, ports, max children).
 #![forbid(unsafe_code)]
 
@@ -23,4 +25,5 @@ pub mod identity;
 pub mod jcs;
 pub mod mnemonic;
 pub mod reach;
+pub mod stream;
 pub mod tree;
