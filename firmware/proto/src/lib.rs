@@ -12,6 +12,8 @@
 //! - [`reach`]: reachability: NAT roles from peers' evidence, LAN gateway choice, relayed addresses.
 //! - [`build`]: the build time, the floor of network time.
 //! - [`crono`]: network time (cronoTree): `time.*` messages and the sans-IO sync state machine.
+//! - [`stream`]: windowed streaming of shards (DStream): binary frames, the pulling receiver,
+//!   the holder's sender, resume records.
 //! - [`dna`]: the compiled-in cell table (names, ports, max children).
 //! - [`shard`]: shard placement (rendezvous hashing), the member directory, repair planning.
 #![forbid(unsafe_code)]
@@ -25,4 +27,5 @@ pub mod jcs;
 pub mod mnemonic;
 pub mod reach;
 pub mod shard;
+pub mod stream;
 pub mod tree;
