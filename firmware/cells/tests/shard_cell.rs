@@ -81,3 +81,222 @@ fn a_store_another_process_holds_is_an_error_in_status_and_requests_say_unavaila
         err.message
     );
 }
+
+mod replication {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use borg_cells::shard::disk::Place;
+    use borg_cells::shard::{ShardCell, ShardConfig};
+    use borg_net::cell::Cell;
+    use borg_net::node::mem::MemNet;
+    use borg_proto::identity::PublicKey;
+    use borg_proto::shard::members::DirConfig;
+    use borg_proto::shard::placement::{holders, Members};
+    use borg_proto::shard::repair::RepairConfig;
+    use borg_proto::stream::frame::{Frame, Shard, Want};
+    use borg_store::{Address, MemStore, ShardStore};
+    use rand::{rngs::StdRng, RngCore, SeedableRng};
+    use serde_json::json;
+
+    use super::T0;
+
+    /// Timings short enough for minutes of virtual time: announce every 10 s, members live
+    /// 35 s without one, 2 s probation; surplus copies dropped 30 s after all 3 are confirmed.
+    fn cfg() -> ShardConfig {
+        ShardConfig {
+            dir: DirConfig {
+                ttl_ms: 35_000,
+                probation_ms: 2_000,
+                ..DirConfig::default()
+            },
+            repair: RepairConfig {
+                new_check_ms: 3_000,
+                recheck_ms: 10_000,
+                query_retry_ms: 2_000,
+                report_ttl_ms: 20_000,
+                drop_grace_ms: 30_000,
+                push_bytes_per_s: 64 << 20,
+                ..RepairConfig::default()
+            },
+            announce_ms: 10_000,
+        }
+    }
+
+    fn node(net: &mut MemNet, contacts: &[usize], store: Arc<MemStore>) -> usize {
+        net.add("shardTree", T0, contacts, move |init| {
+            Box::new(ShardCell::with(init, Place::Given(store), cfg())) as Box<dyn Cell>
+        })
+    }
+
+    fn copies(stores: &[Arc<MemStore>], live: &[usize], a: &Address) -> Vec<usize> {
+        live.iter()
+            .copied()
+            .filter(|&i| stores[i].has(a).unwrap())
+            .collect()
+    }
+
+    /// Shards put on one node end up on exactly their three top-ranked members, checked
+    /// against the bytes; the first node's surplus copies go after the grace period; when a
+    /// holder disappears, its shards are copied to the next-ranked member.
+    #[tokio::test(start_paused = true)]
+    async fn shards_reach_their_three_placed_holders_and_heal_after_a_loss() {
+        let mut net = MemNet::new(25, 1000);
+        let stores: Vec<Arc<MemStore>> = (0..6).map(|_| Arc::new(MemStore::new(1 << 30))).collect();
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut addrs = Vec::new();
+        for len in [1usize, 4096, 100_000, 256 * 1024, 7] {
+            let mut b = vec![0u8; len];
+            rng.fill_bytes(&mut b);
+            addrs.push(stores[0].put(&b).unwrap());
+        }
+        let first = node(&mut net, &[], stores[0].clone());
+        for store in &stores[1..] {
+            node(&mut net, &[first], store.clone());
+        }
+        let all: Vec<usize> = (0..6).collect();
+        let keys: Vec<PublicKey> = all.iter().map(|&i| net.key(i)).collect();
+        let keys_all = keys.clone();
+        let placed = |keys: &[PublicKey], a: &Address| -> Vec<usize> {
+            let m = Members::new(keys.iter().copied()).unwrap();
+            let top = holders(a.as_bytes(), &m, 3).unwrap();
+            let mut v: Vec<usize> = top
+                .iter()
+                .map(|k| keys_all.iter().position(|x| x == k).unwrap())
+                .collect();
+            v.sort();
+            v
+        };
+        let want: Vec<Vec<usize>> = addrs.iter().map(|a| placed(&keys, a)).collect();
+        let on_top = |net: &MemNet| {
+            let _ = net;
+            addrs
+                .iter()
+                .zip(&want)
+                .all(|(a, w)| w.iter().all(|&i| stores[i].has(a).unwrap()))
+        };
+        assert!(
+            net.run_until(Duration::from_secs(120), on_top).await,
+            "not placed within 2 virtual minutes: {:?}",
+            addrs
+                .iter()
+                .map(|a| copies(&stores, &all, a))
+                .collect::<Vec<_>>()
+        );
+        // Every copy reads back right (the store re-hashes on get).
+        for (a, w) in addrs.iter().zip(&want) {
+            for &i in w {
+                assert!(stores[i].get(a).unwrap().is_some());
+            }
+        }
+        // The first node keeps its surplus copies until all three are confirmed, then a grace
+        // period: afterwards exactly three copies of each.
+        let exact = |_: &MemNet| {
+            addrs
+                .iter()
+                .zip(&want)
+                .all(|(a, w)| copies(&stores, &all, a) == *w)
+        };
+        assert!(
+            net.run_until(Duration::from_secs(120), exact).await,
+            "surplus not dropped: {:?} want {want:?}",
+            addrs
+                .iter()
+                .map(|a| copies(&stores, &all, a))
+                .collect::<Vec<_>>()
+        );
+        let st = net.status(first);
+        assert!(st["repair"]["pushes"].as_u64().unwrap() >= 5, "{st}");
+
+        // A holder of the first shard (not the tree root) goes silent.
+        let gone = *want[0].iter().find(|&&i| i != first).unwrap();
+        for i in 0..6 {
+            if i != gone {
+                net.set_cut(gone, i, true);
+            }
+        }
+        let live: Vec<usize> = all.iter().copied().filter(|&i| i != gone).collect();
+        let live_keys: Vec<PublicKey> = live.iter().map(|&i| net.key(i)).collect();
+        let want_after: Vec<Vec<usize>> = addrs.iter().map(|a| placed(&live_keys, a)).collect();
+        let healed = |_: &MemNet| {
+            addrs
+                .iter()
+                .zip(&want_after)
+                .all(|(a, w)| w.iter().all(|&i| stores[i].has(a).unwrap()))
+        };
+        let t = tokio::time::Instant::now();
+        assert!(
+            net.run_until(Duration::from_secs(180), healed).await,
+            "not healed: {:?} want {want_after:?}",
+            addrs
+                .iter()
+                .map(|a| copies(&stores, &live, a))
+                .collect::<Vec<_>>()
+        );
+        println!(
+            "healed {} shards after losing a holder in {:?} of virtual time",
+            addrs.len(),
+            t.elapsed()
+        );
+    }
+
+    /// An outsider's frames: a Want for a stream nobody offered gets a Close and no bytes; a
+    /// Shard nobody asked for is counted and not stored; a pull that receives wrong bytes
+    /// refuses them and stores nothing.
+    #[tokio::test(start_paused = true)]
+    async fn frames_nobody_asked_for_and_wrong_bytes_are_refused() {
+        let mut net = MemNet::new(25, 1000);
+        let store = Arc::new(MemStore::new(1 << 30));
+        let a = node(&mut net, &[], store.clone());
+        // The outsider runs the tree but none of the cell: it never answers a Want.
+        let x = net.add("shardTree", T0, &[a], |_| {
+            Box::new(borg_net::cell::NoCell) as Box<dyn Cell>
+        });
+        net.run_for(Duration::from_secs(5)).await;
+        let mut want = Frame::Want(Want {
+            stream: 2,
+            seq: 0,
+            addr: [7u8; 32],
+        })
+        .encode();
+        net.inject_bytes(x, a, std::mem::take(&mut want));
+        let st = net.status(a);
+        assert_eq!(st["transfers"]["closes_out"], 1, "{st}");
+        assert_eq!(st["transfers"]["shards_out"], 0, "{st}");
+
+        let bytes = b"the real bytes".to_vec();
+        let addr = Address::of(&bytes);
+        let stray = Frame::Shard(Shard {
+            stream: 9,
+            seq: 0,
+            addr: *addr.as_bytes(),
+            bytes: bytes.clone(),
+        });
+        net.inject_bytes(x, a, stray.encode());
+        assert_eq!(net.status(a)["transfers"]["unsolicited"], 1);
+        assert!(!store.has(&addr).unwrap());
+
+        // x "offers" the shard; a pulls it; x's answer (injected) carries other bytes.
+        let hex: String = addr.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        net.inject(
+            x,
+            a,
+            "shard.offer",
+            json!({"stream": 4, "shards": [[hex, bytes.len()]]}),
+        );
+        assert_eq!(net.status(a)["transfers"]["pulls"], 1);
+        let wrong = Frame::Shard(Shard {
+            stream: 4,
+            seq: 0,
+            addr: *addr.as_bytes(),
+            bytes: b"the wrong bytes".to_vec(),
+        });
+        net.inject_bytes(x, a, wrong.encode());
+        net.run_for(Duration::from_secs(1)).await;
+        let st = net.status(a);
+        assert_eq!(st["transfers"]["bad_shards"], 1, "{st}");
+        assert!(!store.has(&addr).unwrap());
+        // The right bytes are refused too now: the only holder was struck off for this shard.
+        assert_eq!(st["transfers"]["pulls_open"], 0, "{st}");
+    }
+}

@@ -72,6 +72,10 @@ pub trait ShardStore: Send + Sync {
     /// Whether a shard is stored under `addr` (its bytes are not read or checked).
     fn has(&self, addr: &Address) -> Result<bool, StoreError>;
 
+    /// The stored length of the shard under `addr` (from the index; the bytes are not read),
+    /// `None` if it is not stored.
+    fn len_of(&self, addr: &Address) -> Result<Option<u64>, StoreError>;
+
     /// Remove a shard; removing one that is not stored succeeds.
     fn delete(&self, addr: &Address) -> Result<(), StoreError>;
 

@@ -107,6 +107,10 @@ impl ShardStore for MemStore {
         Ok(self.lock().shards.contains_key(addr))
     }
 
+    fn len_of(&self, addr: &Address) -> Result<Option<u64>, StoreError> {
+        Ok(self.lock().shards.get(addr).map(|b| b.len() as u64))
+    }
+
     fn delete(&self, addr: &Address) -> Result<(), StoreError> {
         self.lock().remove(addr);
         Ok(())

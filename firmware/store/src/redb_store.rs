@@ -274,6 +274,12 @@ impl ShardStore for RedbStore {
         Ok(index.get(addr.as_bytes())?.is_some())
     }
 
+    fn len_of(&self, addr: &Address) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let index = txn.open_table(INDEX)?;
+        Ok(index.get(addr.as_bytes())?.map(|v| v.value()))
+    }
+
     fn delete(&self, addr: &Address) -> Result<(), StoreError> {
         let txn = self.begin_write()?;
         let removed = {

@@ -48,6 +48,7 @@ fn view(n: &Node, state: TreeState, parent: Option<&Node>) -> TreeView {
     TreeView {
         state,
         key: n.key,
+        addr: n.addr.clone(),
         position: Some(if parent.is_some() { 2 } else { 1 }),
         parent: parent.map(|p| borg_proto::tree::Placed {
             pos: 1,

@@ -1,25 +1,45 @@
 //! shardTree: shard storage, as a cell (DNA 13350/13355/13340, k=25).
 //!
-//! What is built so far: the node's shard store (`<data>/shards.redb`, a
-//! [`borg_store::RedbStore`]; in memory under `MemNet`) opened and used only through blocking
-//! jobs off the actor ([`disk`]), its usage in `/status` and `/metrics`, a `shard.stat`
-//! receptor kind, and a periodic scrub that re-hashes every stored shard and drops corrupt ones.
+//! - **The store**: the node's shard store (`<data>/shards.redb`, a [`borg_store::RedbStore`];
+//!   in memory under `MemNet`), used only through blocking jobs off the actor ([`disk`]). Its
+//!   budget is [`DEFAULT_BUDGET`] unless `BORG_SHARD_BUDGET_MB` says otherwise; a store that
+//!   cannot be opened leaves the cell running with the error in its status (requests answer
+//!   `unavailable`).
+//! - **Members**: every node announces itself on the shard tree by broadcast (its address and
+//!   an epoch) every [`ANNOUNCE_MS`]; each node keeps a bounded directory of them
+//!   ([`borg_proto::shard::members::MemberDir`]: admission rate, probation, TTL).
+//! - **Placement and repair**: a shard belongs on the top `r` members by rendezvous hashing
+//!   ([`borg_proto::shard::placement`]); the repair planner
+//!   ([`borg_proto::shard::repair::RepairPlanner`]) of every holder asks the others what they
+//!   hold (`shard.has`), and the best-ranked holder pushes missing copies. A surplus copy is
+//!   dropped only after all `r` are confirmed, and a grace period.
+//! - **Transfers** ([`transfer`]): a push is an offer (`shard.offer`); the receiver pulls the
+//!   shards it lacks with `Want` binary frames (a window of its choosing) and the holder
+//!   answers with `Shard` frames; every shard is checked against its address before it is
+//!   stored, and the receiver reports what it stored (`shard.stored`). A fetch is a request to
+//!   be offered (`shard.ask`).
+//! - The scrub re-hashes every stored shard periodically and drops corrupt ones; the planner
+//!   then fetches them again.
 //!
-//! The store's budget is [`DEFAULT_BUDGET`] unless `BORG_SHARD_BUDGET_MB` says otherwise.
-//! A store that cannot be opened (another process has it, not a store file) leaves the cell
-//! running with the error in its status; its requests answer `unavailable`.
+//! Envelope bodies and their bounds: [`wire`].
 
 pub mod disk;
+mod transfer;
+pub mod wire;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use borg_net::cell::{Cell, CellAction, CellError, CellInit, CellTime, Work, WorkDone};
 use borg_proto::identity::PublicKey;
-use borg_store::{ShardStore, Usage};
+use borg_proto::shard::members::{DirConfig, MemberDir};
+use borg_proto::shard::repair::{RepairAction, RepairConfig, RepairPlanner};
+use borg_proto::tree::{Peer, Target, TreeState, TreeView};
+use borg_store::{Address, ShardStore, StoreError, Usage};
 use serde_json::{json, Value};
 
 use disk::{Done, Job, Place};
+use transfer::Transfers;
 
 /// The store's budget when none is configured: 1 GiB of shard bytes.
 pub const DEFAULT_BUDGET: u64 = 1 << 30;
@@ -28,22 +48,65 @@ pub const BUDGET_ENV: &str = "BORG_SHARD_BUDGET_MB";
 /// The first scrub this long after start (ms), then every [`SCRUB_EVERY_MS`].
 pub const FIRST_SCRUB_MS: u64 = 10 * 60 * 1000;
 pub const SCRUB_EVERY_MS: u64 = 24 * 60 * 60 * 1000;
+/// A member announces itself this often (ms) by default; the directory's TTL must be a few
+/// times longer.
+pub const ANNOUNCE_MS: u64 = 60_000;
 /// Usage is read again at most this often (ms).
 const USAGE_EVERY_MS: u64 = 10_000;
+/// Jobs waiting for the disk at most; a request that would queue more is refused or retried.
+pub const MAX_JOBS_QUEUED: usize = 256;
+
+/// How the cell is set up.
+#[derive(Debug, Clone)]
+pub struct ShardConfig {
+    pub dir: DirConfig,
+    pub repair: RepairConfig,
+    pub announce_ms: u64,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        Self {
+            dir: DirConfig::default(),
+            repair: RepairConfig::default(),
+            announce_ms: ANNOUNCE_MS,
+        }
+    }
+}
+
+/// Counters shown in status and metrics.
+#[derive(Debug, Clone, Copy, Default)]
+struct Stats {
+    scrubs: u64,
+    corrupt_found: u64,
+    job_errors: u64,
+    jobs_refused: u64,
+    announcements: u64,
+    announcements_refused: u64,
+    stored: u64,
+    store_refused: u64,
+    dropped: u64,
+}
 
 /// The shardTree cell.
 pub struct ShardCell {
+    my_addr: Option<String>,
+    in_tree: bool,
+    epoch: u64,
     store: Option<Arc<dyn ShardStore>>,
-    /// Why the store is not open, if it failed.
     store_error: Option<String>,
     jobs: VecDeque<Job>,
     out: VecDeque<CellAction>,
     usage: Option<Usage>,
     next_usage: u64,
     next_scrub: u64,
-    scrubs: u64,
-    corrupt_found: u64,
-    job_errors: u64,
+    next_announce: u64,
+    announce_ms: u64,
+    dir: MemberDir,
+    dir_version: u64,
+    planner: RepairPlanner,
+    transfers: Transfers,
+    stats: Stats,
 }
 
 impl ShardCell {
@@ -52,17 +115,37 @@ impl ShardCell {
             .ok()
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map_or(DEFAULT_BUDGET, |mb| mb.saturating_mul(1 << 20));
-        let place = match init.data_dir {
+        let place = match &init.data_dir {
             Some(dir) => Place::File {
                 path: dir.join("shards.redb"),
                 budget,
             },
             None => Place::Memory { budget },
         };
+        Self::with(init, place, ShardConfig::default())
+    }
+
+    pub fn boxed(init: CellInit) -> Box<dyn Cell> {
+        Box::new(Self::new(init))
+    }
+
+    /// A cell on `place` with `cfg` (tests give a store they keep a handle on, and short
+    /// timings).
+    pub fn with(init: CellInit, place: Place, cfg: ShardConfig) -> Self {
         let now = init.clock.mono_ms();
+        let me = init.key;
+        let dir = MemberDir::new(cfg.dir.clone(), me);
+        // The invariant: the default and test configurations have 1..=16 replicas and
+        // non-zero budgets; a bad one is a programming error caught by every test.
+        let planner = RepairPlanner::new(me, cfg.repair.clone(), dir.members().clone())
+            .unwrap_or_else(|e| panic!("shard repair configuration: {e}"));
         let mut jobs = VecDeque::new();
         jobs.push_back(Job::Open(place));
         Self {
+            my_addr: None,
+            in_tree: false,
+            // A restarted node announces a higher epoch than before (network time moves on).
+            epoch: init.clock.now_ms(),
             store: None,
             store_error: None,
             jobs,
@@ -70,14 +153,14 @@ impl ShardCell {
             usage: None,
             next_usage: now,
             next_scrub: now + FIRST_SCRUB_MS,
-            scrubs: 0,
-            corrupt_found: 0,
-            job_errors: 0,
+            next_announce: now,
+            announce_ms: cfg.announce_ms.max(1000),
+            dir,
+            dir_version: 0,
+            planner,
+            transfers: Transfers::new(),
+            stats: Stats::default(),
         }
-    }
-
-    pub fn boxed(init: CellInit) -> Box<dyn Cell> {
-        Box::new(Self::new(init))
     }
 
     fn store_ready(&self) -> Result<(), CellError> {
@@ -93,6 +176,178 @@ impl ShardCell {
             },
         })
     }
+
+    /// Queue a disk job within [`MAX_JOBS_QUEUED`]; false (counted) if the queue is full.
+    fn job(&mut self, job: Job) -> bool {
+        if self.jobs.len() >= MAX_JOBS_QUEUED {
+            self.stats.jobs_refused += 1;
+            return false;
+        }
+        self.jobs.push_back(job);
+        true
+    }
+
+    /// Where to reach member `key` on this tree.
+    fn peer_of(&self, key: &PublicKey) -> Option<Peer> {
+        let addr = self.dir.addr_of(key)?.to_string();
+        Some(Peer {
+            key: *key,
+            mon: addr.clone(),
+            addr,
+        })
+    }
+
+    fn send(&mut self, to: &PublicKey, kind: &str, body: Value) {
+        match self.peer_of(to) {
+            Some(peer) => self.out.push_back(CellAction::Send {
+                to: Target::Peer(peer),
+                kind: kind.into(),
+                body,
+            }),
+            // Not a member we know the address of: only over an open link.
+            None => self.out.push_back(CellAction::Send {
+                to: Target::Key(*to),
+                kind: kind.into(),
+                body,
+            }),
+        }
+    }
+
+    /// The member set changed: tell the planner.
+    fn sync_members(&mut self, now: u64) {
+        if self.dir.version() != self.dir_version {
+            self.dir_version = self.dir.version();
+            self.planner.set_members(now, self.dir.members().clone());
+        }
+    }
+
+    /// Carry out what the planner decided.
+    fn run_planner(&mut self, now: u64) {
+        self.sync_members(now);
+        if self.store.is_none() {
+            return;
+        }
+        let mut queries: HashMap<PublicKey, Vec<[u8; 32]>> = HashMap::new();
+        let mut pushes: HashMap<PublicKey, Vec<[u8; 32]>> = HashMap::new();
+        let mut asks: HashMap<PublicKey, Vec<[u8; 32]>> = HashMap::new();
+        for action in self.planner.poll_actions(now) {
+            match action {
+                RepairAction::Query { addr, to } => queries.entry(to).or_default().push(addr),
+                RepairAction::Push { addr, to, .. } => pushes.entry(to).or_default().push(addr),
+                RepairAction::Fetch { addr, from } => asks.entry(from).or_default().push(addr),
+                RepairAction::Drop { addr } => {
+                    if self.job(Job::Delete(Address::from_bytes(addr))) {
+                        self.stats.dropped += 1;
+                    }
+                }
+            }
+        }
+        for (to, addrs) in queries {
+            for chunk in addrs.chunks(wire::MAX_QUERY_ADDRS) {
+                self.send(&to, "shard.has", wire::has_body(chunk));
+            }
+        }
+        for (to, addrs) in asks {
+            for chunk in addrs.chunks(wire::MAX_OFFER_SHARDS) {
+                self.send(&to, "shard.ask", wire::has_body(chunk));
+            }
+        }
+        for (to, addrs) in pushes {
+            for chunk in addrs.chunks(wire::MAX_OFFER_SHARDS) {
+                self.offer(now, to, chunk.to_vec());
+            }
+        }
+    }
+
+    fn announce(&mut self, now: u64) {
+        self.next_announce = now + self.announce_ms;
+        if let (true, Some(addr)) = (self.in_tree, self.my_addr.clone()) {
+            self.out.push_back(CellAction::Broadcast {
+                payload: wire::member_payload(&addr, self.epoch),
+            });
+        }
+    }
+
+    fn handle_done(&mut self, now: CellTime, done: Done) {
+        let ms = now.mono_ms;
+        match done {
+            Done::Opened(Ok(store)) => {
+                self.store = Some(store);
+                self.store_error = None;
+                self.job(Job::Usage);
+                self.job(Job::List);
+            }
+            Done::Opened(Err(e)) => {
+                tracing::error!("shard store: {e}");
+                self.store_error = Some(e.to_string());
+            }
+            Done::Listed(Ok(addrs)) => {
+                for (a, len) in addrs {
+                    self.planner.hold(ms, *a.as_bytes(), len);
+                }
+            }
+            Done::Offer { to, stream, result } => self.offer_looked_up(ms, to, stream, result),
+            Done::Usage(Ok(u)) => self.usage = Some(u),
+            Done::Scrubbed(Ok(report)) => {
+                self.stats.scrubs += 1;
+                self.stats.corrupt_found += report.corrupt.len() as u64;
+                for a in &report.corrupt {
+                    tracing::warn!("scrub: shard {a} was corrupt and was removed");
+                    self.planner.handle_corrupt(ms, a.as_bytes());
+                }
+                self.job(Job::Usage);
+            }
+            Done::Deleted(a, Ok(())) => {
+                self.planner.forget(a.as_bytes());
+            }
+            Done::Has {
+                from,
+                result: Ok(answers),
+            } => {
+                let answers: Vec<([u8; 32], bool)> =
+                    answers.iter().map(|(a, h)| (*a.as_bytes(), *h)).collect();
+                self.send(&from, "shard.have", wire::have_body(&answers));
+            }
+            Done::Stored {
+                slot,
+                addr,
+                len,
+                result,
+            } => {
+                let ok = match result {
+                    Ok(()) => {
+                        self.stats.stored += 1;
+                        self.planner.hold(ms, *addr.as_bytes(), len);
+                        true
+                    }
+                    Err(e) => {
+                        self.stats.store_refused += 1;
+                        tracing::debug!("storing shard {addr}: {e}");
+                        false
+                    }
+                };
+                self.transfers.written(slot, ok);
+                self.pump(ms);
+            }
+            Done::Served { to, want, result } => {
+                self.transfers
+                    .served(to, want, result.ok().flatten(), &mut self.out);
+                self.pump(ms);
+            }
+            Done::Listed(Err(e))
+            | Done::Usage(Err(e))
+            | Done::Scrubbed(Err(e))
+            | Done::Deleted(_, Err(e))
+            | Done::Has { result: Err(e), .. } => {
+                self.stats.job_errors += 1;
+                log_store_error(&e);
+            }
+        }
+    }
+}
+
+fn log_store_error(e: &StoreError) {
+    tracing::warn!("shard store: {e}");
 }
 
 impl Cell for ShardCell {
@@ -104,19 +359,91 @@ impl Cell for ShardCell {
         &["shard.stat"]
     }
 
+    fn handle_tree(&mut self, now: CellTime, view: &TreeView) {
+        self.my_addr = Some(view.addr.clone());
+        let in_tree = matches!(view.state, TreeState::Joined | TreeState::Root)
+            || (view.state == TreeState::Alone && view.position.is_some());
+        if in_tree && !self.in_tree {
+            self.in_tree = true;
+            self.announce(now.mono_ms);
+        }
+        self.in_tree = in_tree;
+    }
+
+    fn handle_broadcast(&mut self, now: CellTime, _id: &str, origin: &PublicKey, payload: &Value) {
+        let Some((addr, epoch)) = wire::parse_member(payload) else {
+            return;
+        };
+        match self.dir.handle_announce(now.mono_ms, *origin, &addr, epoch) {
+            Ok(_) => self.stats.announcements += 1,
+            Err(_) => self.stats.announcements_refused += 1,
+        }
+        self.run_planner(now.mono_ms);
+    }
+
     fn handle_message(
         &mut self,
-        _now: CellTime,
-        _from: PublicKey,
+        now: CellTime,
+        from: PublicKey,
         _rx: u64,
         kind: &str,
-        _body: &Value,
+        body: &Value,
     ) -> Result<(), CellError> {
-        Err(CellError {
-            status: 400,
-            code: "unknown_kind",
-            message: format!("shardTree does not take {kind:?} yet"),
-        })
+        let ms = now.mono_ms;
+        let bad = |e: wire::WireError| CellError::malformed(e.0);
+        match kind {
+            "shard.has" => {
+                self.store_ready()?;
+                let addrs = wire::parse_has(body).map_err(bad)?;
+                let addrs = addrs.into_iter().map(Address::from_bytes).collect();
+                if !self.job(Job::Has { from, addrs }) {
+                    return Err(busy());
+                }
+            }
+            "shard.have" => {
+                for (addr, has) in wire::parse_have(body).map_err(bad)? {
+                    self.planner.handle_report(ms, &addr, from, has);
+                }
+                self.run_planner(ms);
+            }
+            "shard.offer" => {
+                self.store_ready()?;
+                let (stream, shards) = wire::parse_offer(body).map_err(bad)?;
+                self.accept_offer(ms, from, stream, shards)?;
+            }
+            "shard.stored" => {
+                let (stream, stored, failed) = wire::parse_stored(body).map_err(bad)?;
+                for (addr, ok) in self
+                    .transfers
+                    .offer_answered(from, stream, &stored, &failed)
+                {
+                    self.planner.handle_push_done(ms, &addr, from, ok);
+                }
+                self.run_planner(ms);
+            }
+            "shard.ask" => {
+                self.store_ready()?;
+                let addrs = wire::parse_ask(body).map_err(bad)?;
+                self.offer(ms, from, addrs);
+            }
+            other => {
+                return Err(CellError {
+                    status: 400,
+                    code: "unknown_kind",
+                    message: format!("shardTree does not take {other:?}"),
+                })
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_binary(
+        &mut self,
+        now: CellTime,
+        from: PublicKey,
+        bytes: &[u8],
+    ) -> Result<(), CellError> {
+        self.on_frame(now.mono_ms, from, bytes)
     }
 
     fn handle_request(
@@ -130,7 +457,10 @@ impl Cell for ShardCell {
             "shard.stat" => {
                 self.store_ready()?;
                 let u = self.usage.unwrap_or_default();
-                Ok(json!({"shards": u.shards, "bytes": u.bytes, "budget": u.budget}))
+                Ok(json!({
+                    "shards": u.shards, "bytes": u.bytes, "budget": u.budget,
+                    "members": self.dir.members().len(), "held": self.planner.tracked(),
+                }))
             }
             _ => Err(CellError {
                 status: 400,
@@ -145,56 +475,53 @@ impl Cell for ShardCell {
         Some(job.into_work(self.store.clone()))
     }
 
-    fn handle_work_done(&mut self, _now: CellTime, done: WorkDone) {
-        let Ok(done) = done.downcast::<Done>() else {
+    fn handle_work_done(&mut self, now: CellTime, done: WorkDone) {
+        match done.downcast::<Done>() {
+            Ok(done) => self.handle_done(now, *done),
             // A job panicked (WorkPanicked): counted; the store stays as it was.
-            self.job_errors += 1;
-            return;
-        };
-        match *done {
-            Done::Opened(Ok(store)) => {
-                self.store = Some(store);
-                self.store_error = None;
-                self.jobs.push_back(Job::Usage);
-            }
-            Done::Opened(Err(e)) => {
-                tracing::error!("shard store: {e}");
-                self.store_error = Some(e.to_string());
-            }
-            Done::Usage(Ok(u)) => self.usage = Some(u),
-            Done::Scrubbed(Ok(report)) => {
-                self.scrubs += 1;
-                self.corrupt_found += report.corrupt.len() as u64;
-                for a in &report.corrupt {
-                    tracing::warn!("scrub: shard {a} was corrupt and was removed");
-                }
-                self.jobs.push_back(Job::Usage);
-            }
-            Done::Usage(Err(e)) | Done::Scrubbed(Err(e)) => {
-                self.job_errors += 1;
-                tracing::warn!("shard store: {e}");
-            }
-            Done::Put { .. } | Done::Got { .. } | Done::Has(_) => {}
+            Err(_) => self.stats.job_errors += 1,
         }
+        self.run_planner(now.mono_ms);
     }
 
     fn handle_timeout(&mut self, now: CellTime) {
-        if self.store.is_none() {
-            return;
+        let ms = now.mono_ms;
+        if ms >= self.next_announce {
+            self.announce(ms);
         }
-        if now.mono_ms >= self.next_usage {
-            self.next_usage = now.mono_ms + USAGE_EVERY_MS;
-            self.jobs.push_back(Job::Usage);
+        if self.dir.poll_timeout().is_some_and(|t| t <= ms) {
+            self.dir.handle_timeout(ms);
         }
-        if now.mono_ms >= self.next_scrub {
-            self.next_scrub = now.mono_ms + SCRUB_EVERY_MS;
-            self.jobs.push_back(Job::Scrub);
+        self.transfers_timeout(ms);
+        if self.store.is_some() {
+            if ms >= self.next_usage {
+                self.next_usage = ms + USAGE_EVERY_MS;
+                self.job(Job::Usage);
+            }
+            if ms >= self.next_scrub {
+                self.next_scrub = ms + SCRUB_EVERY_MS;
+                self.job(Job::Scrub);
+            }
         }
+        self.run_planner(ms);
     }
 
     fn poll_timeout(&self) -> Option<u64> {
-        self.store.as_ref()?;
-        Some(self.next_usage.min(self.next_scrub))
+        let mut t = self.next_announce;
+        for x in [
+            self.dir.poll_timeout(),
+            self.planner.poll_timeout(),
+            self.transfers.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            t = t.min(x);
+        }
+        if self.store.is_some() {
+            t = t.min(self.next_usage).min(self.next_scrub);
+        }
+        Some(t)
     }
 
     fn poll_action(&mut self, _now: CellTime) -> Option<CellAction> {
@@ -203,6 +530,8 @@ impl Cell for ShardCell {
 
     fn status(&self, _now: CellTime) -> Value {
         let u = self.usage.unwrap_or_default();
+        let r = self.planner.stats();
+        let s = &self.stats;
         json!({
             "store": {
                 "open": self.store.is_some(),
@@ -210,25 +539,62 @@ impl Cell for ShardCell {
                 "shards": u.shards,
                 "bytes": u.bytes,
                 "budget": u.budget,
-                "scrubs": self.scrubs,
-                "corrupt_found": self.corrupt_found,
-            }
+                "scrubs": s.scrubs,
+                "corrupt_found": s.corrupt_found,
+            },
+            "members": {
+                "placeable": self.dir.members().len(),
+                "known": self.dir.known(),
+                "announcements": s.announcements,
+                "refused": s.announcements_refused,
+            },
+            "repair": {
+                "held": self.planner.tracked(),
+                "queries": r.queries,
+                "pushes": r.pushes,
+                "push_bytes": r.push_bytes,
+                "fetches": r.fetches,
+                "drops": r.drops,
+                "stored": s.stored,
+                "store_refused": s.store_refused,
+            },
+            "transfers": self.transfers.status(),
         })
     }
 
     fn metrics(&self, _now: CellTime) -> String {
         let u = self.usage.unwrap_or_default();
+        let r = self.planner.stats();
+        let s = &self.stats;
         format!(
             "borg_shard_store_open {}\nborg_shard_store_shards {}\nborg_shard_store_bytes {}\n\
              borg_shard_store_budget_bytes {}\nborg_shard_scrubs_total {}\n\
-             borg_shard_corrupt_found_total {}\nborg_shard_job_errors_total {}\n",
+             borg_shard_corrupt_found_total {}\nborg_shard_job_errors_total {}\n\
+             borg_shard_jobs_refused_total {}\nborg_shard_members {}\n\
+             borg_shard_pushes_total {}\nborg_shard_fetches_total {}\nborg_shard_drops_total {}\n\
+             borg_shard_stored_total {}\n{}",
             u8::from(self.store.is_some()),
             u.shards,
             u.bytes,
             u.budget,
-            self.scrubs,
-            self.corrupt_found,
-            self.job_errors
+            s.scrubs,
+            s.corrupt_found,
+            s.job_errors,
+            s.jobs_refused,
+            self.dir.members().len(),
+            r.pushes,
+            r.fetches,
+            r.drops,
+            s.stored,
+            self.transfers.metrics(),
         )
+    }
+}
+
+fn busy() -> CellError {
+    CellError {
+        status: 503,
+        code: "unavailable",
+        message: "the shard store is busy; try again".into(),
     }
 }

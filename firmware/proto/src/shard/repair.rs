@@ -432,7 +432,9 @@ impl RepairPlanner {
                 .iter()
                 .find(|x| x.key != own && h.report(&x.key, now, ttl) == Some(true))
                 .map(|x| x.key);
-            let stuck = h.fetching.is_none_or(|(_, t)| now.saturating_sub(t) >= retry * 4);
+            let stuck = h
+                .fetching
+                .is_none_or(|(_, t)| now.saturating_sub(t) >= retry * 4);
             match from {
                 Some(from) if stuck => {
                     h.fetching = Some((from, now));

@@ -41,13 +41,41 @@ pub(super) fn spread(counts: &[u64]) -> f64 {
 
 #[derive(Debug)]
 enum Ev {
-    Learn { node: usize, view: Members },
-    Query { from: usize, to: usize, addr: ShardAddr },
-    Report { to: usize, from: usize, addr: ShardAddr, has: bool },
-    PushArrive { from: usize, to: usize, addr: ShardAddr, size: u64 },
-    PushDone { from: usize, to: usize, addr: ShardAddr, ok: bool },
-    FetchArrive { to: usize, from: usize, addr: ShardAddr },
-    Wake { node: usize },
+    Learn {
+        node: usize,
+        view: Members,
+    },
+    Query {
+        from: usize,
+        to: usize,
+        addr: ShardAddr,
+    },
+    Report {
+        to: usize,
+        from: usize,
+        addr: ShardAddr,
+        has: bool,
+    },
+    PushArrive {
+        from: usize,
+        to: usize,
+        addr: ShardAddr,
+        size: u64,
+    },
+    PushDone {
+        from: usize,
+        to: usize,
+        addr: ShardAddr,
+        ok: bool,
+    },
+    FetchArrive {
+        to: usize,
+        from: usize,
+        addr: ShardAddr,
+    },
+    Wake {
+        node: usize,
+    },
 }
 
 pub(super) struct Node {
@@ -83,7 +111,12 @@ pub(super) struct Sim {
 
 impl Sim {
     /// `n` nodes; every shard of `shards` stored on its top-`r` (settled writes).
-    pub fn new(seed: u64, keys: Vec<PublicKey>, cfg: RepairConfig, shards: &[(ShardAddr, u64)]) -> Self {
+    pub fn new(
+        seed: u64,
+        keys: Vec<PublicKey>,
+        cfg: RepairConfig,
+        shards: &[(ShardAddr, u64)],
+    ) -> Self {
         let members = Members::new(keys.iter().copied()).expect("sim member count is small");
         let r = cfg.replicas;
         let mut nodes: Vec<Node> = keys
@@ -98,7 +131,8 @@ impl Sim {
                 sent_bytes: 0,
             })
             .collect();
-        let index: HashMap<PublicKey, usize> = keys.iter().enumerate().map(|(i, k)| (*k, i)).collect();
+        let index: HashMap<PublicKey, usize> =
+            keys.iter().enumerate().map(|(i, k)| (*k, i)).collect();
         let mut copies = HashMap::new();
         for (a, size) in shards {
             for h in holders(a, &members, r).expect("r valid") {
@@ -170,11 +204,22 @@ impl Sim {
                     let done = start + (size * 1000).div_ceil(self.bandwidth);
                     n.uplink_free = done;
                     n.sent_bytes += size;
-                    self.push(done + self.latency_ms, Ev::PushArrive { from: i, to, addr, size });
+                    self.push(
+                        done + self.latency_ms,
+                        Ev::PushArrive {
+                            from: i,
+                            to,
+                            addr,
+                            size,
+                        },
+                    );
                 }
                 RepairAction::Fetch { addr, from } => {
                     let from = self.index[&from];
-                    self.push(now + 2 * self.latency_ms + 100, Ev::FetchArrive { to: i, from, addr });
+                    self.push(
+                        now + 2 * self.latency_ms + 100,
+                        Ev::FetchArrive { to: i, from, addr },
+                    );
                 }
                 RepairAction::Drop { addr } => {
                     let n = &mut self.nodes[i];
@@ -203,7 +248,9 @@ impl Sim {
                 break;
             }
             self.now = t;
-            let Some(ev) = self.events.remove(&seq) else { continue };
+            let Some(ev) = self.events.remove(&seq) else {
+                continue;
+            };
             let lat = self.latency_ms;
             let node = match ev {
                 Ev::Learn { node, view } => {
@@ -220,16 +267,34 @@ impl Sim {
                 Ev::Query { from, to, addr } => {
                     if self.nodes[to].alive {
                         let has = self.nodes[to].store.contains_key(&addr);
-                        self.push(t + lat, Ev::Report { to: from, from: to, addr, has });
+                        self.push(
+                            t + lat,
+                            Ev::Report {
+                                to: from,
+                                from: to,
+                                addr,
+                                has,
+                            },
+                        );
                     }
                     continue;
                 }
-                Ev::Report { to, from, addr, has } => {
+                Ev::Report {
+                    to,
+                    from,
+                    addr,
+                    has,
+                } => {
                     let k = self.nodes[from].key;
                     self.nodes[to].planner.handle_report(t, &addr, k, has);
                     to
                 }
-                Ev::PushArrive { from, to, addr, size } => {
+                Ev::PushArrive {
+                    from,
+                    to,
+                    addr,
+                    size,
+                } => {
                     let ok = self.nodes[to].alive;
                     if ok {
                         let n = &mut self.nodes[to];
@@ -333,7 +398,10 @@ fn spread_at_100_nodes_is_within_1_3() {
     let (c, _) = spread_of(100, &uniform_shards(2, 30_000), 3);
     assert!(c <= 1.3, "fullest/mean {c:.3}");
     let (c, b) = spread_of(100, &file_shards(3, 30_000), 3);
-    assert!(c <= 1.3 && b <= 1.3, "file workload: copies {c:.3} bytes {b:.3}");
+    assert!(
+        c <= 1.3 && b <= 1.3,
+        "file workload: copies {c:.3} bytes {b:.3}"
+    );
 }
 
 pub(super) struct CrashFigures {
@@ -348,7 +416,13 @@ pub(super) struct CrashFigures {
 
 /// `n` nodes, `m` shards, `dead` of them crash at t=0; each survivor learns each death at a
 /// random time within `learn_ms`, applied in 500 ms batches.
-pub(super) fn crash_scenario(n: usize, m: u64, dead: usize, learn_ms: u64, coordinate: bool) -> CrashFigures {
+pub(super) fn crash_scenario(
+    n: usize,
+    m: u64,
+    dead: usize,
+    learn_ms: u64,
+    coordinate: bool,
+) -> CrashFigures {
     let r = 3;
     let ks = keys(5, n);
     let shards = uniform_shards(9, m);
@@ -415,9 +489,18 @@ pub(super) fn crash_scenario(n: usize, m: u64, dead: usize, learn_ms: u64, coord
     let dups = sim.pushes_ok.values().filter(|&&c| c > 1).count();
     let ok_pushes: u64 = sim.pushes_ok.values().map(|&c| c as u64).sum();
     assert_eq!(dups, 0, "a copy was pushed twice");
-    assert_eq!(ok_pushes as usize, missing, "exactly one push per missing copy");
-    assert_eq!(sim.unplaced(&final_members), 0, "every surviving shard back on its top-r");
-    let p = (dead as f64 / n as f64) * ((dead - 1) as f64 / (n - 1) as f64) * ((dead - 2) as f64 / (n - 2) as f64);
+    assert_eq!(
+        ok_pushes as usize, missing,
+        "exactly one push per missing copy"
+    );
+    assert_eq!(
+        sim.unplaced(&final_members),
+        0,
+        "every surviving shard back on its top-r"
+    );
+    let p = (dead as f64 / n as f64)
+        * ((dead - 1) as f64 / (n - 1) as f64)
+        * ((dead - 2) as f64 / (n - 2) as f64);
     let bytes_moved: u64 = sim.nodes.iter().map(|x| x.sent_bytes).sum();
     CrashFigures {
         lost,
@@ -435,10 +518,19 @@ fn crash_of_10_percent_at_1000_nodes_restores_every_surviving_shard() {
     let f = crash_scenario(1_000, 10_000, 100, 5_000, true);
     // Lost only when all 3 holders died: expected 10,000 * C(100,3)/C(1000,3) = 9.7.
     assert!((f.expected_lost - 9.73).abs() < 0.01);
-    assert!(f.lost <= 25, "lost {} (expected {:.1})", f.lost, f.expected_lost);
+    assert!(
+        f.lost <= 25,
+        "lost {} (expected {:.1})",
+        f.lost,
+        f.expected_lost
+    );
     // Bound: deaths known within 5 s, then at most max_node_bytes at 2 MiB/s plus round trips.
     let bound = 5_000 + f.max_node_bytes * 1000 / (2 << 20) + 10_000;
-    assert!(f.repair_ms <= bound, "repair took {} ms > {bound}", f.repair_ms);
+    assert!(
+        f.repair_ms <= bound,
+        "repair took {} ms > {bound}",
+        f.repair_ms
+    );
 }
 
 #[test]

@@ -1,14 +1,15 @@
 //! The binary stream frame codec (docs/STREAM-draft.md, "Frames").
 //!
 //! A stream frame is the payload of one outer length-prefixed frame (`borg_net::frame`) on an
-//! existing TLS link, next to JSON envelopes. Its first byte is [`FRAME_MARK`] (0xB5): a UTF-8
-//! continuation byte, which can never begin a JSON text, so a link reader tells the two apart
-//! by the first byte alone ([`is_stream_frame`]).
+//! existing TLS link, next to JSON envelopes. Its first byte is [`FRAME_MARK`] (0x05): a
+//! control character, which can never begin a JSON text, so a link reader tells the two apart
+//! by the first byte alone ([`is_stream_frame`]; the runtime hands every frame whose first byte
+//! is 0x00-0x08 to the link's cell as a binary frame, `borg_net::cell::is_binary_frame`).
 //!
 //! Layout (all integers big-endian):
 //!
 //! ```text
-//! 0      mark    0xB5
+//! 0      mark    0x05
 //! 1      version 1
 //! 2      type    1 Want, 2 Shard, 3 Missing, 4 Close
 //! 3..7   stream  u32
@@ -28,8 +29,9 @@ pub type Addr = [u8; 32];
 /// restated here because `proto` sits below `store`).
 pub const MAX_SHARD_LEN: usize = 256 * 1024;
 
-/// First byte of every stream frame. 0xB5 cannot start UTF-8 text, so never a JSON envelope.
-pub const FRAME_MARK: u8 = 0xB5;
+/// First byte of every stream frame. 0x05 cannot start JSON text, so never a JSON envelope,
+/// and it is below `borg_net::cell::BINARY_FRAME_MAX_FIRST_BYTE` (the runtime's binary frames).
+pub const FRAME_MARK: u8 = 0x05;
 /// The frame format version this codec reads and writes.
 pub const FRAME_VERSION: u8 = 1;
 
@@ -353,7 +355,7 @@ mod tests {
         })
         .encode();
         assert_eq!(w.len(), REQUEST_LEN);
-        assert_eq!(&w[..11], &[0xB5, 1, 1, 1, 2, 3, 4, 0x0a, 0x0b, 0x0c, 0x0d]);
+        assert_eq!(&w[..11], &[0x05, 1, 1, 1, 2, 3, 4, 0x0a, 0x0b, 0x0c, 0x0d]);
         assert_eq!(&w[11..], &[0xee; 32]);
         let s = Frame::Shard(Shard {
             stream: 7,
@@ -371,7 +373,7 @@ mod tests {
             code: CloseCode::Busy,
         })
         .encode();
-        assert_eq!(c, vec![0xB5, 1, 4, 0, 0, 0, 7, 0, 1]);
+        assert_eq!(c, vec![0x05, 1, 4, 0, 0, 0, 7, 0, 1]);
         assert!(is_stream_frame(&c));
         assert!(!is_stream_frame(br#"{"v":1}"#));
         assert!(!is_stream_frame(b""));

@@ -339,6 +339,8 @@ impl std::fmt::Debug for TreeNode {
 pub struct TreeView {
     pub state: TreeState,
     pub key: PublicKey,
+    /// The address this node advertises (where peers dial it).
+    pub addr: String,
     pub position: Option<Pos>,
     pub parent: Option<Placed>,
     pub children: Vec<Placed>,
@@ -556,6 +558,7 @@ impl TreeNode {
         TreeView {
             state: self.state(),
             key: self.me.key,
+            addr: self.me.addr.clone(),
             position: self.is_member().then_some(self.pos),
             parent: self.parent.as_ref().map(|p| Placed {
                 pos: p.pos,

@@ -1,0 +1,524 @@
+//! Moving shards between nodes: offers, pulls and serving, over one link each.
+//!
+//! A node that wants another to hold shards (a repair push, or an answer to `shard.ask`)
+//! *offers* them: `shard.offer {stream, shards}` with the exact lengths from its store. The
+//! receiver pulls the ones it lacks with `Want` binary frames, at most a window at a time
+//! ([`borg_proto::stream::Receiver`]); the holder answers each from its store (a blocking job)
+//! with a `Shard` frame, or `Missing`. The receiver checks each shard against its address and
+//! length before it stores it, stores it durably, and only then counts it; at the end it says
+//! what it stored (`shard.stored`). Memory stays bounded on both sides:
+//!
+//! - receiver: at most [`MAX_PULLS`] pulls at once ([`MAX_PULLS_PER_PEER`] per offerer), each
+//!   with at most [`PULL_WINDOW`] shards in flight or waiting for the disk;
+//! - holder: only streams it offered are served, at most [`MAX_WANTS_PER_STREAM`] Wants
+//!   queued per stream and [`MAX_SERVE_QUEUE`] in all ([`MAX_SERVING`] reads at once); beyond
+//!   that the stream is closed `busy`. A Want for a stream it did not offer gets
+//!   `Close unknown_stream`, for an address it did not offer `Missing`.
+//!
+//! Offers expire after [`OFFER_TIMEOUT_MS`] without `shard.stored` (the planner retries), and
+//! pulls after [`PULL_TIMEOUT_MS`] (what was stored is reported, the rest failed).
+
+use std::collections::{HashMap, VecDeque};
+
+use borg_net::cell::{CellAction, CellError};
+use borg_proto::identity::PublicKey;
+use borg_proto::shard::placement::ShardAddr;
+use borg_proto::stream::frame::{Close, CloseCode, Frame, Missing, Shard, Want};
+use borg_proto::stream::{Plan, Receiver, RecvConfig};
+use borg_store::{Address, StoreError};
+use serde_json::{json, Value};
+
+use super::disk::{Job, PullSlot};
+use super::{wire, ShardCell};
+
+/// Pulls running at once, in all and from one offerer.
+pub const MAX_PULLS: usize = 4;
+pub const MAX_PULLS_PER_PEER: usize = 2;
+/// Shards of one pull requested or waiting for the disk at once.
+pub const PULL_WINDOW: usize = 8;
+/// A request unanswered this long is asked again (ms).
+pub const WANT_TIMEOUT_MS: u64 = 10_000;
+/// A pull ends after this long whatever is left (ms).
+pub const PULL_TIMEOUT_MS: u64 = 5 * 60_000;
+/// An offer not answered with `shard.stored` within this is given up (ms).
+pub const OFFER_TIMEOUT_MS: u64 = 5 * 60_000;
+/// Offers of ours waiting for their pull, at most (to one peer: a quarter).
+pub const MAX_OFFERS: usize = 64;
+/// Holder side: Wants queued per stream, in all, and reads at once.
+pub const MAX_WANTS_PER_STREAM: usize = PULL_WINDOW * 2;
+pub const MAX_SERVE_QUEUE: usize = 64;
+pub const MAX_SERVING: usize = 4;
+
+struct OfferOut {
+    addrs: Vec<ShardAddr>,
+    deadline: u64,
+    queued: usize,
+}
+
+struct Pull {
+    rx: Receiver,
+    stored: Vec<ShardAddr>,
+    failed: Vec<ShardAddr>,
+    /// Shards offered that we held already: reported stored.
+    had: Vec<ShardAddr>,
+    deadline: u64,
+}
+
+/// Counters.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    offers_sent: u64,
+    offers_expired: u64,
+    pulls: u64,
+    pulls_refused: u64,
+    shards_in: u64,
+    bad_shards: u64,
+    unsolicited: u64,
+    shards_out: u64,
+    missing_out: u64,
+    closes_out: u64,
+}
+
+/// The transfer state of one node.
+pub(super) struct Transfers {
+    next_stream: u32,
+    offers: HashMap<(PublicKey, u32), OfferOut>,
+    pulls: HashMap<(PublicKey, u32), Pull>,
+    serve_q: VecDeque<(PublicKey, Want)>,
+    serving: usize,
+    counts: Counts,
+}
+
+impl Transfers {
+    pub(super) fn new() -> Self {
+        Self {
+            next_stream: 0,
+            offers: HashMap::new(),
+            pulls: HashMap::new(),
+            serve_q: VecDeque::new(),
+            serving: 0,
+            counts: Counts::default(),
+        }
+    }
+
+    /// The offer `stream` to `from` was answered: each offered shard and whether it is stored
+    /// there now.
+    pub(super) fn offer_answered(
+        &mut self,
+        from: PublicKey,
+        stream: u32,
+        stored: &[ShardAddr],
+        _failed: &[ShardAddr],
+    ) -> Vec<(ShardAddr, bool)> {
+        let Some(offer) = self.offers.remove(&(from, stream)) else {
+            return Vec::new();
+        };
+        offer
+            .addrs
+            .into_iter()
+            .map(|a| (a, stored.contains(&a)))
+            .collect()
+    }
+
+    /// A Serve job finished: answer the Want.
+    pub(super) fn served(
+        &mut self,
+        to: PublicKey,
+        want: Want,
+        bytes: Option<Vec<u8>>,
+        out: &mut VecDeque<CellAction>,
+    ) {
+        self.serving = self.serving.saturating_sub(1);
+        if let Some(o) = self.offers.get_mut(&(to, want.stream)) {
+            o.queued = o.queued.saturating_sub(1);
+        }
+        let frame = match bytes {
+            Some(bytes) => {
+                self.counts.shards_out += 1;
+                Frame::Shard(Shard {
+                    stream: want.stream,
+                    seq: want.seq,
+                    addr: want.addr,
+                    bytes,
+                })
+            }
+            None => {
+                self.counts.missing_out += 1;
+                Frame::Missing(Missing {
+                    stream: want.stream,
+                    seq: want.seq,
+                    addr: want.addr,
+                })
+            }
+        };
+        out.push_back(CellAction::SendBinary {
+            to,
+            bytes: frame.encode(),
+        });
+    }
+
+    /// A Store job finished for `slot`.
+    pub(super) fn written(&mut self, slot: PullSlot, ok: bool) {
+        let (from, stream, index) = slot;
+        if let Some(p) = self.pulls.get_mut(&(from, stream)) {
+            let addr = p.rx.plan().shards().get(index).map(|s| s.addr);
+            // Marked written either way: a refused write (store full) is a failed shard,
+            // never one requested again.
+            p.rx.handle_written(index);
+            if let Some(a) = addr {
+                if ok {
+                    p.stored.push(a);
+                } else {
+                    p.failed.push(a);
+                }
+            }
+        }
+    }
+
+    pub(super) fn poll_timeout(&self) -> Option<u64> {
+        let offers = self.offers.values().map(|o| o.deadline);
+        let pulls = self
+            .pulls
+            .values()
+            .flat_map(|p| [Some(p.deadline), p.rx.poll_timeout()])
+            .flatten();
+        offers.chain(pulls).min()
+    }
+
+    pub(super) fn status(&self) -> Value {
+        let c = &self.counts;
+        json!({
+            "offers_open": self.offers.len(),
+            "pulls_open": self.pulls.len(),
+            "serve_queue": self.serve_q.len(),
+            "offers_sent": c.offers_sent,
+            "offers_expired": c.offers_expired,
+            "pulls": c.pulls,
+            "pulls_refused": c.pulls_refused,
+            "shards_in": c.shards_in,
+            "bad_shards": c.bad_shards,
+            "unsolicited": c.unsolicited,
+            "shards_out": c.shards_out,
+            "missing_out": c.missing_out,
+            "closes_out": c.closes_out,
+        })
+    }
+
+    pub(super) fn metrics(&self) -> String {
+        let c = &self.counts;
+        format!(
+            "borg_shard_offers_sent_total {}\nborg_shard_pulls_total {}\n\
+             borg_shard_pulls_refused_total {}\nborg_shard_frames_in_total {}\n\
+             borg_shard_bad_frames_total {}\nborg_shard_unsolicited_frames_total {}\n\
+             borg_shard_frames_out_total {}\n",
+            c.offers_sent,
+            c.pulls,
+            c.pulls_refused,
+            c.shards_in,
+            c.bad_shards,
+            c.unsolicited,
+            c.shards_out
+        )
+    }
+}
+
+fn close(to: PublicKey, stream: u32, code: CloseCode) -> CellAction {
+    CellAction::SendBinary {
+        to,
+        bytes: Frame::Close(Close { stream, code }).encode(),
+    }
+}
+
+impl ShardCell {
+    /// Offer `addrs` to `to` (their lengths come from the store first).
+    pub(super) fn offer(&mut self, _now: u64, to: PublicKey, addrs: Vec<ShardAddr>) {
+        let t = &mut self.transfers;
+        let to_peer = t.offers.keys().filter(|(k, _)| *k == to).count();
+        if t.offers.len() >= MAX_OFFERS || to_peer >= MAX_OFFERS / 4 {
+            // The planner asks again after its retry time.
+            return;
+        }
+        // Even ids: streams are named by the offerer, so (offerer, id) is unique.
+        t.next_stream = t.next_stream.wrapping_add(2);
+        let stream = t.next_stream;
+        let addrs = addrs.into_iter().map(Address::from_bytes).collect();
+        self.job(Job::Offer { to, stream, addrs });
+    }
+
+    /// The store said which offered shards it holds and their lengths: send the offer.
+    pub(super) fn offer_looked_up(
+        &mut self,
+        now: u64,
+        to: PublicKey,
+        stream: u32,
+        found: Result<Vec<(Address, Option<u64>)>, StoreError>,
+    ) {
+        let Ok(found) = found else {
+            return;
+        };
+        let (held, absent): (Vec<_>, Vec<_>) = found.into_iter().partition(|(_, l)| l.is_some());
+        if !absent.is_empty() {
+            let answers: Vec<_> = absent.iter().map(|(a, _)| (*a.as_bytes(), false)).collect();
+            self.send(&to, "shard.have", wire::have_body(&answers));
+        }
+        if held.is_empty() {
+            return;
+        }
+        let shards: Vec<(ShardAddr, u32)> = held
+            .iter()
+            .map(|(a, l)| (*a.as_bytes(), l.unwrap_or(0) as u32))
+            .collect();
+        self.transfers.offers.insert(
+            (to, stream),
+            OfferOut {
+                addrs: shards.iter().map(|(a, _)| *a).collect(),
+                deadline: now + OFFER_TIMEOUT_MS,
+                queued: 0,
+            },
+        );
+        self.transfers.counts.offers_sent += 1;
+        self.send(&to, "shard.offer", wire::offer_body(stream, &shards));
+    }
+
+    /// `from` offers `shards` on `stream`: pull those we lack.
+    pub(super) fn accept_offer(
+        &mut self,
+        now: u64,
+        from: PublicKey,
+        stream: u32,
+        shards: Vec<(ShardAddr, u32)>,
+    ) -> Result<(), CellError> {
+        let t = &mut self.transfers;
+        let from_peer = t.pulls.keys().filter(|(k, _)| *k == from).count();
+        if t.pulls.contains_key(&(from, stream))
+            || t.pulls.len() >= MAX_PULLS
+            || from_peer >= MAX_PULLS_PER_PEER
+        {
+            t.counts.pulls_refused += 1;
+            let all: Vec<ShardAddr> = shards.iter().map(|(a, _)| *a).collect();
+            self.send(&from, "shard.stored", wire::stored_body(stream, &[], &all));
+            return Ok(());
+        }
+        let (had, want): (Vec<_>, Vec<_>) =
+            shards.into_iter().partition(|(a, _)| self.planner.holds(a));
+        let had: Vec<ShardAddr> = had.into_iter().map(|(a, _)| a).collect();
+        if want.is_empty() {
+            self.send(&from, "shard.stored", wire::stored_body(stream, &had, &[]));
+            return Ok(());
+        }
+        let n = want.len();
+        let plan =
+            Plan::contiguous([0u8; 32], want).map_err(|e| CellError::malformed(e.to_string()))?;
+        let cfg = RecvConfig {
+            window_total: PULL_WINDOW,
+            window_per_holder: PULL_WINDOW,
+            timeout_ms: WANT_TIMEOUT_MS,
+            max_strikes: 2,
+        };
+        let rx = Receiver::new(stream, plan, vec![vec![from]; n], cfg, None)
+            .map_err(|e| CellError::malformed(e.to_string()))?;
+        self.transfers.counts.pulls += 1;
+        self.transfers.pulls.insert(
+            (from, stream),
+            Pull {
+                rx,
+                stored: Vec::new(),
+                failed: Vec::new(),
+                had,
+                deadline: now + PULL_TIMEOUT_MS,
+            },
+        );
+        self.drive_pull(now, (from, stream));
+        Ok(())
+    }
+
+    /// Send what the pull may request now; report and end it when nothing is left to do.
+    fn drive_pull(&mut self, now: u64, key: (PublicKey, u32)) {
+        let Some(p) = self.transfers.pulls.get_mut(&key) else {
+            return;
+        };
+        while let Some((holder, want)) = p.rx.poll_request(now) {
+            self.out.push_back(CellAction::SendBinary {
+                to: holder,
+                bytes: Frame::Want(want).encode(),
+            });
+        }
+        let idle = p.rx.in_flight() == 0 && p.rx.writing() == 0;
+        let over = p.rx.is_done() || p.rx.failed().is_some() || now >= p.deadline;
+        if !(idle && over) && now < p.deadline {
+            return;
+        }
+        if let Some(p) = self.transfers.pulls.remove(&key) {
+            let mut stored = p.had;
+            stored.extend(p.stored);
+            let mut failed = p.failed;
+            for s in p.rx.plan().shards() {
+                if !stored.contains(&s.addr) && !failed.contains(&s.addr) {
+                    failed.push(s.addr);
+                }
+            }
+            self.send(
+                &key.0,
+                "shard.stored",
+                wire::stored_body(key.1, &stored, &failed),
+            );
+        }
+    }
+
+    /// Serve queued Wants within the read bound.
+    pub(super) fn pump(&mut self, now: u64) {
+        while self.transfers.serving < MAX_SERVING {
+            let Some((to, want)) = self.transfers.serve_q.pop_front() else {
+                break;
+            };
+            if self.job(Job::Serve { to, want }) {
+                self.transfers.serving += 1;
+            } else {
+                self.transfers.serve_q.push_front((to, want));
+                break;
+            }
+        }
+        let keys: Vec<(PublicKey, u32)> = self.transfers.pulls.keys().copied().collect();
+        for k in keys {
+            self.drive_pull(now, k);
+        }
+    }
+
+    /// A binary frame on a link of this cell.
+    pub(super) fn on_frame(
+        &mut self,
+        now: u64,
+        from: PublicKey,
+        bytes: &[u8],
+    ) -> Result<(), CellError> {
+        let frame = Frame::decode(bytes).map_err(|e| CellError::malformed(e.to_string()))?;
+        match frame {
+            Frame::Want(want) => self.on_want(from, want),
+            Frame::Shard(shard) => {
+                let key = (from, shard.stream);
+                let Some(p) = self.transfers.pulls.get_mut(&key) else {
+                    self.transfers.counts.unsolicited += 1;
+                    return Ok(());
+                };
+                match p.rx.handle_shard(now, &from, shard) {
+                    Ok(Some(w)) => {
+                        self.transfers.counts.shards_in += 1;
+                        let addr = p.rx.plan().shards()[w.index].addr;
+                        let slot = (from, key.1, w.index);
+                        let job = Job::Store {
+                            slot,
+                            addr: Address::from_bytes(addr),
+                            bytes: w.bytes,
+                        };
+                        if !self.job(job) {
+                            self.transfers.written(slot, false);
+                        }
+                    }
+                    Ok(None) => self.transfers.counts.unsolicited += 1,
+                    Err(e) => {
+                        self.transfers.counts.bad_shards += 1;
+                        tracing::debug!("shard from {}: {e}", from.short());
+                    }
+                }
+                self.drive_pull(now, key);
+            }
+            Frame::Missing(m) => {
+                if let Some(p) = self.transfers.pulls.get_mut(&(from, m.stream)) {
+                    p.rx.handle_missing(now, &from, m);
+                }
+                self.drive_pull(now, (from, m.stream));
+            }
+            Frame::Close(c) => {
+                if let Some(p) = self.transfers.pulls.get_mut(&(from, c.stream)) {
+                    p.rx.handle_close(&from, c);
+                    self.drive_pull(now, (from, c.stream));
+                } else if self.transfers.offers.remove(&(from, c.stream)).is_some() {
+                    self.transfers
+                        .serve_q
+                        .retain(|(k, w)| !(*k == from && w.stream == c.stream));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_want(&mut self, from: PublicKey, want: Want) {
+        let t = &mut self.transfers;
+        let Some(offer) = t.offers.get_mut(&(from, want.stream)) else {
+            t.counts.closes_out += 1;
+            self.out
+                .push_back(close(from, want.stream, CloseCode::UnknownStream));
+            return;
+        };
+        if !offer.addrs.contains(&want.addr) {
+            t.counts.missing_out += 1;
+            self.out.push_back(CellAction::SendBinary {
+                to: from,
+                bytes: Frame::Missing(Missing {
+                    stream: want.stream,
+                    seq: want.seq,
+                    addr: want.addr,
+                })
+                .encode(),
+            });
+            return;
+        }
+        if offer.queued >= MAX_WANTS_PER_STREAM || t.serve_q.len() >= MAX_SERVE_QUEUE {
+            t.offers.remove(&(from, want.stream));
+            t.serve_q
+                .retain(|(k, w)| !(*k == from && w.stream == want.stream));
+            t.counts.closes_out += 1;
+            self.out
+                .push_back(close(from, want.stream, CloseCode::Busy));
+            return;
+        }
+        offer.queued += 1;
+        t.serve_q.push_back((from, want));
+        // Reads start from pump() (called after every event that frees a slot).
+        if t.serving < MAX_SERVING {
+            self.pump_serving();
+        }
+    }
+
+    fn pump_serving(&mut self) {
+        while self.transfers.serving < MAX_SERVING {
+            let Some((to, want)) = self.transfers.serve_q.pop_front() else {
+                break;
+            };
+            if self.job(Job::Serve { to, want }) {
+                self.transfers.serving += 1;
+            } else {
+                self.transfers.serve_q.push_front((to, want));
+                break;
+            }
+        }
+    }
+
+    /// Expire offers and pulls; time out Wants.
+    pub(super) fn transfers_timeout(&mut self, now: u64) {
+        let expired: Vec<(PublicKey, u32)> = self
+            .transfers
+            .offers
+            .iter()
+            .filter(|(_, o)| o.deadline <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in expired {
+            if let Some(o) = self.transfers.offers.remove(&k) {
+                self.transfers.counts.offers_expired += 1;
+                for a in o.addrs {
+                    self.planner.handle_push_done(now, &a, k.0, false);
+                }
+            }
+        }
+        let keys: Vec<(PublicKey, u32)> = self.transfers.pulls.keys().copied().collect();
+        for k in keys {
+            if let Some(p) = self.transfers.pulls.get_mut(&k) {
+                if p.rx.poll_timeout().is_some_and(|t| t <= now) {
+                    p.rx.handle_timeout(now);
+                }
+            }
+            self.drive_pull(now, k);
+        }
+    }
+}
