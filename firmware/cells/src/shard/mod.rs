@@ -187,6 +187,12 @@ impl ShardCell {
         true
     }
 
+    /// Read the usage again within a second (after a store or a delete), not at once for
+    /// every one of a burst.
+    fn usage_soon(&mut self, now: u64) {
+        self.next_usage = self.next_usage.min(now + 1000);
+    }
+
     /// Where to reach member `key` on this tree.
     fn peer_of(&self, key: &PublicKey) -> Option<Peer> {
         let addr = self.dir.addr_of(key)?.to_string();
@@ -299,6 +305,7 @@ impl ShardCell {
             }
             Done::Deleted(a, Ok(())) => {
                 self.planner.forget(a.as_bytes());
+                self.usage_soon(ms);
             }
             Done::Has {
                 from,
@@ -318,6 +325,7 @@ impl ShardCell {
                     Ok(()) => {
                         self.stats.stored += 1;
                         self.planner.hold(ms, *addr.as_bytes(), len);
+                        self.usage_soon(ms);
                         true
                     }
                     Err(e) => {
