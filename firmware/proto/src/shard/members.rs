@@ -190,8 +190,10 @@ impl MemberDir {
         let Some(e) = self.entries.remove(key) else {
             return false;
         };
-        self.tombstones
-            .insert(*key, (e.epoch, now_ms.saturating_add(self.cfg.tombstone_ms)));
+        self.tombstones.insert(
+            *key,
+            (e.epoch, now_ms.saturating_add(self.cfg.tombstone_ms)),
+        );
         if e.placeable {
             self.rebuild();
         }
@@ -293,13 +295,19 @@ mod tests {
     #[test]
     fn probation_then_member_then_expiry() {
         let mut d = MemberDir::new(cfg(), k(0));
-        assert_eq!(d.handle_announce(0, k(1), "a:1", 1), Ok(Announced::Admitted));
+        assert_eq!(
+            d.handle_announce(0, k(1), "a:1", 1),
+            Ok(Announced::Admitted)
+        );
         assert_eq!(d.members().len(), 1, "on probation");
         assert_eq!(d.poll_timeout(), Some(1_000));
         d.handle_timeout(1_000);
         assert!(d.members().contains(&k(1)));
         let v = d.version();
-        assert_eq!(d.handle_announce(5_000, k(1), "a:2", 1), Ok(Announced::Renewed));
+        assert_eq!(
+            d.handle_announce(5_000, k(1), "a:2", 1),
+            Ok(Announced::Renewed)
+        );
         assert_eq!(d.addr_of(&k(1)), Some("a:2"));
         d.handle_timeout(14_999);
         assert!(d.members().contains(&k(1)));
@@ -310,14 +318,26 @@ mod tests {
 
     #[test]
     fn death_removes_at_once_and_replays_cannot_revive() {
-        let mut d = MemberDir::new(DirConfig { probation_ms: 0, ..cfg() }, k(0));
+        let mut d = MemberDir::new(
+            DirConfig {
+                probation_ms: 0,
+                ..cfg()
+            },
+            k(0),
+        );
         d.handle_announce(0, k(1), "a", 3).expect("admit");
         assert!(d.members().contains(&k(1)));
         assert!(d.handle_dead(10, &k(1)));
         assert!(!d.members().contains(&k(1)));
-        assert_eq!(d.handle_announce(20, k(1), "a", 3), Err(DirError::StaleEpoch));
+        assert_eq!(
+            d.handle_announce(20, k(1), "a", 3),
+            Err(DirError::StaleEpoch)
+        );
         assert_eq!(d.handle_announce(20, k(1), "a", 4), Ok(Announced::Admitted));
-        assert_eq!(d.handle_announce(30, k(1), "a", 2).map_err(|e| e.code()), Err("stale_epoch"));
+        assert_eq!(
+            d.handle_announce(30, k(1), "a", 2).map_err(|e| e.code()),
+            Err("stale_epoch")
+        );
     }
 
     #[test]
@@ -342,7 +362,8 @@ mod tests {
             }
             if j % 20 == 0 {
                 for i in 1..=20 {
-                    d.handle_announce(now, k(i), "h", 1).expect("renewal is always taken");
+                    d.handle_announce(now, k(i), "h", 1)
+                        .expect("renewal is always taken");
                 }
                 // The attacker renews what it got in, too.
                 for a in 0..=j {
@@ -351,7 +372,10 @@ mod tests {
             }
             d.handle_timeout(now);
         }
-        assert_eq!(admitted, 29, "only the free slots fill: 50 - 1 own - 20 honest");
+        assert_eq!(
+            admitted, 29,
+            "only the free slots fill: 50 - 1 own - 20 honest"
+        );
         assert!(full > 900 && limited == 0, "full {full} limited {limited}");
         for i in 1..=20 {
             assert!(d.members().contains(&k(i)), "honest member {i} kept");
@@ -365,8 +389,17 @@ mod tests {
         for i in 1..=10 {
             d.handle_announce(0, k(i), "h", 1).expect("admit");
         }
-        assert_eq!(d.handle_announce(500, k(11), "h", 1), Err(DirError::RateLimited));
-        assert_eq!(d.handle_announce(1_000, k(11), "h", 1), Ok(Announced::Admitted));
-        assert_eq!(d.handle_announce(1_000, k(12), &"x".repeat(129), 1), Err(DirError::AddrTooLong));
+        assert_eq!(
+            d.handle_announce(500, k(11), "h", 1),
+            Err(DirError::RateLimited)
+        );
+        assert_eq!(
+            d.handle_announce(1_000, k(11), "h", 1),
+            Ok(Announced::Admitted)
+        );
+        assert_eq!(
+            d.handle_announce(1_000, k(12), &"x".repeat(129), 1),
+            Err(DirError::AddrTooLong)
+        );
     }
 }

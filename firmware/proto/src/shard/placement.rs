@@ -269,7 +269,11 @@ impl Members {
 }
 
 /// The `r` holders of `addr` among `members`, best first: the nodes a get asks (O(r) messages).
-pub fn holders(addr: &ShardAddr, members: &Members, r: usize) -> Result<Vec<PublicKey>, PlaceError> {
+pub fn holders(
+    addr: &ShardAddr,
+    members: &Members,
+    r: usize,
+) -> Result<Vec<PublicKey>, PlaceError> {
     if r == 0 || r > MAX_REPLICAS {
         return Err(PlaceError::BadReplicas(r));
     }
@@ -282,10 +286,7 @@ pub fn holders_many<'a>(
     members: &Members,
     r: usize,
 ) -> Result<Vec<Vec<PublicKey>>, PlaceError> {
-    addrs
-        .into_iter()
-        .map(|a| holders(a, members, r))
-        .collect()
+    addrs.into_iter().map(|a| holders(a, members, r)).collect()
 }
 
 /// The 0-based rank of `node` for `addr` (0 = best), or `None` if it is not a member. O(N).
@@ -372,7 +373,10 @@ mod tests {
     fn bad_replicas_and_non_members() {
         let m = Members::new(keys(5)).expect("small");
         assert_eq!(holders(&addr(1), &m, 0), Err(PlaceError::BadReplicas(0)));
-        assert_eq!(holders(&addr(1), &m, 17).map_err(|e| e.code()), Err("bad_replicas"));
+        assert_eq!(
+            holders(&addr(1), &m, 17).map_err(|e| e.code()),
+            Err("bad_replicas")
+        );
         assert_eq!(holders(&addr(1), &m, 9).expect("r ok").len(), 5);
         assert_eq!(rank_of(&addr(1), &m, &sim_key(8, 0).public()), None);
     }
@@ -401,10 +405,19 @@ mod tests {
     fn tie_breaks_by_smaller_key() {
         let ks = keys(2);
         let (a, b) = (ks[0].min(ks[1]), ks[0].max(ks[1]));
-        let x = Ranked { score: [5; 32], key: a };
-        let y = Ranked { score: [5; 32], key: b };
+        let x = Ranked {
+            score: [5; 32],
+            key: a,
+        };
+        let y = Ranked {
+            score: [5; 32],
+            key: b,
+        };
         assert_eq!(x.rank_cmp(&y), Ordering::Less);
-        let z = Ranked { score: [6; 32], key: b };
+        let z = Ranked {
+            score: [6; 32],
+            key: b,
+        };
         assert_eq!(z.rank_cmp(&x), Ordering::Less);
     }
 }

@@ -262,6 +262,12 @@ impl RepairPlanner {
         self.held.get(addr).is_some_and(|h| h.have)
     }
 
+    /// The cached ranking of `addr` (tests check it against a fresh one).
+    #[cfg(test)]
+    pub(crate) fn ranks_of(&self, addr: &ShardAddr) -> Option<Vec<Ranked>> {
+        self.held.get(addr).map(|h| h.ranks.clone())
+    }
+
     /// Number of shards tracked (held or being re-fetched).
     pub fn tracked(&self) -> usize {
         self.held.len()
@@ -432,7 +438,9 @@ impl RepairPlanner {
                 .iter()
                 .find(|x| x.key != own && h.report(&x.key, now, ttl) == Some(true))
                 .map(|x| x.key);
-            let stuck = h.fetching.is_none_or(|(_, t)| now.saturating_sub(t) >= retry * 4);
+            let stuck = h
+                .fetching
+                .is_none_or(|(_, t)| now.saturating_sub(t) >= retry * 4);
             match from {
                 Some(from) if stuck => {
                     h.fetching = Some((from, now));

@@ -41,13 +41,41 @@ pub(super) fn spread(counts: &[u64]) -> f64 {
 
 #[derive(Debug)]
 enum Ev {
-    Learn { node: usize, view: Members },
-    Query { from: usize, to: usize, addr: ShardAddr },
-    Report { to: usize, from: usize, addr: ShardAddr, has: bool },
-    PushArrive { from: usize, to: usize, addr: ShardAddr, size: u64 },
-    PushDone { from: usize, to: usize, addr: ShardAddr, ok: bool },
-    FetchArrive { to: usize, from: usize, addr: ShardAddr },
-    Wake { node: usize },
+    Learn {
+        node: usize,
+        view: Members,
+    },
+    Query {
+        from: usize,
+        to: usize,
+        addr: ShardAddr,
+    },
+    Report {
+        to: usize,
+        from: usize,
+        addr: ShardAddr,
+        has: bool,
+    },
+    PushArrive {
+        from: usize,
+        to: usize,
+        addr: ShardAddr,
+        size: u64,
+    },
+    PushDone {
+        from: usize,
+        to: usize,
+        addr: ShardAddr,
+        ok: bool,
+    },
+    FetchArrive {
+        to: usize,
+        from: usize,
+        addr: ShardAddr,
+    },
+    Wake {
+        node: usize,
+    },
 }
 
 pub(super) struct Node {
@@ -83,8 +111,12 @@ pub(super) struct Sim {
 
 impl Sim {
     /// `n` nodes; every shard of `shards` stored on its top-`r` (settled writes).
-    pub fn new(seed: u64, keys: Vec<PublicKey>, cfg: RepairConfig, shards: &[(ShardAddr, u64)]) -> Self {
-        let members = Members::new(keys.iter().copied()).expect("sim member count is small");
+    pub fn new(
+        keys: Vec<PublicKey>,
+        members: Members,
+        cfg: RepairConfig,
+        shards: &[(ShardAddr, u64)],
+    ) -> Self {
         let r = cfg.replicas;
         let mut nodes: Vec<Node> = keys
             .iter()
@@ -98,7 +130,8 @@ impl Sim {
                 sent_bytes: 0,
             })
             .collect();
-        let index: HashMap<PublicKey, usize> = keys.iter().enumerate().map(|(i, k)| (*k, i)).collect();
+        let index: HashMap<PublicKey, usize> =
+            keys.iter().enumerate().map(|(i, k)| (*k, i)).collect();
         let mut copies = HashMap::new();
         for (a, size) in shards {
             for h in holders(a, &members, r).expect("r valid") {
@@ -106,9 +139,8 @@ impl Sim {
                 n.store.insert(*a, *size);
                 n.planner.hold_settled(*a, *size);
             }
-            copies.insert(*a, r.min(keys.len()));
+            copies.insert(*a, r.min(members.len()));
         }
-        let _ = seed;
         Self {
             nodes,
             index,
@@ -145,6 +177,15 @@ impl Sim {
         }
     }
 
+    /// The scrub at node `i` found its copy of `addr` corrupt: it deletes it and re-fetches.
+    pub fn corrupt(&mut self, i: usize, addr: ShardAddr) {
+        if self.nodes[i].store.remove(&addr).is_some() {
+            *self.copies.get_mut(&addr).expect("counted") -= 1;
+        }
+        self.nodes[i].planner.handle_corrupt(self.now, &addr);
+        self.drive(i);
+    }
+
     /// Node `i` adopts member set `view` at time `at`.
     pub fn learn_at(&mut self, at: u64, node: usize, view: Members) {
         self.push(at, Ev::Learn { node, view });
@@ -170,11 +211,22 @@ impl Sim {
                     let done = start + (size * 1000).div_ceil(self.bandwidth);
                     n.uplink_free = done;
                     n.sent_bytes += size;
-                    self.push(done + self.latency_ms, Ev::PushArrive { from: i, to, addr, size });
+                    self.push(
+                        done + self.latency_ms,
+                        Ev::PushArrive {
+                            from: i,
+                            to,
+                            addr,
+                            size,
+                        },
+                    );
                 }
                 RepairAction::Fetch { addr, from } => {
                     let from = self.index[&from];
-                    self.push(now + 2 * self.latency_ms + 100, Ev::FetchArrive { to: i, from, addr });
+                    self.push(
+                        now + 2 * self.latency_ms + 100,
+                        Ev::FetchArrive { to: i, from, addr },
+                    );
                 }
                 RepairAction::Drop { addr } => {
                     let n = &mut self.nodes[i];
@@ -203,7 +255,9 @@ impl Sim {
                 break;
             }
             self.now = t;
-            let Some(ev) = self.events.remove(&seq) else { continue };
+            let Some(ev) = self.events.remove(&seq) else {
+                continue;
+            };
             let lat = self.latency_ms;
             let node = match ev {
                 Ev::Learn { node, view } => {
@@ -220,16 +274,34 @@ impl Sim {
                 Ev::Query { from, to, addr } => {
                     if self.nodes[to].alive {
                         let has = self.nodes[to].store.contains_key(&addr);
-                        self.push(t + lat, Ev::Report { to: from, from: to, addr, has });
+                        self.push(
+                            t + lat,
+                            Ev::Report {
+                                to: from,
+                                from: to,
+                                addr,
+                                has,
+                            },
+                        );
                     }
                     continue;
                 }
-                Ev::Report { to, from, addr, has } => {
+                Ev::Report {
+                    to,
+                    from,
+                    addr,
+                    has,
+                } => {
                     let k = self.nodes[from].key;
                     self.nodes[to].planner.handle_report(t, &addr, k, has);
                     to
                 }
-                Ev::PushArrive { from, to, addr, size } => {
+                Ev::PushArrive {
+                    from,
+                    to,
+                    addr,
+                    size,
+                } => {
                     let ok = self.nodes[to].alive;
                     if ok {
                         let n = &mut self.nodes[to];
@@ -333,7 +405,10 @@ fn spread_at_100_nodes_is_within_1_3() {
     let (c, _) = spread_of(100, &uniform_shards(2, 30_000), 3);
     assert!(c <= 1.3, "fullest/mean {c:.3}");
     let (c, b) = spread_of(100, &file_shards(3, 30_000), 3);
-    assert!(c <= 1.3 && b <= 1.3, "file workload: copies {c:.3} bytes {b:.3}");
+    assert!(
+        c <= 1.3 && b <= 1.3,
+        "file workload: copies {c:.3} bytes {b:.3}"
+    );
 }
 
 pub(super) struct CrashFigures {
@@ -348,11 +423,18 @@ pub(super) struct CrashFigures {
 
 /// `n` nodes, `m` shards, `dead` of them crash at t=0; each survivor learns each death at a
 /// random time within `learn_ms`, applied in 500 ms batches.
-pub(super) fn crash_scenario(n: usize, m: u64, dead: usize, learn_ms: u64, coordinate: bool) -> CrashFigures {
+pub(super) fn crash_scenario(
+    n: usize,
+    m: u64,
+    dead: usize,
+    learn_ms: u64,
+    coordinate: bool,
+) -> CrashFigures {
     let r = 3;
     let ks = keys(5, n);
     let shards = uniform_shards(9, m);
-    let mut sim = Sim::new(5, ks.clone(), fast_cfg(), &shards);
+    let full = Members::new(ks.iter().copied()).expect("small");
+    let mut sim = Sim::new(ks.clone(), full.clone(), fast_cfg(), &shards);
     let mut rng = StdRng::seed_from_u64(77);
     let mut order: Vec<usize> = (0..n).collect();
     for i in 0..n {
@@ -366,7 +448,6 @@ pub(super) fn crash_scenario(n: usize, m: u64, dead: usize, learn_ms: u64, coord
     }
     let lost = sim.copies.values().filter(|&&c| c == 0).count();
     let dead_keys: Vec<PublicKey> = crashed.iter().map(|&c| ks[c]).collect();
-    let full = Members::new(ks.iter().copied()).expect("small");
     let final_members = full.apply(&[], &dead_keys).expect("small");
     let mut missing = 0usize;
     for (a, _) in &shards {
@@ -415,9 +496,18 @@ pub(super) fn crash_scenario(n: usize, m: u64, dead: usize, learn_ms: u64, coord
     let dups = sim.pushes_ok.values().filter(|&&c| c > 1).count();
     let ok_pushes: u64 = sim.pushes_ok.values().map(|&c| c as u64).sum();
     assert_eq!(dups, 0, "a copy was pushed twice");
-    assert_eq!(ok_pushes as usize, missing, "exactly one push per missing copy");
-    assert_eq!(sim.unplaced(&final_members), 0, "every surviving shard back on its top-r");
-    let p = (dead as f64 / n as f64) * ((dead - 1) as f64 / (n - 1) as f64) * ((dead - 2) as f64 / (n - 2) as f64);
+    assert_eq!(
+        ok_pushes as usize, missing,
+        "exactly one push per missing copy"
+    );
+    assert_eq!(
+        sim.unplaced(&final_members),
+        0,
+        "every surviving shard back on its top-r"
+    );
+    let p = (dead as f64 / n as f64)
+        * ((dead - 1) as f64 / (n - 1) as f64)
+        * ((dead - 2) as f64 / (n - 2) as f64);
     let bytes_moved: u64 = sim.nodes.iter().map(|x| x.sent_bytes).sum();
     CrashFigures {
         lost,
@@ -435,10 +525,19 @@ fn crash_of_10_percent_at_1000_nodes_restores_every_surviving_shard() {
     let f = crash_scenario(1_000, 10_000, 100, 5_000, true);
     // Lost only when all 3 holders died: expected 10,000 * C(100,3)/C(1000,3) = 9.7.
     assert!((f.expected_lost - 9.73).abs() < 0.01);
-    assert!(f.lost <= 25, "lost {} (expected {:.1})", f.lost, f.expected_lost);
+    assert!(
+        f.lost <= 25,
+        "lost {} (expected {:.1})",
+        f.lost,
+        f.expected_lost
+    );
     // Bound: deaths known within 5 s, then at most max_node_bytes at 2 MiB/s plus round trips.
     let bound = 5_000 + f.max_node_bytes * 1000 / (2 << 20) + 10_000;
-    assert!(f.repair_ms <= bound, "repair took {} ms > {bound}", f.repair_ms);
+    assert!(
+        f.repair_ms <= bound,
+        "repair took {} ms > {bound}",
+        f.repair_ms
+    );
 }
 
 #[test]
@@ -471,5 +570,180 @@ fn figures() {
             f.messages
         );
     }
-    let _ = replica_count;
+    let c = churn_scenario(100, 10, 30_000);
+    println!(
+        "churn n=100 +10 joins 30,000 shards: {} copies moved (expected {:.0} = r/N per join), {} pushes, {} drops, no early drop",
+        c.moved, c.expected_moved, c.pushes, c.drops
+    );
+}
+
+pub(super) struct ChurnFigures {
+    pub moved: usize,
+    pub expected_moved: f64,
+    pub pushes: u64,
+    pub drops: u64,
+}
+
+/// `n0` nodes, then `joins` nodes join one after another (5 min apart); every node learns
+/// each join within 1 s. Every drop is checked to leave >= r copies (in `Sim::drive`).
+pub(super) fn churn_scenario(n0: usize, joins: usize, m: u64) -> ChurnFigures {
+    let r = 3;
+    let ks = keys(6, n0 + joins);
+    let shards = uniform_shards(10, m);
+    let mut view = Members::new(ks[..n0].iter().copied()).expect("small");
+    let mut sim = Sim::new(ks.clone(), view.clone(), fast_cfg(), &shards);
+    for i in n0..n0 + joins {
+        sim.nodes[i].planner.set_members(0, view.clone());
+    }
+    let mut rng = StdRng::seed_from_u64(78);
+    let (mut moved, mut expected) = (0usize, 0f64);
+    for (j, i) in (n0..n0 + joins).enumerate() {
+        let t0 = j as u64 * 300_000;
+        let next = view.apply(&[ks[i]], &[]).expect("small");
+        moved += shards
+            .iter()
+            .filter(|(a, _)| holders(a, &next, r).expect("r").contains(&ks[i]))
+            .count();
+        expected += m as f64 * r as f64 / next.len() as f64;
+        for node in 0..=i {
+            sim.learn_at(t0 + rng.gen_range(0..=1_000), node, next.clone());
+        }
+        view = next;
+        sim.run(t0 + 299_999);
+    }
+    sim.run(u64::MAX);
+    let dups = sim.pushes_ok.values().filter(|&&c| c > 1).count();
+    assert_eq!(dups, 0, "a copy was pushed twice");
+    assert_eq!(sim.unplaced(&view), 0, "every shard on its top-r");
+    for (a, _) in &shards {
+        assert_eq!(
+            sim.copies[a], r,
+            "exactly r copies once the surplus is dropped"
+        );
+    }
+    ChurnFigures {
+        moved,
+        expected_moved: expected,
+        pushes: sim.pushes_ok.values().map(|&c| c as u64).sum(),
+        drops: sim.drops,
+    }
+}
+
+#[test]
+fn joins_move_about_r_over_n_of_the_shards_and_never_drop_early() {
+    let f = churn_scenario(100, 5, 5_000);
+    // Each join takes over r/N of the shards: about 5 * 5,000 * 3 / 103 = 728.
+    assert!(
+        (f.moved as f64 - f.expected_moved).abs() < 0.15 * f.expected_moved,
+        "moved {} expected {:.0}",
+        f.moved,
+        f.expected_moved
+    );
+    assert_eq!(f.pushes as usize, f.moved, "one push per moved copy");
+    assert_eq!(
+        f.drops as usize, f.moved,
+        "one surplus copy dropped per moved copy"
+    );
+}
+
+#[test]
+fn a_get_asks_r_holders_and_falls_back_only_when_all_died() {
+    let r = 3;
+    let ks = keys(8, 300);
+    let shards = uniform_shards(11, 3_000);
+    let full = Members::new(ks.iter().copied()).expect("small");
+    let mut sim = Sim::new(ks.clone(), full.clone(), fast_cfg(), &shards);
+    let ask = |sim: &Sim, view: &Members, a: &ShardAddr| {
+        let hs = holders(a, view, r).expect("r");
+        let reports: Vec<(PublicKey, bool)> = hs
+            .iter()
+            .map(|h| {
+                let n = &sim.nodes[sim.index[h]];
+                (*h, n.alive && n.store.contains_key(a))
+            })
+            .collect();
+        replica_count(&hs, r, &reports)
+    };
+    for (a, _) in &shards {
+        let c = ask(&sim, &full, a);
+        assert_eq!((c.placed, c.total, c.below_target()), (3, 3, false));
+    }
+    let dead: Vec<usize> = (0..30).map(|i| i * 10).collect();
+    for &d in &dead {
+        sim.crash(d);
+    }
+    // Before anyone learns of the deaths: gets still ask the same r nodes.
+    let (mut fallback, mut below) = (0, 0);
+    for (a, _) in &shards {
+        let c = ask(&sim, &full, a);
+        if c.total == 0 {
+            fallback += 1;
+            assert_eq!(sim.copies[a], 0, "fallback only when every holder died");
+        } else if c.below_target() {
+            below += 1;
+        }
+    }
+    assert_eq!(fallback, sim.copies.values().filter(|&&c| c == 0).count());
+    assert!(below > 500, "about 27% of shards lost a holder: {below}");
+    let dead_keys: Vec<PublicKey> = dead.iter().map(|&d| ks[d]).collect();
+    let after = full.apply(&[], &dead_keys).expect("small");
+    for i in 0..ks.len() {
+        sim.learn_at(100, i, after.clone());
+    }
+    sim.run(u64::MAX);
+    for (a, _) in &shards {
+        let c = ask(&sim, &after, a);
+        assert!(
+            c.placed == 3 || c.total == 0,
+            "repaired or lost, never in between"
+        );
+    }
+}
+
+#[test]
+fn scrub_finds_a_corrupt_copy_and_it_is_refetched() {
+    let ks = keys(9, 20);
+    let shards = uniform_shards(12, 200);
+    let m = Members::new(ks.iter().copied()).expect("small");
+    let cfg = RepairConfig {
+        scrub_bytes_per_s: 1 << 20,
+        ..fast_cfg()
+    };
+    let mut sim = Sim::new(ks, m, cfg, &shards);
+    let victim = 4;
+    let mut bad: Vec<ShardAddr> = sim.nodes[victim].store.keys().copied().collect();
+    bad.sort();
+    bad.truncate(3);
+    let held = sim.nodes[victim].store.len();
+    // Walk the scrub for one full pass: every held shard comes up once, within the budget.
+    let mut seen = Vec::new();
+    let mut t = 0;
+    while seen.len() < held {
+        t += 1_000;
+        sim.run(t);
+        for a in sim.nodes[victim].planner.scrub_due(t) {
+            seen.push(a);
+            if bad.contains(&a) {
+                sim.corrupt(victim, a);
+            }
+        }
+        assert!(t < 1_000_000, "scrub stalled");
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), held, "one pass covers every shard");
+    // 1 MiB/s at 256 KiB shards: 4 per second (plus one second of burst).
+    assert!(
+        t / 1_000 >= held as u64 / 4 - 1,
+        "scrub ran faster than its budget: {t} ms"
+    );
+    sim.run(u64::MAX);
+    for a in &bad {
+        assert!(
+            sim.nodes[victim].store.contains_key(a),
+            "corrupt copy replaced"
+        );
+        assert!(sim.nodes[victim].planner.holds(a));
+        assert_eq!(sim.copies[a], 3);
+    }
 }
