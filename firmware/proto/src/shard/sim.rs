@@ -570,9 +570,9 @@ fn figures() {
             f.messages
         );
     }
-    let c = churn_scenario(100, 10, 30_000);
+    let c = churn_scenario(100, 10, 30_000, 60_000);
     println!(
-        "churn n=100 +10 joins 30,000 shards: {} copies moved (expected {:.0} = r/N per join), {} pushes, {} drops, no early drop",
+        "churn n=100 +10 joins 30,000 shards grace 60 s: {} copies moved (expected {:.0} = r/N per join), {} pushes, {} drops, no early drop",
         c.moved, c.expected_moved, c.pushes, c.drops
     );
 }
@@ -586,12 +586,17 @@ pub(super) struct ChurnFigures {
 
 /// `n0` nodes, then `joins` nodes join one after another (5 min apart); every node learns
 /// each join within 1 s. Every drop is checked to leave >= r copies (in `Sim::drive`).
-pub(super) fn churn_scenario(n0: usize, joins: usize, m: u64) -> ChurnFigures {
+/// `grace_ms` is the drop grace: 0 leaves the fresh confirmations as the only protection.
+pub(super) fn churn_scenario(n0: usize, joins: usize, m: u64, grace_ms: u64) -> ChurnFigures {
     let r = 3;
     let ks = keys(6, n0 + joins);
     let shards = uniform_shards(10, m);
     let mut view = Members::new(ks[..n0].iter().copied()).expect("small");
-    let mut sim = Sim::new(ks.clone(), view.clone(), fast_cfg(), &shards);
+    let cfg = RepairConfig {
+        drop_grace_ms: grace_ms,
+        ..fast_cfg()
+    };
+    let mut sim = Sim::new(ks.clone(), view.clone(), cfg, &shards);
     for i in n0..n0 + joins {
         sim.nodes[i].planner.set_members(0, view.clone());
     }
@@ -631,7 +636,7 @@ pub(super) fn churn_scenario(n0: usize, joins: usize, m: u64) -> ChurnFigures {
 
 #[test]
 fn joins_move_about_r_over_n_of_the_shards_and_never_drop_early() {
-    let f = churn_scenario(100, 5, 5_000);
+    let f = churn_scenario(100, 5, 5_000, 0);
     // Each join takes over r/N of the shards: about 5 * 5,000 * 3 / 103 = 728.
     assert!(
         (f.moved as f64 - f.expected_moved).abs() < 0.15 * f.expected_moved,
