@@ -12,6 +12,8 @@ pub mod placement;
 pub mod repair;
 #[cfg(test)]
 mod sim;
+#[cfg(test)]
+mod tests;
 
 pub use members::{Announced, DirConfig, DirError, MemberDir};
 pub use placement::{

@@ -262,6 +262,12 @@ impl RepairPlanner {
         self.held.get(addr).is_some_and(|h| h.have)
     }
 
+    /// The cached ranking of `addr` (tests check it against a fresh one).
+    #[cfg(test)]
+    pub(crate) fn ranks_of(&self, addr: &ShardAddr) -> Option<Vec<Ranked>> {
+        self.held.get(addr).map(|h| h.ranks.clone())
+    }
+
     /// Number of shards tracked (held or being re-fetched).
     pub fn tracked(&self) -> usize {
         self.held.len()

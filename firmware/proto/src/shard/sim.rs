@@ -112,12 +112,11 @@ pub(super) struct Sim {
 impl Sim {
     /// `n` nodes; every shard of `shards` stored on its top-`r` (settled writes).
     pub fn new(
-        seed: u64,
         keys: Vec<PublicKey>,
+        members: Members,
         cfg: RepairConfig,
         shards: &[(ShardAddr, u64)],
     ) -> Self {
-        let members = Members::new(keys.iter().copied()).expect("sim member count is small");
         let r = cfg.replicas;
         let mut nodes: Vec<Node> = keys
             .iter()
@@ -140,9 +139,8 @@ impl Sim {
                 n.store.insert(*a, *size);
                 n.planner.hold_settled(*a, *size);
             }
-            copies.insert(*a, r.min(keys.len()));
+            copies.insert(*a, r.min(members.len()));
         }
-        let _ = seed;
         Self {
             nodes,
             index,
@@ -177,6 +175,15 @@ impl Sim {
                 *c -= 1;
             }
         }
+    }
+
+    /// The scrub at node `i` found its copy of `addr` corrupt: it deletes it and re-fetches.
+    pub fn corrupt(&mut self, i: usize, addr: ShardAddr) {
+        if self.nodes[i].store.remove(&addr).is_some() {
+            *self.copies.get_mut(&addr).expect("counted") -= 1;
+        }
+        self.nodes[i].planner.handle_corrupt(self.now, &addr);
+        self.drive(i);
     }
 
     /// Node `i` adopts member set `view` at time `at`.
@@ -426,7 +433,8 @@ pub(super) fn crash_scenario(
     let r = 3;
     let ks = keys(5, n);
     let shards = uniform_shards(9, m);
-    let mut sim = Sim::new(5, ks.clone(), fast_cfg(), &shards);
+    let full = Members::new(ks.iter().copied()).expect("small");
+    let mut sim = Sim::new(ks.clone(), full.clone(), fast_cfg(), &shards);
     let mut rng = StdRng::seed_from_u64(77);
     let mut order: Vec<usize> = (0..n).collect();
     for i in 0..n {
@@ -440,7 +448,6 @@ pub(super) fn crash_scenario(
     }
     let lost = sim.copies.values().filter(|&&c| c == 0).count();
     let dead_keys: Vec<PublicKey> = crashed.iter().map(|&c| ks[c]).collect();
-    let full = Members::new(ks.iter().copied()).expect("small");
     let final_members = full.apply(&[], &dead_keys).expect("small");
     let mut missing = 0usize;
     for (a, _) in &shards {
@@ -563,5 +570,185 @@ fn figures() {
             f.messages
         );
     }
-    let _ = replica_count;
+    let c = churn_scenario(100, 10, 30_000, 60_000);
+    println!(
+        "churn n=100 +10 joins 30,000 shards grace 60 s: {} copies moved (expected {:.0} = r/N per join), {} pushes, {} drops, no early drop",
+        c.moved, c.expected_moved, c.pushes, c.drops
+    );
+}
+
+pub(super) struct ChurnFigures {
+    pub moved: usize,
+    pub expected_moved: f64,
+    pub pushes: u64,
+    pub drops: u64,
+}
+
+/// `n0` nodes, then `joins` nodes join one after another (5 min apart); every node learns
+/// each join within 1 s. Every drop is checked to leave >= r copies (in `Sim::drive`).
+/// `grace_ms` is the drop grace: 0 leaves the fresh confirmations as the only protection.
+pub(super) fn churn_scenario(n0: usize, joins: usize, m: u64, grace_ms: u64) -> ChurnFigures {
+    let r = 3;
+    let ks = keys(6, n0 + joins);
+    let shards = uniform_shards(10, m);
+    let mut view = Members::new(ks[..n0].iter().copied()).expect("small");
+    let cfg = RepairConfig {
+        drop_grace_ms: grace_ms,
+        ..fast_cfg()
+    };
+    let mut sim = Sim::new(ks.clone(), view.clone(), cfg, &shards);
+    for i in n0..n0 + joins {
+        sim.nodes[i].planner.set_members(0, view.clone());
+    }
+    let mut rng = StdRng::seed_from_u64(78);
+    let (mut moved, mut expected) = (0usize, 0f64);
+    for (j, i) in (n0..n0 + joins).enumerate() {
+        let t0 = j as u64 * 300_000;
+        let next = view.apply(&[ks[i]], &[]).expect("small");
+        moved += shards
+            .iter()
+            .filter(|(a, _)| holders(a, &next, r).expect("r").contains(&ks[i]))
+            .count();
+        expected += m as f64 * r as f64 / next.len() as f64;
+        for node in 0..=i {
+            sim.learn_at(t0 + rng.gen_range(0..=1_000), node, next.clone());
+        }
+        view = next;
+        sim.run(t0 + 299_999);
+    }
+    sim.run(u64::MAX);
+    let dups = sim.pushes_ok.values().filter(|&&c| c > 1).count();
+    assert_eq!(dups, 0, "a copy was pushed twice");
+    assert_eq!(sim.unplaced(&view), 0, "every shard on its top-r");
+    for (a, _) in &shards {
+        assert_eq!(
+            sim.copies[a], r,
+            "exactly r copies once the surplus is dropped"
+        );
+    }
+    ChurnFigures {
+        moved,
+        expected_moved: expected,
+        pushes: sim.pushes_ok.values().map(|&c| c as u64).sum(),
+        drops: sim.drops,
+    }
+}
+
+#[test]
+fn joins_move_about_r_over_n_of_the_shards_and_never_drop_early() {
+    let f = churn_scenario(100, 5, 5_000, 0);
+    // Each join takes over r/N of the shards: about 5 * 5,000 * 3 / 103 = 728.
+    assert!(
+        (f.moved as f64 - f.expected_moved).abs() < 0.15 * f.expected_moved,
+        "moved {} expected {:.0}",
+        f.moved,
+        f.expected_moved
+    );
+    assert_eq!(f.pushes as usize, f.moved, "one push per moved copy");
+    assert_eq!(
+        f.drops as usize, f.moved,
+        "one surplus copy dropped per moved copy"
+    );
+}
+
+#[test]
+fn a_get_asks_r_holders_and_falls_back_only_when_all_died() {
+    let r = 3;
+    let ks = keys(8, 300);
+    let shards = uniform_shards(11, 3_000);
+    let full = Members::new(ks.iter().copied()).expect("small");
+    let mut sim = Sim::new(ks.clone(), full.clone(), fast_cfg(), &shards);
+    let ask = |sim: &Sim, view: &Members, a: &ShardAddr| {
+        let hs = holders(a, view, r).expect("r");
+        let reports: Vec<(PublicKey, bool)> = hs
+            .iter()
+            .map(|h| {
+                let n = &sim.nodes[sim.index[h]];
+                (*h, n.alive && n.store.contains_key(a))
+            })
+            .collect();
+        replica_count(&hs, r, &reports)
+    };
+    for (a, _) in &shards {
+        let c = ask(&sim, &full, a);
+        assert_eq!((c.placed, c.total, c.below_target()), (3, 3, false));
+    }
+    let dead: Vec<usize> = (0..30).map(|i| i * 10).collect();
+    for &d in &dead {
+        sim.crash(d);
+    }
+    // Before anyone learns of the deaths: gets still ask the same r nodes.
+    let (mut fallback, mut below) = (0, 0);
+    for (a, _) in &shards {
+        let c = ask(&sim, &full, a);
+        if c.total == 0 {
+            fallback += 1;
+            assert_eq!(sim.copies[a], 0, "fallback only when every holder died");
+        } else if c.below_target() {
+            below += 1;
+        }
+    }
+    assert_eq!(fallback, sim.copies.values().filter(|&&c| c == 0).count());
+    assert!(below > 500, "about 27% of shards lost a holder: {below}");
+    let dead_keys: Vec<PublicKey> = dead.iter().map(|&d| ks[d]).collect();
+    let after = full.apply(&[], &dead_keys).expect("small");
+    for i in 0..ks.len() {
+        sim.learn_at(100, i, after.clone());
+    }
+    sim.run(u64::MAX);
+    for (a, _) in &shards {
+        let c = ask(&sim, &after, a);
+        assert!(
+            c.placed == 3 || c.total == 0,
+            "repaired or lost, never in between"
+        );
+    }
+}
+
+#[test]
+fn scrub_finds_a_corrupt_copy_and_it_is_refetched() {
+    let ks = keys(9, 20);
+    let shards = uniform_shards(12, 200);
+    let m = Members::new(ks.iter().copied()).expect("small");
+    let cfg = RepairConfig {
+        scrub_bytes_per_s: 1 << 20,
+        ..fast_cfg()
+    };
+    let mut sim = Sim::new(ks, m, cfg, &shards);
+    let victim = 4;
+    let mut bad: Vec<ShardAddr> = sim.nodes[victim].store.keys().copied().collect();
+    bad.sort();
+    bad.truncate(3);
+    let held = sim.nodes[victim].store.len();
+    // Walk the scrub for one full pass: every held shard comes up once, within the budget.
+    let mut seen = Vec::new();
+    let mut t = 0;
+    while seen.len() < held {
+        t += 1_000;
+        sim.run(t);
+        for a in sim.nodes[victim].planner.scrub_due(t) {
+            seen.push(a);
+            if bad.contains(&a) {
+                sim.corrupt(victim, a);
+            }
+        }
+        assert!(t < 1_000_000, "scrub stalled");
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), held, "one pass covers every shard");
+    // 1 MiB/s at 256 KiB shards: 4 per second (plus one second of burst).
+    assert!(
+        t / 1_000 >= held as u64 / 4 - 1,
+        "scrub ran faster than its budget: {t} ms"
+    );
+    sim.run(u64::MAX);
+    for a in &bad {
+        assert!(
+            sim.nodes[victim].store.contains_key(a),
+            "corrupt copy replaced"
+        );
+        assert!(sim.nodes[victim].planner.holds(a));
+        assert_eq!(sim.copies[a], 3);
+    }
 }
