@@ -54,6 +54,7 @@ proptest! {
                 let addr = store.put(s)?;
                 prop_assert_eq!(addr, Address::of(s));
                 prop_assert!(store.has(&addr)?);
+                prop_assert_eq!(store.len_of(&addr)?, Some(s.len() as u64));
                 prop_assert_eq!(store.get(&addr)?, Some(s.clone()));
             }
             let before = store.usage()?;
@@ -76,6 +77,7 @@ proptest! {
             prop_assert_eq!(e.code(), "wrong_address");
             prop_assert_eq!(e.http_status(), 400);
             prop_assert!(!store.has(&wrong)?);
+            prop_assert_eq!(store.len_of(&wrong)?, None);
             prop_assert!(!store.has(&Address::of(&s))?);
             prop_assert_eq!(store.get(&wrong)?, None);
             prop_assert_eq!(store.usage()?.shards, 0);
