@@ -408,11 +408,23 @@ fn envelope_flood_from_fresh_keys_costs_the_flooder_not_the_tree() {
         "root took in {accepted} frames in {secs}s (bound {bound}): strangers are not rate-limited"
     );
     let limited = metric_of(&net, 0, "borg_rate_limited_total{door=\"tree\"}");
-    assert!(
-        limited > 0,
-        "the flood was never slowed:\n{}",
-        net.metrics(0)
-    );
+    // The limiter can only have slowed a flood that offered more than it lets through: on a
+    // machine loaded enough that the flooder (signing every envelope) stays under 100 frames/s
+    // per link, there was nothing to slow, and the bound above is the check that counts.
+    let offered = sent.load(Ordering::Relaxed);
+    let allowance = 4 * (200 + 100 * secs);
+    if offered > allowance + allowance / 5 {
+        assert!(
+            limited > 0,
+            "the flood offered {offered} frames in {secs}s (allowance {allowance}) and was never slowed:\n{}",
+            net.metrics(0)
+        );
+    } else {
+        eprintln!(
+            "the flooder offered only {offered} frames in {secs}s (allowance {allowance}): \
+             too slow on this machine to trip the limiter ({limited} waits)"
+        );
+    }
     net.wait_tree(Duration::from_secs(10)).unwrap();
     let after = newcomer_joins(
         &mut net,
