@@ -321,9 +321,12 @@ mod tests {
     fn arb_frame() -> impl Strategy<Value = Frame> {
         let addr = proptest::array::uniform32(any::<u8>());
         prop_oneof![
-            (any::<u32>(), any::<u32>(), addr.clone())
-                .prop_map(|(stream, seq, addr)| Frame::Want(Want { stream, seq, addr })),
-            (any::<u32>(), any::<u32>(), addr.clone())
+            (any::<u32>(), any::<u32>(), addr).prop_map(|(stream, seq, addr)| Frame::Want(Want {
+                stream,
+                seq,
+                addr
+            })),
+            (any::<u32>(), any::<u32>(), addr)
                 .prop_map(|(stream, seq, addr)| Frame::Missing(Missing { stream, seq, addr })),
             (
                 any::<u32>(),

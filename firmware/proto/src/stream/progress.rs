@@ -175,7 +175,7 @@ impl Progress {
             return Err(ProgressError::BadCheck);
         }
         let bits = body[FIXED_LEN..].to_vec();
-        if total % 8 != 0 {
+        if !total.is_multiple_of(8) {
             if let Some(last) = bits.last() {
                 if last >> (total % 8) != 0 {
                     return Err(ProgressError::StrayBits);
