@@ -323,9 +323,12 @@ mod tests {
     fn arb_frame() -> impl Strategy<Value = Frame> {
         let addr = proptest::array::uniform32(any::<u8>());
         prop_oneof![
-            (any::<u32>(), any::<u32>(), addr.clone())
-                .prop_map(|(stream, seq, addr)| Frame::Want(Want { stream, seq, addr })),
-            (any::<u32>(), any::<u32>(), addr.clone())
+            (any::<u32>(), any::<u32>(), addr).prop_map(|(stream, seq, addr)| Frame::Want(Want {
+                stream,
+                seq,
+                addr
+            })),
+            (any::<u32>(), any::<u32>(), addr)
                 .prop_map(|(stream, seq, addr)| Frame::Missing(Missing { stream, seq, addr })),
             (
                 any::<u32>(),
@@ -513,6 +516,39 @@ mod tests {
             if let Ok(frame) = Frame::decode(&bytes) {
                 // Whatever decodes is canonical: it re-encodes to exactly the input.
                 prop_assert_eq!(frame.encode(), bytes);
+            }
+        }
+
+        /// Every bound, for any frame: a declared shard length over the limit, any trailing
+        /// bytes, any cut, any unknown type or version byte are refused.
+        #[test]
+        fn every_bound_is_refused_for_any_frame(
+            frame in arb_frame(),
+            over in (MAX_SHARD_LEN as u32 + 1)..=u32::MAX,
+            extra in proptest::collection::vec(any::<u8>(), 1..8),
+            cut in 1usize..8,
+            ty in 5u8..=255,
+            version in 2u8..=255,
+        ) {
+            let enc = frame.encode();
+            let mut long = enc.clone();
+            long.extend_from_slice(&extra);
+            prop_assert!(Frame::decode(&long).is_err());
+            let short = &enc[..enc.len().saturating_sub(cut)];
+            prop_assert!(Frame::decode(short).is_err());
+            let mut bad = enc.clone();
+            bad[2] = ty;
+            prop_assert_eq!(Frame::decode(&bad), Err(StreamFrameError::UnknownType(ty)));
+            let mut bad = enc.clone();
+            bad[1] = version;
+            prop_assert_eq!(Frame::decode(&bad), Err(StreamFrameError::BadVersion(version)));
+            if let Frame::Shard(_) = frame {
+                let mut bad = enc.clone();
+                bad[43..47].copy_from_slice(&over.to_be_bytes());
+                prop_assert_eq!(
+                    Frame::decode(&bad),
+                    Err(StreamFrameError::ShardTooLarge { len: over as usize })
+                );
             }
         }
 

@@ -15,6 +15,8 @@
 //! in and out as bytes, writes go out as [`recv::WriteAt`] and come back as
 //! [`Receiver::handle_written`].
 
+#[cfg(test)]
+mod figures_tests;
 pub mod frame;
 pub mod progress;
 pub mod recv;

@@ -644,8 +644,8 @@ fn a_slow_writer_slows_the_sender() {
     }
     // One frame's worth of room per tick: exactly one frame per tick, in request order.
     let mut sent = Vec::new();
-    for tick in 0..16 {
-        let room = shards[tick].len() + super::frame::SHARD_HEADER_LEN;
+    for shard in &shards {
+        let room = shard.len() + super::frame::SHARD_HEADER_LEN;
         assert_eq!(
             sender.poll_transmit(room - 1, &source),
             None,
