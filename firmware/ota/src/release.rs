@@ -179,7 +179,11 @@ impl ReleaseFile {
     /// Append an approval. Returns whether `approval.key` had approved this file before (the
     /// duplicate is kept, and will not count twice). Refused beyond [`MAX_SIGNATURES`].
     pub fn add_approval(&mut self, approval: Approval) -> Result<bool, OtaError> {
-        bound("release approvals", self.approvals.len() + 1, MAX_SIGNATURES)?;
+        bound(
+            "release approvals",
+            self.approvals.len() + 1,
+            MAX_SIGNATURES,
+        )?;
         let before = self.approvals.iter().any(|a| a.key == approval.key);
         self.approvals.push(approval);
         Ok(before)
@@ -215,7 +219,10 @@ pub(crate) mod tests {
         Manifest {
             tag: ReleaseTag,
             version,
-            boards: vec![Board::new("rpi4").unwrap(), Board::new("qemu-virt").unwrap()],
+            boards: vec![
+                Board::new("rpi4").unwrap(),
+                Board::new("qemu-virt").unwrap(),
+            ],
             image: ImageRef {
                 sha256: digest,
                 size: 11,

@@ -156,7 +156,12 @@ impl SignedRoot {
 
     /// Count this root's signatures against a key set and threshold.
     pub fn tally(&self, keys: &[PublicKey], threshold: u32) -> Tally {
-        tally(keys, threshold, &self.signed.signed_bytes(), &self.signatures)
+        tally(
+            keys,
+            threshold,
+            &self.signed.signed_bytes(),
+            &self.signatures,
+        )
     }
 }
 

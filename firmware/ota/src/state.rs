@@ -175,7 +175,11 @@ impl OtaState {
         let state: OtaState = decode_json("ota state", bytes, MAX_STATE_BYTES)?;
         bound("state refused versions", state.refused.len(), MAX_REFUSED)?;
         bound("state audit entries", state.audit.len(), MAX_AUDIT)?;
-        bound("root signatures", state.root.signatures.len(), MAX_SIGNATURES)?;
+        bound(
+            "root signatures",
+            state.root.signatures.len(),
+            MAX_SIGNATURES,
+        )?;
         state.root.signed.check()?;
         let mut seen = BTreeSet::new();
         for r in &state.refused {
@@ -270,7 +274,7 @@ impl OtaState {
             .refusals
             .iter()
             .any(|r| matches!(r, Refusal::Expired { .. }));
-        if report.threshold_met() && expired {
+        if report.signed_by_threshold() && expired {
             self.refuse(report.version, "expired", now_ms);
         }
     }

@@ -48,7 +48,12 @@ impl FromStr for Version {
     type Err = OtaError;
 
     fn from_str(text: &str) -> Result<Self, OtaError> {
-        let bad = || malformed("version", format!("{:?} is not MAJOR.MINOR.PATCH", short(text)));
+        let bad = || {
+            malformed(
+                "version",
+                format!("{:?} is not MAJOR.MINOR.PATCH", short(text)),
+            )
+        };
         let mut parts = text.split('.');
         let mut next = || -> Result<u64, OtaError> {
             let part = parts.next().ok_or_else(bad)?;
@@ -102,10 +107,7 @@ impl Board {
         if !ok {
             return Err(malformed(
                 "board",
-                format!(
-                    "{:?} is not 1 to {MAX_BOARD_LEN} of [a-z0-9-]",
-                    short(text)
-                ),
+                format!("{:?} is not 1 to {MAX_BOARD_LEN} of [a-z0-9-]", short(text)),
             ));
         }
         Ok(Self(text.to_string()))
@@ -300,8 +302,18 @@ mod tests {
         assert_eq!("1.2.3".parse::<Version>().unwrap(), Version::new(1, 2, 3));
         assert_eq!("0.0.0".parse::<Version>().unwrap(), Version::new(0, 0, 0));
         for bad in [
-            "", "1", "1.2", "1.2.3.4", "01.2.3", "1.02.3", "1.2.-3", "+1.2.3", "1.2.3-rc1",
-            "1..3", " 1.2.3", "1.2.18446744073709551616",
+            "",
+            "1",
+            "1.2",
+            "1.2.3.4",
+            "01.2.3",
+            "1.02.3",
+            "1.2.-3",
+            "+1.2.3",
+            "1.2.3-rc1",
+            "1..3",
+            " 1.2.3",
+            "1.2.18446744073709551616",
         ] {
             let err = bad.parse::<Version>().unwrap_err();
             assert_eq!(err.code(), "malformed", "{bad:?}");

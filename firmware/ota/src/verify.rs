@@ -54,7 +54,9 @@ pub enum ApprovalStatus {
     /// The signature does not verify.
     BadSignature,
     /// The approval expired before the effective time.
-    Expired { expires_ms: u64 },
+    Expired {
+        expires_ms: u64,
+    },
     /// Valid, but this key has already been counted.
     DuplicateKey,
 }
@@ -142,7 +144,9 @@ impl Refusal {
                 format!("downgrade: {offered} is not above the running {running}")
             }
             Refusal::BadMinVersion { running, min } => {
-                format!("the running {running} is below the minimum {min} this release updates from")
+                format!(
+                    "the running {running} is below the minimum {min} this release updates from"
+                )
             }
             Refusal::Expired {
                 expires_ms,
@@ -165,6 +169,9 @@ pub struct Report {
     pub approvals: Vec<ApprovalCheck>,
     /// Distinct maintainer keys whose approval counts.
     pub counted: usize,
+    /// Distinct maintainer keys with a valid signature on this manifest, expired or not:
+    /// did k maintainers ever approve exactly this release?
+    pub signed: usize,
     pub threshold: u32,
     /// Every reason to refuse; empty when approved.
     pub refusals: Vec<Refusal>,
@@ -177,10 +184,11 @@ impl Report {
         self.refusals.first().map_or("approved", Refusal::code)
     }
 
-    /// Did k maintainers approve (whatever this node thinks of the release)? Only such
-    /// releases may be remembered as refused; see [`crate::OtaState::note_report`].
-    pub fn threshold_met(&self) -> bool {
-        self.counted >= self.threshold as usize
+    /// Did k maintainers sign exactly this release (expired approvals included, whatever
+    /// this node thinks of it)? Only such releases may be remembered as refused; see
+    /// [`crate::OtaState::note_report`].
+    pub fn signed_by_threshold(&self) -> bool {
+        self.signed >= self.threshold as usize
     }
 }
 
@@ -194,6 +202,7 @@ pub fn verify(
     let now = node.effective_now_ms();
     let digest = manifest.digest();
     let mut counted = BTreeSet::new();
+    let mut signed = BTreeSet::new();
     let checks: Vec<ApprovalCheck> = approvals
         .iter()
         .map(|a| {
@@ -203,14 +212,17 @@ pub fn verify(
                 ApprovalStatus::WrongManifest
             } else if !a.signature_valid() {
                 ApprovalStatus::BadSignature
-            } else if now > a.expires_ms {
-                ApprovalStatus::Expired {
-                    expires_ms: a.expires_ms,
-                }
-            } else if !counted.insert(a.key) {
-                ApprovalStatus::DuplicateKey
             } else {
-                ApprovalStatus::Counts
+                signed.insert(a.key);
+                if now > a.expires_ms {
+                    ApprovalStatus::Expired {
+                        expires_ms: a.expires_ms,
+                    }
+                } else if !counted.insert(a.key) {
+                    ApprovalStatus::DuplicateKey
+                } else {
+                    ApprovalStatus::Counts
+                }
             };
             ApprovalCheck { key: a.key, status }
         })
@@ -263,6 +275,7 @@ pub fn verify(
         approved: refusals.is_empty(),
         approvals: checks,
         counted: counted.len(),
+        signed: signed.len(),
         threshold: root.threshold(),
         refusals,
     }
