@@ -18,7 +18,7 @@
 //! the image's build time at first start and the network time agreed by cronoTree, never one
 //! peer's claim; a floor pushed far into the future would make every release look expired.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
@@ -181,14 +181,19 @@ impl OtaState {
             MAX_SIGNATURES,
         )?;
         state.root.signed.check()?;
-        let mut seen = BTreeSet::new();
-        for r in &state.refused {
-            if !seen.insert(r.version) {
-                return Err(OtaError::Duplicate {
-                    what: "refused version",
-                    item: r.version.to_string(),
-                });
-            }
+        // Sorted and unique: `is_refused` and `refuse` binary-search it.
+        if let Some(pair) = state
+            .refused
+            .windows(2)
+            .find(|w| w[0].version >= w[1].version)
+        {
+            return Err(OtaError::Malformed {
+                what: "ota state",
+                reason: format!(
+                    "refused versions must be strictly increasing ({} then {})",
+                    pair[0].version, pair[1].version
+                ),
+            });
         }
         Ok(state)
     }

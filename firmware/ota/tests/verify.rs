@@ -322,6 +322,15 @@ fn state_bounds_audit_ring_and_refused_set() {
     );
     let err = OtaState::decode(&serde_json::to_vec(&value).unwrap()).unwrap_err();
     assert_eq!(err.code(), "over_bound");
+    // Unsorted or repeated refused versions would break the binary search: refused.
+    let mut value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let list = value["refused"].as_array_mut().unwrap();
+    list.swap(0, 1);
+    let err = OtaState::decode(&serde_json::to_vec(&value).unwrap()).unwrap_err();
+    assert!(err.to_string().contains("strictly increasing"), "{err}");
+    let list = value["refused"].as_array_mut().unwrap();
+    list[0] = list[1].clone();
+    assert!(OtaState::decode(&serde_json::to_vec(&value).unwrap()).is_err());
 }
 
 #[test]
