@@ -121,6 +121,12 @@ proptest! {
         prop_assert_eq!(x.cmp(&y), c.cmp(&d));
     }
 
+}
+
+proptest! {
+    // Bounds: each case encodes and decodes a whole document; 64 cases cover the ranges.
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
     /// Notes of any length: accepted up to the bound, refused above it.
     #[test]
     fn prop_notes_bound(len in 0usize..(2 * borg_ota::MAX_NOTES_BYTES)) {
@@ -128,5 +134,40 @@ proptest! {
         f.manifest.notes = "x".repeat(len);
         let decoded = ReleaseFile::decode(&f.encode());
         prop_assert_eq!(decoded.is_ok(), len <= borg_ota::MAX_NOTES_BYTES);
+    }
+
+    /// Boards: 1 to MAX_BOARDS accepted, none or more refused.
+    #[test]
+    fn prop_boards_bound(n in 0usize..(2 * borg_ota::MAX_BOARDS)) {
+        let mut f = sample_release();
+        f.manifest.boards = (0..n).map(|i| Board::new(&format!("b{i}")).unwrap()).collect();
+        let ok = ReleaseFile::decode(&f.encode()).is_ok();
+        prop_assert_eq!(ok, (1..=borg_ota::MAX_BOARDS).contains(&n));
+    }
+
+    /// Approvals on a release and signatures on a root: up to MAX_SIGNATURES.
+    #[test]
+    fn prop_signature_count_bounds(n in 0usize..(2 * borg_ota::MAX_SIGNATURES)) {
+        let mut f = sample_release();
+        f.approvals = vec![f.approvals[0].clone(); n];
+        prop_assert_eq!(ReleaseFile::decode(&f.encode()).is_ok(), n <= borg_ota::MAX_SIGNATURES);
+        let mut r = sample_root();
+        r.signatures = vec![r.signatures[0].clone(); n];
+        prop_assert_eq!(SignedRoot::decode(&r.encode()).is_ok(), n <= borg_ota::MAX_SIGNATURES);
+    }
+}
+
+/// Root keys: up to MAX_ROOT_KEYS distinct keys (every count, not sampled: keys are slow).
+#[test]
+fn root_key_count_bound() {
+    let keys: Vec<_> = (0..=borg_ota::MAX_ROOT_KEYS as u8)
+        .map(|i| key(i).public())
+        .collect();
+    for n in 1..=keys.len() {
+        let mut r = sample_root();
+        r.signed.keys = keys[..n].to_vec();
+        r.signed.threshold = 1;
+        let decoded = SignedRoot::decode(&r.encode());
+        assert_eq!(decoded.is_ok(), n <= borg_ota::MAX_ROOT_KEYS, "{n} keys");
     }
 }
