@@ -8,6 +8,7 @@ mod bench_relay;
 mod bench_time;
 mod bench_tree;
 mod cli;
+mod release;
 mod userkey;
 
 use anyhow::Result;
@@ -42,6 +43,9 @@ enum Command {
     Tree(cli::TreeArgs),
     /// Send a signed broadcast from a node to the whole tree.
     Broadcast(cli::BroadcastArgs),
+    /// Maintainers: keys, trust roots, release manifests and approvals (docs/OTA.md).
+    #[command(subcommand)]
+    Release(release::ReleaseCommand),
     /// Benchmarks that print figures (see docs/BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -95,6 +99,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status(args) => cli::status(args),
         Command::Tree(args) => cli::tree(args),
         Command::Broadcast(args) => cli::broadcast(args),
+        Command::Release(cmd) => release::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Init(args) => appliance::run_init(args),
         Command::Up(args) => appliance::run_up(args),
@@ -109,5 +114,12 @@ mod tests {
             borg_system::init::APPLIANCE_FILE_ENV,
             borg_net::page::APPLIANCE_FILE_ENV
         );
+    }
+
+    /// clap's own consistency checks over every subcommand (e.g. two `--version` flags).
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }
