@@ -341,12 +341,8 @@ mod tests {
     fn wrapped_key_text_form_round_trips_and_is_strict() {
         let mut rng = StdRng::seed_from_u64(3);
         let owner = UserKeys::from_phrase(PHRASE, "").unwrap();
-        let wrapped = wrap_key(
-            &mut rng,
-            &FileKey::generate(&mut rng),
-            &owner.encryption_public(),
-        )
-        .unwrap();
+        let key = FileKey::generate(&mut rng);
+        let wrapped = wrap_key(&mut rng, &key, &owner.encryption_public()).unwrap();
         let json = serde_json::to_value(&wrapped).unwrap();
         assert_eq!(json["ct"].as_str().unwrap().len(), 64);
         let back: WrappedKey = serde_json::from_value(json.clone()).unwrap();

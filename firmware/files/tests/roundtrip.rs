@@ -1,4 +1,5 @@
 //! `put` then `get` of random files at the chunk boundaries, through a memory shard store.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
@@ -104,7 +105,7 @@ struct Trickle<'a> {
 impl std::io::Read for Trickle<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.calls += 1;
-        if self.calls % 7 == 0 {
+        if self.calls.is_multiple_of(7) {
             return Err(std::io::ErrorKind::Interrupted.into());
         }
         let n = self.step.min(buf.len()).min(self.data.len());

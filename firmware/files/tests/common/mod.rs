@@ -1,5 +1,5 @@
 //! Shared fixtures: deterministic users and a whole `put` into a memory store.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use borg_files::{
     encrypt_reader, open_manifest, seal_manifest, wrap_key, FileKey, Manifest, OpenedManifest,
@@ -14,8 +14,11 @@ pub const PHRASE: &str = "abandon abandon abandon abandon abandon abandon abando
                           abandon abandon abandon abandon abandon abandon abandon art";
 pub const NOW: u64 = 1_763_765_000_123;
 
+/// The owner's keys (derived once: PBKDF2 is slow in test builds).
 pub fn owner() -> UserKeys {
-    UserKeys::from_phrase(PHRASE, "").unwrap()
+    static KEYS: std::sync::LazyLock<UserKeys> =
+        std::sync::LazyLock::new(|| UserKeys::from_phrase(PHRASE, "").unwrap());
+    KEYS.clone()
 }
 
 pub fn stranger() -> UserKeys {
