@@ -46,7 +46,7 @@ pub fn delete_target(delete: &Verified<Envelope>) -> Result<FileId, FilesError> 
         )));
     }
     let body = DeleteBody::deserialize(&delete.body)
-        .map_err(|e| FilesError::Malformed(format!("delete: {e}")))?;
+        .map_err(|e| FilesError::Malformed(crate::manifest::shorten(format!("delete: {e}"))))?;
     Ok(body.id)
 }
 

@@ -236,7 +236,18 @@ impl Manifest {
 }
 
 fn malformed(message: impl Into<String>) -> FilesError {
-    FilesError::Malformed(message.into())
+    FilesError::Malformed(shorten(message.into()))
+}
+
+/// Cut an error message short: serde quotes attacker-chosen text (unknown field names,
+/// strings of the wrong shape), which must not make a 1 MiB error.
+pub(crate) fn shorten(mut text: String) -> String {
+    const MAX: usize = 200;
+    if let Some((end, _)) = text.char_indices().nth(MAX) {
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
 }
 
 fn check_name(name: &str) -> Result<(), FilesError> {

@@ -366,3 +366,16 @@ proptest! {
         prop_assert_eq!(opened.manifest(), &m);
     }
 }
+
+#[test]
+fn error_messages_stay_short() {
+    let mut body = sample_body();
+    body["x".repeat(100_000).as_str()] = json!(1);
+    let err = open_body(body).unwrap_err();
+    assert_eq!(err.code(), "malformed");
+    assert!(
+        err.to_string().len() < 300,
+        "{} bytes",
+        err.to_string().len()
+    );
+}
