@@ -88,16 +88,18 @@ mod replication {
 
     use borg_cells::shard::disk::Place;
     use borg_cells::shard::{ShardCell, ShardConfig};
-    use borg_net::cell::Cell;
+    use borg_net::cell::{Cell, CellAction, CellError, CellTime, Work, WorkDone};
     use borg_net::node::mem::MemNet;
     use borg_proto::identity::PublicKey;
     use borg_proto::shard::members::DirConfig;
     use borg_proto::shard::placement::{holders, Members};
     use borg_proto::shard::repair::RepairConfig;
     use borg_proto::stream::frame::{Frame, Shard, Want};
+    use borg_proto::tree::TreeView;
     use borg_store::{Address, MemStore, ShardStore};
     use rand::{rngs::StdRng, RngCore, SeedableRng};
     use serde_json::json;
+    use serde_json::Value;
 
     use super::T0;
 
@@ -240,26 +242,84 @@ mod replication {
         );
     }
 
-    /// An outsider's frames: a Want for a stream nobody offered gets a Close and no bytes; a
-    /// Shard nobody asked for is counted and not stored; a pull that receives wrong bytes
-    /// refuses them and stores nothing.
+    /// A shard cell that never answers a Want (to inject the answers by hand).
+    struct Mute(ShardCell);
+
+    impl Cell for Mute {
+        fn kind_prefix(&self) -> &'static str {
+            self.0.kind_prefix()
+        }
+        fn handle_tree(&mut self, now: CellTime, view: &TreeView) {
+            self.0.handle_tree(now, view)
+        }
+        fn handle_broadcast(&mut self, now: CellTime, id: &str, o: &PublicKey, p: &Value) {
+            self.0.handle_broadcast(now, id, o, p)
+        }
+        fn handle_message(
+            &mut self,
+            now: CellTime,
+            from: PublicKey,
+            rx: u64,
+            kind: &str,
+            body: &Value,
+        ) -> Result<(), CellError> {
+            self.0.handle_message(now, from, rx, kind, body)
+        }
+        fn handle_binary(&mut self, _: CellTime, _: PublicKey, _: &[u8]) -> Result<(), CellError> {
+            Ok(())
+        }
+        fn poll_work(&mut self) -> Option<Work> {
+            self.0.poll_work()
+        }
+        fn handle_work_done(&mut self, now: CellTime, done: WorkDone) {
+            self.0.handle_work_done(now, done)
+        }
+        fn handle_timeout(&mut self, now: CellTime) {
+            self.0.handle_timeout(now)
+        }
+        fn poll_timeout(&self) -> Option<u64> {
+            self.0.poll_timeout()
+        }
+        fn poll_action(&mut self, now: CellTime) -> Option<CellAction> {
+            self.0.poll_action(now)
+        }
+    }
+
+    /// An outsider's frames and messages: a Want for a stream nobody offered gets a Close and
+    /// no bytes; a Shard nobody asked for is counted and not stored; an offer, ask or query
+    /// from a key that is not a member is refused; and from a member, a pull that receives
+    /// wrong bytes refuses them and stores nothing.
     #[tokio::test(start_paused = true)]
     async fn frames_nobody_asked_for_and_wrong_bytes_are_refused() {
         let mut net = MemNet::new(25, 1000);
         let store = Arc::new(MemStore::new(1 << 30));
         let a = node(&mut net, &[], store.clone());
-        // The outsider runs the tree but none of the cell: it never answers a Want.
-        let x = net.add("shardTree", T0, &[a], |_| {
+        // A member whose cell never answers a Want, and an outsider that runs only the tree.
+        let x = net.add("shardTree", T0, &[a], |init| {
+            Box::new(Mute(ShardCell::with(
+                init,
+                Place::Memory { budget: 1 << 30 },
+                cfg(),
+            ))) as Box<dyn Cell>
+        });
+        let y = net.add("shardTree", T0, &[a], |_| {
             Box::new(borg_net::cell::NoCell) as Box<dyn Cell>
         });
-        net.run_for(Duration::from_secs(5)).await;
-        let mut want = Frame::Want(Want {
+        // Announcements (every 10 s) and probation (2 s): x becomes a member of a's directory.
+        net.run_for(Duration::from_secs(15)).await;
+        assert_eq!(
+            net.status(a)["members"]["placeable"],
+            2,
+            "{}",
+            net.status(a)
+        );
+
+        let want = Frame::Want(Want {
             stream: 2,
             seq: 0,
             addr: [7u8; 32],
-        })
-        .encode();
-        net.inject_bytes(x, a, std::mem::take(&mut want));
+        });
+        net.inject_bytes(y, a, want.encode());
         let st = net.status(a);
         assert_eq!(st["transfers"]["closes_out"], 1, "{st}");
         assert_eq!(st["transfers"]["shards_out"], 0, "{st}");
@@ -272,21 +332,28 @@ mod replication {
             addr: *addr.as_bytes(),
             bytes: bytes.clone(),
         });
-        net.inject_bytes(x, a, stray.encode());
+        net.inject_bytes(y, a, stray.encode());
         assert_eq!(net.status(a)["transfers"]["unsolicited"], 1);
         assert!(!store.has(&addr).unwrap());
 
-        // x "offers" the shard; a pulls it; x's answer (injected) carries other bytes.
         let hex: String = addr.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
-        net.inject(
-            x,
-            a,
-            "shard.offer",
-            json!({"stream": 4, "shards": [[hex, bytes.len()]]}),
-        );
+        // The outsider's offer, ask and query are refused: it is not a member.
+        let offer = |stream: u32| json!({"stream": stream, "shards": [[hex, bytes.len()]]});
+        net.inject(y, a, "shard.offer", offer(5));
+        net.inject(y, a, "shard.ask", json!({"addrs": [hex]}));
+        net.inject(y, a, "shard.has", json!({"addrs": [hex]}));
+        let st = net.status(a);
+        assert_eq!(st["transfers"]["pulls"], 0, "{st}");
+        assert_eq!(st["members"]["not_member_refused"], 3, "{st}");
+        assert_eq!(net.rejected(a, "forbidden"), 3);
+
+        // The member offers it (on its side's stream parity); a pulls; the answer (injected
+        // as x) carries other bytes.
+        let stream = if net.key(x) > net.key(a) { 5 } else { 4 };
+        net.inject(x, a, "shard.offer", offer(stream));
         assert_eq!(net.status(a)["transfers"]["pulls"], 1);
         let wrong = Frame::Shard(Shard {
-            stream: 4,
+            stream,
             seq: 0,
             addr: *addr.as_bytes(),
             bytes: b"the wrong bytes".to_vec(),
@@ -296,7 +363,7 @@ mod replication {
         let st = net.status(a);
         assert_eq!(st["transfers"]["bad_shards"], 1, "{st}");
         assert!(!store.has(&addr).unwrap());
-        // The right bytes are refused too now: the only holder was struck off for this shard.
+        // The only holder was struck off for this shard: the pull is over.
         assert_eq!(st["transfers"]["pulls_open"], 0, "{st}");
     }
 }

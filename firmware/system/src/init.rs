@@ -776,8 +776,9 @@ pub fn appliance_file(cfg: &InitConfig) -> PathBuf {
     }
 }
 
-/// Log lines PID 1 puts in its view.
+/// Log lines PID 1 puts in its view, and the characters kept of each.
 pub const APPLIANCE_LOG_LINES: usize = 30;
+pub const APPLIANCE_LINE_CHARS: usize = 512;
 /// How often the view is refreshed (written only when it changed).
 pub const APPLIANCE_FILE_EVERY: Duration = Duration::from_secs(1);
 
@@ -790,7 +791,12 @@ pub fn appliance_view(shared: &Shared) -> serde_json::Value {
     serde_json::json!({
         "led": led,
         "led_backend": backend,
-        "log": crate::logring::tail(APPLIANCE_LOG_LINES),
+        // Each line cut to 512 characters, so the file stays well under what the page reads
+        // (64 KiB) even when every character is escaped.
+        "log": crate::logring::tail(APPLIANCE_LOG_LINES)
+            .into_iter()
+            .map(|l| l.chars().take(APPLIANCE_LINE_CHARS).collect::<String>())
+            .collect::<Vec<_>>(),
     })
 }
 

@@ -54,7 +54,12 @@ pub const ANNOUNCE_MS: u64 = 60_000;
 /// Usage is read again at most this often (ms).
 const USAGE_EVERY_MS: u64 = 10_000;
 /// Jobs waiting for the disk at most; a request that would queue more is refused or retried.
+/// Jobs a peer's message asks for (`shard.has`) may take half of it; the node's own (stores of
+/// what it pulled, deletes, scrubs) are bounded by their own sources and always queue.
 pub const MAX_JOBS_QUEUED: usize = 256;
+/// Shards one node tracks at most (each costs the planner about 1 KB): offers beyond it are
+/// refused, so a flood of tiny shards cannot exhaust memory.
+pub const MAX_HELD_SHARDS: usize = 100_000;
 
 /// How the cell is set up.
 #[derive(Debug, Clone)]
@@ -86,10 +91,14 @@ struct Stats {
     stored: u64,
     store_refused: u64,
     dropped: u64,
+    not_member: u64,
 }
 
 /// The shardTree cell.
 pub struct ShardCell {
+    me: PublicKey,
+    /// Ranks of a shard within which this node takes it (r + the planner's spare).
+    depth: usize,
     my_addr: Option<String>,
     in_tree: bool,
     epoch: u64,
@@ -142,6 +151,8 @@ impl ShardCell {
         let mut jobs = VecDeque::new();
         jobs.push_back(Job::Open(place));
         Self {
+            me,
+            depth: cfg.repair.replicas + cfg.repair.spare,
             my_addr: None,
             in_tree: false,
             // A restarted node announces a higher epoch than before (network time moves on).
@@ -177,14 +188,35 @@ impl ShardCell {
         })
     }
 
-    /// Queue a disk job within [`MAX_JOBS_QUEUED`]; false (counted) if the queue is full.
+    /// Queue a disk job a peer asked for within its share of [`MAX_JOBS_QUEUED`]; false
+    /// (counted) if there is no room.
     fn job(&mut self, job: Job) -> bool {
-        if self.jobs.len() >= MAX_JOBS_QUEUED {
+        let room = match job {
+            Job::Has { .. } => MAX_JOBS_QUEUED / 2,
+            _ => MAX_JOBS_QUEUED,
+        };
+        if self.jobs.len() >= room {
             self.stats.jobs_refused += 1;
             return false;
         }
         self.jobs.push_back(job);
         true
+    }
+
+    /// Queue the node's own disk job (a store of what it pulled, a delete, a scrub, a usage
+    /// read): never dropped; their sources bound them.
+    fn job_always(&mut self, job: Job) {
+        self.jobs.push_back(job);
+    }
+
+    /// A placement-eligible member of this shard tree (announced, past probation).
+    fn is_member(&self, key: &PublicKey) -> bool {
+        self.dir.members().contains(key)
+    }
+
+    fn not_member(&mut self) -> CellError {
+        self.stats.not_member += 1;
+        CellError::forbidden("only members of this shard tree may ask that")
     }
 
     /// Read the usage again within a second (after a store or a delete), not at once for
@@ -242,9 +274,8 @@ impl ShardCell {
                 RepairAction::Push { addr, to, .. } => pushes.entry(to).or_default().push(addr),
                 RepairAction::Fetch { addr, from } => asks.entry(from).or_default().push(addr),
                 RepairAction::Drop { addr } => {
-                    if self.job(Job::Delete(Address::from_bytes(addr))) {
-                        self.stats.dropped += 1;
-                    }
+                    self.job_always(Job::Delete(Address::from_bytes(addr)));
+                    self.stats.dropped += 1;
                 }
             }
         }
@@ -280,8 +311,8 @@ impl ShardCell {
             Done::Opened(Ok(store)) => {
                 self.store = Some(store);
                 self.store_error = None;
-                self.job(Job::Usage);
-                self.job(Job::List);
+                self.job_always(Job::Usage);
+                self.job_always(Job::List);
             }
             Done::Opened(Err(e)) => {
                 tracing::error!("shard store: {e}");
@@ -301,7 +332,7 @@ impl ShardCell {
                     tracing::warn!("scrub: shard {a} was corrupt and was removed");
                     self.planner.handle_corrupt(ms, a.as_bytes());
                 }
-                self.job(Job::Usage);
+                self.job_always(Job::Usage);
             }
             Done::Deleted(a, Ok(())) => {
                 self.planner.forget(a.as_bytes());
@@ -334,7 +365,7 @@ impl ShardCell {
                         false
                     }
                 };
-                self.transfers.written(slot, ok);
+                self.transfers.written(ms, slot, ok);
                 self.pump(ms);
             }
             Done::Served { to, want, result } => {
@@ -402,6 +433,9 @@ impl Cell for ShardCell {
         match kind {
             "shard.has" => {
                 self.store_ready()?;
+                if !self.is_member(&from) {
+                    return Err(self.not_member());
+                }
                 let addrs = wire::parse_has(body).map_err(bad)?;
                 let addrs = addrs.into_iter().map(Address::from_bytes).collect();
                 if !self.job(Job::Has { from, addrs }) {
@@ -409,6 +443,9 @@ impl Cell for ShardCell {
                 }
             }
             "shard.have" => {
+                if !self.is_member(&from) {
+                    return Err(self.not_member());
+                }
                 for (addr, has) in wire::parse_have(body).map_err(bad)? {
                     self.planner.handle_report(ms, &addr, from, has);
                 }
@@ -416,6 +453,9 @@ impl Cell for ShardCell {
             }
             "shard.offer" => {
                 self.store_ready()?;
+                if !self.is_member(&from) {
+                    return Err(self.not_member());
+                }
                 let (stream, shards) = wire::parse_offer(body).map_err(bad)?;
                 self.accept_offer(ms, from, stream, shards)?;
             }
@@ -431,6 +471,9 @@ impl Cell for ShardCell {
             }
             "shard.ask" => {
                 self.store_ready()?;
+                if !self.is_member(&from) {
+                    return Err(self.not_member());
+                }
                 let addrs = wire::parse_ask(body).map_err(bad)?;
                 self.offer(ms, from, addrs);
             }
@@ -504,11 +547,11 @@ impl Cell for ShardCell {
         if self.store.is_some() {
             if ms >= self.next_usage {
                 self.next_usage = ms + USAGE_EVERY_MS;
-                self.job(Job::Usage);
+                self.job_always(Job::Usage);
             }
             if ms >= self.next_scrub {
                 self.next_scrub = ms + SCRUB_EVERY_MS;
-                self.job(Job::Scrub);
+                self.job_always(Job::Scrub);
             }
         }
         self.run_planner(ms);
@@ -555,6 +598,7 @@ impl Cell for ShardCell {
                 "known": self.dir.known(),
                 "announcements": s.announcements,
                 "refused": s.announcements_refused,
+                "not_member_refused": s.not_member,
             },
             "repair": {
                 "held": self.planner.tracked(),

@@ -16,13 +16,22 @@
 //!   `Close unknown_stream`, for an address it did not offer `Missing`.
 //!
 //! Offers expire after [`OFFER_TIMEOUT_MS`] without `shard.stored` (the planner retries), and
-//! pulls after [`PULL_TIMEOUT_MS`] (what was stored is reported, the rest failed).
+//! pulls after [`PULL_TIMEOUT_MS`], or [`PULL_IDLE_MS`] without a stored shard (what was stored
+//! is reported, the rest failed). Every way an offer of a repair push ends without `stored`
+//! tells the planner it failed, so it tries again.
+//!
+//! Only placeable members of the shard tree may offer, ask or query (checked by the caller),
+//! and a node takes only shards it ranks within `r + spare` for, up to [`super::MAX_HELD_SHARDS`].
+//!
+//! Stream ids are chosen by the offerer, with a parity fixed per pair of keys (the smaller key
+//! uses even ids, the larger odd), so a frame's stream id says whose offer it belongs to; they
+//! start at a random value, so a restarted node does not reuse the ids of its last life.
 
 use std::collections::{HashMap, VecDeque};
 
 use borg_net::cell::{CellAction, CellError};
 use borg_proto::identity::PublicKey;
-use borg_proto::shard::placement::ShardAddr;
+use borg_proto::shard::placement::{self, ShardAddr};
 use borg_proto::stream::frame::{Close, CloseCode, Frame, Missing, Shard, Want};
 use borg_proto::stream::{Plan, Receiver, RecvConfig};
 use borg_store::{Address, StoreError};
@@ -40,6 +49,10 @@ pub const PULL_WINDOW: usize = 8;
 pub const WANT_TIMEOUT_MS: u64 = 10_000;
 /// A pull ends after this long whatever is left (ms).
 pub const PULL_TIMEOUT_MS: u64 = 5 * 60_000;
+/// A pull that stores nothing for this long ends (ms): a silent offerer cannot hold a slot.
+pub const PULL_IDLE_MS: u64 = 30_000;
+/// Times one offered shard is served per offer (a lost frame is asked again once).
+pub const SERVES_PER_SHARD: u8 = 2;
 /// An offer not answered with `shard.stored` within this is given up (ms).
 pub const OFFER_TIMEOUT_MS: u64 = 5 * 60_000;
 /// Offers of ours waiting for their pull, at most (to one peer: a quarter).
@@ -51,8 +64,12 @@ pub const MAX_SERVING: usize = 4;
 
 struct OfferOut {
     addrs: Vec<ShardAddr>,
+    /// Times each of `addrs` was served (parallel to it).
+    served: Vec<u8>,
     deadline: u64,
     queued: usize,
+    /// Still waiting for the store to say which shards it holds (the slot is taken).
+    looking_up: bool,
 }
 
 struct Pull {
@@ -62,6 +79,8 @@ struct Pull {
     /// Shards offered that we held already: reported stored.
     had: Vec<ShardAddr>,
     deadline: u64,
+    /// When a shard of this pull was last stored (or it started).
+    last_progress: u64,
 }
 
 /// Counters.
@@ -77,6 +96,8 @@ struct Counts {
     shards_out: u64,
     missing_out: u64,
     closes_out: u64,
+    wants_dropped: u64,
+    offers_refused: u64,
 }
 
 /// The transfer state of one node.
@@ -92,7 +113,7 @@ pub(super) struct Transfers {
 impl Transfers {
     pub(super) fn new() -> Self {
         Self {
-            next_stream: 0,
+            next_stream: rand::random::<u32>(),
             offers: HashMap::new(),
             pulls: HashMap::new(),
             serve_q: VecDeque::new(),
@@ -113,6 +134,11 @@ impl Transfers {
         let Some(offer) = self.offers.remove(&(from, stream)) else {
             return Vec::new();
         };
+        if offer.looking_up {
+            // An answer before the offer was sent is forged or stale; keep the slot's fate.
+            self.offers.insert((from, stream), offer);
+            return Vec::new();
+        }
         offer
             .addrs
             .into_iter()
@@ -158,9 +184,10 @@ impl Transfers {
     }
 
     /// A Store job finished for `slot`.
-    pub(super) fn written(&mut self, slot: PullSlot, ok: bool) {
+    pub(super) fn written(&mut self, now: u64, slot: PullSlot, ok: bool) {
         let (from, stream, index) = slot;
         if let Some(p) = self.pulls.get_mut(&(from, stream)) {
+            p.last_progress = now;
             let addr = p.rx.plan().shards().get(index).map(|s| s.addr);
             // Marked written either way: a refused write (store full) is a failed shard,
             // never one requested again.
@@ -180,7 +207,13 @@ impl Transfers {
         let pulls = self
             .pulls
             .values()
-            .flat_map(|p| [Some(p.deadline), p.rx.poll_timeout()])
+            .flat_map(|p| {
+                [
+                    Some(p.deadline),
+                    Some(p.last_progress + PULL_IDLE_MS),
+                    p.rx.poll_timeout(),
+                ]
+            })
             .flatten();
         offers.chain(pulls).min()
     }
@@ -201,6 +234,8 @@ impl Transfers {
             "shards_out": c.shards_out,
             "missing_out": c.missing_out,
             "closes_out": c.closes_out,
+            "wants_dropped": c.wants_dropped,
+            "offers_refused": c.offers_refused,
         })
     }
 
@@ -230,19 +265,58 @@ fn close(to: PublicKey, stream: u32, code: CloseCode) -> CellAction {
 }
 
 impl ShardCell {
-    /// Offer `addrs` to `to` (their lengths come from the store first).
-    pub(super) fn offer(&mut self, _now: u64, to: PublicKey, addrs: Vec<ShardAddr>) {
+    /// Offer `addrs` to `to` (their lengths come from the store first). The slot is taken
+    /// now, so lookups still queued count against the bounds.
+    pub(super) fn offer(&mut self, now: u64, to: PublicKey, addrs: Vec<ShardAddr>) {
         let t = &mut self.transfers;
         let to_peer = t.offers.keys().filter(|(k, _)| *k == to).count();
         if t.offers.len() >= MAX_OFFERS || to_peer >= MAX_OFFERS / 4 {
-            // The planner asks again after its retry time.
-            return;
+            t.counts.offers_refused += 1;
+            return self.offer_failed(now, to, &addrs);
         }
-        // Even ids: streams are named by the offerer, so (offerer, id) is unique.
-        t.next_stream = t.next_stream.wrapping_add(2);
-        let stream = t.next_stream;
-        let addrs = addrs.into_iter().map(Address::from_bytes).collect();
-        self.job(Job::Offer { to, stream, addrs });
+        let stream = self.next_stream_to(&to);
+        let jobs = addrs.iter().copied().map(Address::from_bytes).collect();
+        if !self.job(Job::Offer {
+            to,
+            stream,
+            addrs: jobs,
+        }) {
+            return self.offer_failed(now, to, &addrs);
+        }
+        self.transfers.offers.insert(
+            (to, stream),
+            OfferOut {
+                served: vec![0; addrs.len()],
+                addrs,
+                deadline: now + OFFER_TIMEOUT_MS,
+                queued: 0,
+                looking_up: true,
+            },
+        );
+    }
+
+    /// The next stream id for an offer to `to`: the parity of our side of the pair.
+    fn next_stream_to(&mut self, to: &PublicKey) -> u32 {
+        let parity = u32::from(self.me > *to);
+        let t = &mut self.transfers;
+        t.next_stream = t.next_stream.wrapping_add(1);
+        if t.next_stream & 1 != parity {
+            t.next_stream = t.next_stream.wrapping_add(1);
+        }
+        t.next_stream
+    }
+
+    /// Whether `stream` from `peer` names one of our offers (else one of theirs).
+    fn is_ours(&self, peer: &PublicKey, stream: u32) -> bool {
+        stream & 1 == u32::from(self.me > *peer)
+    }
+
+    /// An offer of `addrs` to `to` ended without `shard.stored`: a repair push failed, and
+    /// the planner tries again after its retry time.
+    fn offer_failed(&mut self, now: u64, to: PublicKey, addrs: &[ShardAddr]) {
+        for a in addrs {
+            self.planner.handle_push_done(now, a, to, false);
+        }
     }
 
     /// The store said which offered shards it holds and their lengths: send the offer.
@@ -253,12 +327,17 @@ impl ShardCell {
         stream: u32,
         found: Result<Vec<(Address, Option<u64>)>, StoreError>,
     ) {
-        let Ok(found) = found else {
+        let Some(slot) = self.transfers.offers.remove(&(to, stream)) else {
             return;
+        };
+        let Ok(found) = found else {
+            return self.offer_failed(now, to, &slot.addrs);
         };
         let (held, absent): (Vec<_>, Vec<_>) = found.into_iter().partition(|(_, l)| l.is_some());
         if !absent.is_empty() {
-            let answers: Vec<_> = absent.iter().map(|(a, _)| (*a.as_bytes(), false)).collect();
+            let gone: Vec<ShardAddr> = absent.iter().map(|(a, _)| *a.as_bytes()).collect();
+            self.offer_failed(now, to, &gone);
+            let answers: Vec<_> = gone.iter().map(|a| (*a, false)).collect();
             self.send(&to, "shard.have", wire::have_body(&answers));
         }
         if held.is_empty() {
@@ -272,8 +351,10 @@ impl ShardCell {
             (to, stream),
             OfferOut {
                 addrs: shards.iter().map(|(a, _)| *a).collect(),
+                served: vec![0; shards.len()],
                 deadline: now + OFFER_TIMEOUT_MS,
                 queued: 0,
+                looking_up: false,
             },
         );
         self.transfers.counts.offers_sent += 1;
@@ -288,9 +369,13 @@ impl ShardCell {
         stream: u32,
         shards: Vec<(ShardAddr, u32)>,
     ) -> Result<(), CellError> {
+        let full = self.planner.tracked() >= super::MAX_HELD_SHARDS;
+        let theirs = !self.is_ours(&from, stream);
         let t = &mut self.transfers;
         let from_peer = t.pulls.keys().filter(|(k, _)| *k == from).count();
-        if t.pulls.contains_key(&(from, stream))
+        if !theirs
+            || full
+            || t.pulls.contains_key(&(from, stream))
             || t.pulls.len() >= MAX_PULLS
             || from_peer >= MAX_PULLS_PER_PEER
         {
@@ -299,11 +384,20 @@ impl ShardCell {
             self.send(&from, "shard.stored", wire::stored_body(stream, &[], &all));
             return Ok(());
         }
+        // Only shards this node ranks within r + spare for: nobody can make it keep others.
+        let (mine, not_mine): (Vec<_>, Vec<_>) = shards.into_iter().partition(|(a, _)| {
+            placement::rank_of(a, self.dir.members(), &self.me).is_some_and(|r| r < self.depth)
+        });
+        let not_mine: Vec<ShardAddr> = not_mine.into_iter().map(|(a, _)| a).collect();
         let (had, want): (Vec<_>, Vec<_>) =
-            shards.into_iter().partition(|(a, _)| self.planner.holds(a));
+            mine.into_iter().partition(|(a, _)| self.planner.holds(a));
         let had: Vec<ShardAddr> = had.into_iter().map(|(a, _)| a).collect();
         if want.is_empty() {
-            self.send(&from, "shard.stored", wire::stored_body(stream, &had, &[]));
+            self.send(
+                &from,
+                "shard.stored",
+                wire::stored_body(stream, &had, &not_mine),
+            );
             return Ok(());
         }
         let n = want.len();
@@ -323,9 +417,10 @@ impl ShardCell {
             Pull {
                 rx,
                 stored: Vec::new(),
-                failed: Vec::new(),
+                failed: not_mine,
                 had,
                 deadline: now + PULL_TIMEOUT_MS,
+                last_progress: now,
             },
         );
         self.drive_pull(now, (from, stream));
@@ -344,8 +439,11 @@ impl ShardCell {
             });
         }
         let idle = p.rx.in_flight() == 0 && p.rx.writing() == 0;
-        let over = p.rx.is_done() || p.rx.failed().is_some() || now >= p.deadline;
-        if !(idle && over) && now < p.deadline {
+        let over = p.rx.is_done() || p.rx.failed().is_some();
+        let stalled = now >= p.deadline || now >= p.last_progress + PULL_IDLE_MS;
+        let finished = idle && over;
+        let given_up = stalled && p.rx.writing() == 0;
+        if !(finished || given_up) {
             return;
         }
         if let Some(p) = self.transfers.pulls.remove(&key) {
@@ -367,17 +465,7 @@ impl ShardCell {
 
     /// Serve queued Wants within the read bound.
     pub(super) fn pump(&mut self, now: u64) {
-        while self.transfers.serving < MAX_SERVING {
-            let Some((to, want)) = self.transfers.serve_q.pop_front() else {
-                break;
-            };
-            if self.job(Job::Serve { to, want }) {
-                self.transfers.serving += 1;
-            } else {
-                self.transfers.serve_q.push_front((to, want));
-                break;
-            }
-        }
+        self.pump_serving();
         let keys: Vec<(PublicKey, u32)> = self.transfers.pulls.keys().copied().collect();
         for k in keys {
             self.drive_pull(now, k);
@@ -393,7 +481,7 @@ impl ShardCell {
     ) -> Result<(), CellError> {
         let frame = Frame::decode(bytes).map_err(|e| CellError::malformed(e.to_string()))?;
         match frame {
-            Frame::Want(want) => self.on_want(from, want),
+            Frame::Want(want) => self.on_want(now, from, want),
             Frame::Shard(shard) => {
                 let key = (from, shard.stream);
                 let Some(p) = self.transfers.pulls.get_mut(&key) else {
@@ -405,14 +493,12 @@ impl ShardCell {
                         self.transfers.counts.shards_in += 1;
                         let addr = p.rx.plan().shards()[w.index].addr;
                         let slot = (from, key.1, w.index);
-                        let job = Job::Store {
+                        // Bounded by the pulls' windows (MAX_PULLS x PULL_WINDOW).
+                        self.job_always(Job::Store {
                             slot,
                             addr: Address::from_bytes(addr),
                             bytes: w.bytes,
-                        };
-                        if !self.job(job) {
-                            self.transfers.written(slot, false);
-                        }
+                        });
                     }
                     Ok(None) => self.transfers.counts.unsolicited += 1,
                     Err(e) => {
@@ -429,28 +515,37 @@ impl ShardCell {
                 self.drive_pull(now, (from, m.stream));
             }
             Frame::Close(c) => {
-                if let Some(p) = self.transfers.pulls.get_mut(&(from, c.stream)) {
-                    p.rx.handle_close(&from, c);
-                    self.drive_pull(now, (from, c.stream));
-                } else if self.transfers.offers.remove(&(from, c.stream)).is_some() {
+                if !self.is_ours(&from, c.stream) {
+                    if let Some(p) = self.transfers.pulls.get_mut(&(from, c.stream)) {
+                        p.rx.handle_close(&from, c);
+                        self.drive_pull(now, (from, c.stream));
+                    }
+                } else if let Some(o) = self.transfers.offers.remove(&(from, c.stream)) {
                     self.transfers
                         .serve_q
                         .retain(|(k, w)| !(*k == from && w.stream == c.stream));
+                    self.offer_failed(now, from, &o.addrs);
                 }
             }
         }
         Ok(())
     }
 
-    fn on_want(&mut self, from: PublicKey, want: Want) {
+    fn on_want(&mut self, now: u64, from: PublicKey, want: Want) {
         let t = &mut self.transfers;
-        let Some(offer) = t.offers.get_mut(&(from, want.stream)) else {
+        let offer = t
+            .offers
+            .get_mut(&(from, want.stream))
+            .filter(|o| !o.looking_up);
+        let Some(offer) = offer else {
             t.counts.closes_out += 1;
             self.out
                 .push_back(close(from, want.stream, CloseCode::UnknownStream));
             return;
         };
-        if !offer.addrs.contains(&want.addr) {
+        let index = offer.addrs.iter().position(|a| *a == want.addr);
+        let Some(index) = index.filter(|&i| offer.served[i] < SERVES_PER_SHARD) else {
+            // Not offered, or asked for too often: no more reads of it on this offer.
             t.counts.missing_out += 1;
             self.out.push_back(CellAction::SendBinary {
                 to: from,
@@ -462,22 +557,28 @@ impl ShardCell {
                 .encode(),
             });
             return;
-        }
-        if offer.queued >= MAX_WANTS_PER_STREAM || t.serve_q.len() >= MAX_SERVE_QUEUE {
+        };
+        if offer.queued >= MAX_WANTS_PER_STREAM {
+            // More than the window it was offered: a misbehaving puller.
+            let addrs = offer.addrs.clone();
             t.offers.remove(&(from, want.stream));
             t.serve_q
                 .retain(|(k, w)| !(*k == from && w.stream == want.stream));
             t.counts.closes_out += 1;
             self.out
                 .push_back(close(from, want.stream, CloseCode::Busy));
+            return self.offer_failed(now, from, &addrs);
+        }
+        let from_peer = t.serve_q.iter().filter(|(k, _)| *k == from).count();
+        if t.serve_q.len() >= MAX_SERVE_QUEUE || from_peer >= MAX_SERVE_QUEUE / 4 {
+            // Busy now: the puller asks again after its timeout.
+            t.counts.wants_dropped += 1;
             return;
         }
+        offer.served[index] += 1;
         offer.queued += 1;
         t.serve_q.push_back((from, want));
-        // Reads start from pump() (called after every event that frees a slot).
-        if t.serving < MAX_SERVING {
-            self.pump_serving();
-        }
+        self.pump_serving();
     }
 
     fn pump_serving(&mut self) {

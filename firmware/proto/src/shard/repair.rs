@@ -330,6 +330,14 @@ impl RepairPlanner {
         let Some(h) = self.held.get_mut(addr) else {
             return;
         };
+        // Only answers from nodes this shard's ranking or our own questions name: a report
+        // from anyone else would grow `reports` without bound and is ignored.
+        let relevant = h.ranks.iter().any(|x| x.key == from)
+            || h.queried.iter().any(|(k, _)| *k == from)
+            || h.pushing.contains(&from);
+        if !relevant {
+            return;
+        }
         h.set_report(from, has, now_ms);
         if has {
             h.pushing.retain(|k| *k != from);

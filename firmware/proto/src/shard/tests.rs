@@ -245,3 +245,26 @@ proptest! {
         }
     }
 }
+
+/// Reports from keys the shard's ranking does not name and we never asked are ignored: a
+/// stranger cannot grow the planner's memory or steer it with "has" answers.
+#[test]
+fn reports_from_strangers_are_ignored() {
+    let (m, a, rk) = setup();
+    let mut p = RepairPlanner::new(rk[0], cfg(), m).expect("cfg");
+    p.hold_settled(a, 1000);
+    p.handle_hint(1_000, &a);
+    let acts = p.poll_actions(1_000);
+    assert_eq!(queries(&acts), vec![rk[1], rk[2]]);
+    // 500 fresh keys each say they lack it: nothing changes, no push to any of them.
+    for stranger in keys(99, 500) {
+        p.handle_report(1_010, &a, stranger, false);
+    }
+    p.handle_report(1_050, &a, rk[1], true);
+    p.handle_report(1_060, &a, rk[2], true);
+    let acts = p.poll_actions(1_060);
+    assert!(
+        acts.iter().all(|x| !matches!(x, RepairAction::Push { .. })),
+        "{acts:?}"
+    );
+}
