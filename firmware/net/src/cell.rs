@@ -145,6 +145,13 @@ impl CellError {
             message: message.into(),
         }
     }
+    pub fn unknown_kind(message: impl Into<String>) -> Self {
+        Self {
+            status: 400,
+            code: "unknown_kind",
+            message: message.into(),
+        }
+    }
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self {
             status: 403,
@@ -201,11 +208,7 @@ pub trait Cell: Send + 'static {
         _from: PublicKey,
         _bytes: &[u8],
     ) -> Result<(), CellError> {
-        Err(CellError {
-            status: 400,
-            code: "unknown_kind",
-            message: "this cell takes no binary frames".into(),
-        })
+        Err(CellError::unknown_kind("this cell takes no binary frames"))
     }
     /// A verified receptor request of one of [`Cell::receptor_kinds`].
     fn handle_request(
@@ -215,11 +218,9 @@ pub trait Cell: Send + 'static {
         kind: &str,
         _body: &Value,
     ) -> Result<Value, CellError> {
-        Err(CellError {
-            status: 400,
-            code: "unknown_kind",
-            message: format!("this cell does not answer {kind:?}"),
-        })
+        Err(CellError::unknown_kind(format!(
+            "this cell does not answer {kind:?}"
+        )))
     }
     /// The next blocking job to run off the actor (see [`Work`]); asked only while fewer than
     /// [`MAX_WORK_IN_FLIGHT`] of this cell's jobs run.

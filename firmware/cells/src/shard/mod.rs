@@ -478,11 +478,9 @@ impl Cell for ShardCell {
                 self.offer(ms, from, addrs);
             }
             other => {
-                return Err(CellError {
-                    status: 400,
-                    code: "unknown_kind",
-                    message: format!("shardTree does not take {other:?}"),
-                })
+                return Err(CellError::unknown_kind(format!(
+                    "shardTree does not take {other:?}"
+                )))
             }
         }
         Ok(())
@@ -513,11 +511,9 @@ impl Cell for ShardCell {
                     "members": self.dir.members().len(), "held": self.planner.tracked(),
                 }))
             }
-            _ => Err(CellError {
-                status: 400,
-                code: "unknown_kind",
-                message: format!("shardTree answers shard.stat, not {kind:?}"),
-            }),
+            _ => Err(CellError::unknown_kind(format!(
+                "shardTree answers shard.stat, not {kind:?}"
+            ))),
         }
     }
 
