@@ -178,6 +178,8 @@ pub struct Net {
     pub max_children: u64,
     pub dir: tempfile::TempDir,
     pub nodes: BTreeMap<usize, NodeProc>,
+    /// Environment given to every node process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Net {
@@ -189,6 +191,7 @@ impl Net {
             max_children,
             dir: tempfile::tempdir().unwrap(),
             nodes: BTreeMap::new(),
+            env: Vec::new(),
         }
     }
 
@@ -229,6 +232,9 @@ impl Net {
         cmd.stdout(Stdio::null())
             .stderr(logf)
             .env("BORG_LOG", "info");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
         let child = cmd.spawn().unwrap();
         self.nodes.insert(
             i,

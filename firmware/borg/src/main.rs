@@ -8,6 +8,8 @@ mod bench_relay;
 mod bench_time;
 mod bench_tree;
 mod cli;
+mod files_cli;
+mod files_get;
 mod release;
 mod userkey;
 
@@ -43,6 +45,18 @@ enum Command {
     Tree(cli::TreeArgs),
     /// Send a signed broadcast from a node to the whole tree.
     Broadcast(cli::BroadcastArgs),
+    /// Store a file on the network: encrypted here, one 256 KiB chunk at a time, its shards
+    /// sent to a node's shardTree and a manifest signed by your key to its ftreeFileMgr.
+    /// Prints the file id.
+    Put(files_cli::PutArgs),
+    /// Fetch a file by id, check and decrypt every chunk, and write it to -o OUT; an
+    /// interrupted download resumes when the same command is run again.
+    Get(files_get::GetArgs),
+    /// List the files stored under your key: id, size, created time, shards, name.
+    Ls(files_cli::LsArgs),
+    /// Delete one of your files by id (a delete signed by your key); fails if the node knows
+    /// no such file of yours.
+    Rm(files_cli::RmArgs),
     /// Maintainers: keys, trust roots, release manifests and approvals (docs/OTA.md).
     #[command(subcommand)]
     Release(release::ReleaseCommand),
@@ -99,6 +113,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status(args) => cli::status(args),
         Command::Tree(args) => cli::tree(args),
         Command::Broadcast(args) => cli::broadcast(args),
+        Command::Put(args) => files_cli::put(args),
+        Command::Get(args) => files_get::get(args),
+        Command::Ls(args) => files_cli::ls(args),
+        Command::Rm(args) => files_cli::rm(args),
         Command::Release(cmd) => release::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Init(args) => appliance::run_init(args),

@@ -17,6 +17,7 @@ use borg_net::node::{self, BaseFollow, CellRouter, NodeConfig, NodeError, NodeHa
 use borg_proto::dna::{self, CellDna};
 
 pub mod crono;
+pub mod ftree;
 pub mod shard;
 
 /// One cell type: its DNA and how to make its behaviour.
@@ -40,6 +41,14 @@ pub const REGISTRY: &[CellType] = &[
     CellType {
         dna: dna::CRONO_TREE,
         make: crono::CronoCell::boxed,
+    },
+    CellType {
+        dna: dna::SHARD_TREE,
+        make: shard::ShardCell::boxed,
+    },
+    CellType {
+        dna: dna::FTREE_FILE_MGR,
+        make: ftree::FtreeCell::boxed,
     },
 ];
 

@@ -122,6 +122,7 @@ mod replication {
                 ..RepairConfig::default()
             },
             announce_ms: 10_000,
+            first_scrub_ms: borg_cells::shard::FIRST_SCRUB_MS,
         }
     }
 

@@ -44,6 +44,7 @@ fn shard(init: CellInit) -> Box<dyn Cell> {
             ..RepairConfig::default()
         },
         announce_ms: 1_000,
+        first_scrub_ms: borg_cells::shard::FIRST_SCRUB_MS,
     };
     let place = Place::File {
         path: dir.join("shards.redb"),

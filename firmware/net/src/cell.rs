@@ -67,7 +67,21 @@ pub enum CellAction {
     /// at their bound, it is dropped and counted (`borg_dropped_outbound_total`); the cell's
     /// own protocol asks again.
     SendBinary { to: PublicKey, bytes: Vec<u8> },
+    /// The answer to a receptor request the cell deferred ([`Cell::handle_request_later`]
+    /// returned `Ok(None)`). A ticket the runtime no longer waits for (answered, or past
+    /// [`REPLY_DEADLINE_MS`]) is ignored.
+    Reply {
+        ticket: u64,
+        result: Result<Value, CellError>,
+    },
 }
+
+/// A deferred receptor request is answered within this long (ms), or the client gets
+/// `timeout` (504); under the receptor's 30 s limit on a whole connection.
+pub const REPLY_DEADLINE_MS: u64 = 25_000;
+/// Deferred receptor requests one cell may hold at once; beyond it the receptor answers
+/// `unavailable` without asking the cell.
+pub const MAX_DEFERRED_REPLIES: usize = 256;
 
 /// Blocking work a cell hands to the runtime, e.g. a store's durable write (an fsync takes
 /// milliseconds, and the actor must never wait on a disk). The runtime runs it on a blocking
@@ -221,6 +235,19 @@ pub trait Cell: Send + 'static {
         Err(CellError::unknown_kind(format!(
             "this cell does not answer {kind:?}"
         )))
+    }
+    /// A receptor request that the cell may answer later (it needs the network or the disk):
+    /// `Ok(None)` means the cell will push [`CellAction::Reply`] with `ticket` (within
+    /// [`REPLY_DEADLINE_MS`]). The default answers at once through [`Cell::handle_request`].
+    fn handle_request_later(
+        &mut self,
+        now: CellTime,
+        from: &PublicKey,
+        kind: &str,
+        body: &Value,
+        _ticket: u64,
+    ) -> Result<Option<Value>, CellError> {
+        self.handle_request(now, from, kind, body).map(Some)
     }
     /// The next blocking job to run off the actor (see [`Work`]); asked only while fewer than
     /// [`MAX_WORK_IN_FLIGHT`] of this cell's jobs run.

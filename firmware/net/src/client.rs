@@ -90,7 +90,15 @@ async fn within_timeout<T>(
     addr: SocketAddr,
     fut: impl std::future::Future<Output = Result<T, ClientError>>,
 ) -> Result<T, ClientError> {
-    tokio::time::timeout(TIMEOUT, fut)
+    within(TIMEOUT, addr, fut).await
+}
+
+async fn within<T>(
+    limit: Duration,
+    addr: SocketAddr,
+    fut: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    tokio::time::timeout(limit, fut)
         .await
         .map_err(|_| ClientError::Timeout { addr })?
 }
@@ -124,7 +132,17 @@ pub async fn receptor_post(
     addr: SocketAddr,
     envelope: Vec<u8>,
 ) -> Result<(u16, Vec<u8>), ClientError> {
-    let (status, body) = within_timeout(addr, async {
+    receptor_post_within(addr, envelope, TIMEOUT).await
+}
+
+/// [`receptor_post`] waiting up to `limit` for the whole exchange: requests a cell answers
+/// later (a shard fetched from its holders) take longer than the default 5 s.
+pub async fn receptor_post_within(
+    addr: SocketAddr,
+    envelope: Vec<u8>,
+    limit: Duration,
+) -> Result<(u16, Vec<u8>), ClientError> {
+    let (status, body) = within(limit, addr, async {
         let config = cli_client_config(None).map_err(|e| ClientError::Connect {
             addr,
             reason: e.to_string(),

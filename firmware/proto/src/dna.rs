@@ -47,6 +47,10 @@ pub const CELLS: &[CellDna] = &[
 pub const PEER_TREE_NET: CellDna = CELLS[0];
 /// Network time.
 pub const CRONO_TREE: CellDna = CELLS[3];
+/// Shard storage.
+pub const SHARD_TREE: CellDna = CELLS[1];
+/// File manifests by owner.
+pub const FTREE_FILE_MGR: CellDna = CELLS[2];
 
 /// Look a cell type up by name (exact, case-sensitive as in the DNA).
 pub fn cell(name: &str) -> Option<&'static CellDna> {

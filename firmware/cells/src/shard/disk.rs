@@ -51,6 +51,14 @@ pub enum Job {
     Delete(Address),
     Usage,
     Scrub,
+    /// Store a shard a client gave (`shard.put`), answering receptor request `ticket`.
+    Put {
+        ticket: u64,
+        addr: Address,
+        bytes: Vec<u8>,
+    },
+    /// Read a shard for clients (`shard.get`).
+    Read(Address),
 }
 
 /// What a job gave.
@@ -80,6 +88,13 @@ pub enum Done {
     Deleted(Address, Result<(), StoreError>),
     Usage(Result<Usage, StoreError>),
     Scrubbed(Result<ScrubReport, StoreError>),
+    Put {
+        ticket: u64,
+        addr: Address,
+        len: u64,
+        result: Result<(), StoreError>,
+    },
+    Read(Address, Result<Option<Vec<u8>>, StoreError>),
 }
 
 impl Job {
@@ -144,6 +159,17 @@ impl Job {
             Job::Delete(a) => Done::Deleted(a, need().and_then(|s| s.delete(&a))),
             Job::Usage => Done::Usage(need().and_then(|s| s.usage())),
             Job::Scrub => Done::Scrubbed(need().and_then(|s| s.scrub())),
+            Job::Put {
+                ticket,
+                addr,
+                bytes,
+            } => Done::Put {
+                ticket,
+                addr,
+                len: bytes.len() as u64,
+                result: need().and_then(|s| s.put_at(&addr, &bytes)),
+            },
+            Job::Read(a) => Done::Read(a, need().and_then(|s| s.get(&a))),
         }
     }
 }

@@ -23,6 +23,7 @@
 //!
 //! Envelope bodies and their bounds: [`wire`].
 
+mod client;
 pub mod disk;
 mod transfer;
 pub mod wire;
@@ -45,6 +46,9 @@ use transfer::Transfers;
 pub const DEFAULT_BUDGET: u64 = 1 << 30;
 /// The environment variable that sets the budget, in MiB.
 pub const BUDGET_ENV: &str = "BORG_SHARD_BUDGET_MB";
+/// Set to `1`, this environment variable gives a local demo or test network timings of
+/// seconds instead of minutes ([`ShardConfig::quick`]).
+pub const QUICK_ENV: &str = "BORG_SHARD_QUICK";
 /// The first scrub this long after start (ms), then every [`SCRUB_EVERY_MS`].
 pub const FIRST_SCRUB_MS: u64 = 10 * 60 * 1000;
 pub const SCRUB_EVERY_MS: u64 = 24 * 60 * 60 * 1000;
@@ -67,6 +71,42 @@ pub struct ShardConfig {
     pub dir: DirConfig,
     pub repair: RepairConfig,
     pub announce_ms: u64,
+    /// The first scrub this long after start (ms), then every [`SCRUB_EVERY_MS`].
+    pub first_scrub_ms: u64,
+}
+
+impl ShardConfig {
+    /// Timings for a demo or test network on one machine: members placeable after 1 s, new
+    /// shards checked after 1 s, surplus copies dropped after 5 s, pushes at 64 MiB/s.
+    pub fn quick() -> Self {
+        Self {
+            dir: DirConfig {
+                ttl_ms: 8_000,
+                probation_ms: 1_000,
+                ..DirConfig::default()
+            },
+            repair: RepairConfig {
+                new_check_ms: 1_000,
+                recheck_ms: 3_000,
+                query_retry_ms: 1_000,
+                report_ttl_ms: 4_000,
+                drop_grace_ms: 5_000,
+                push_bytes_per_s: 64 << 20,
+                ..RepairConfig::default()
+            },
+            announce_ms: 2_000,
+            first_scrub_ms: 5_000,
+        }
+    }
+
+    /// [`ShardConfig::quick`] if [`QUICK_ENV`] is `1`, else the default.
+    pub fn from_env() -> Self {
+        if std::env::var(QUICK_ENV).is_ok_and(|v| v.trim() == "1") {
+            Self::quick()
+        } else {
+            Self::default()
+        }
+    }
 }
 
 impl Default for ShardConfig {
@@ -75,6 +115,7 @@ impl Default for ShardConfig {
             dir: DirConfig::default(),
             repair: RepairConfig::default(),
             announce_ms: ANNOUNCE_MS,
+            first_scrub_ms: FIRST_SCRUB_MS,
         }
     }
 }
@@ -99,6 +140,8 @@ pub struct ShardCell {
     me: PublicKey,
     /// Ranks of a shard within which this node takes it (r + the planner's spare).
     depth: usize,
+    /// Copies kept of every shard (`r`).
+    replicas: usize,
     my_addr: Option<String>,
     in_tree: bool,
     epoch: u64,
@@ -115,6 +158,7 @@ pub struct ShardCell {
     dir_version: u64,
     planner: RepairPlanner,
     transfers: Transfers,
+    clients: client::Clients,
     stats: Stats,
 }
 
@@ -131,7 +175,7 @@ impl ShardCell {
             },
             None => Place::Memory { budget },
         };
-        Self::with(init, place, ShardConfig::default())
+        Self::with(init, place, ShardConfig::from_env())
     }
 
     pub fn boxed(init: CellInit) -> Box<dyn Cell> {
@@ -153,6 +197,7 @@ impl ShardCell {
         Self {
             me,
             depth: cfg.repair.replicas + cfg.repair.spare,
+            replicas: cfg.repair.replicas,
             my_addr: None,
             in_tree: false,
             // A restarted node announces a higher epoch than before (network time moves on).
@@ -163,13 +208,14 @@ impl ShardCell {
             out: VecDeque::new(),
             usage: None,
             next_usage: now,
-            next_scrub: now + FIRST_SCRUB_MS,
+            next_scrub: now + cfg.first_scrub_ms,
             next_announce: now,
             announce_ms: cfg.announce_ms.max(1000),
             dir,
             dir_version: 0,
             planner,
             transfers: Transfers::new(),
+            clients: client::Clients::default(),
             stats: Stats::default(),
         }
     }
@@ -357,6 +403,7 @@ impl ShardCell {
                         self.stats.stored += 1;
                         self.planner.hold(ms, *addr.as_bytes(), len);
                         self.usage_soon(ms);
+                        self.client_shard_arrived(&addr);
                         true
                     }
                     Err(e) => {
@@ -369,10 +416,20 @@ impl ShardCell {
                 self.pump(ms);
             }
             Done::Served { to, want, result } => {
+                if let Err(StoreError::Corrupt { addr }) = &result {
+                    self.found_corrupt(ms, addr);
+                }
                 self.transfers
                     .served(to, want, result.ok().flatten(), &mut self.out);
                 self.pump(ms);
             }
+            Done::Put {
+                ticket,
+                addr,
+                len,
+                result,
+            } => self.client_put_done(ms, ticket, addr, len, result),
+            Done::Read(addr, result) => self.client_read_done(ms, addr, result),
             Done::Listed(Err(e))
             | Done::Usage(Err(e))
             | Done::Scrubbed(Err(e))
@@ -382,6 +439,16 @@ impl ShardCell {
                 log_store_error(&e);
             }
         }
+    }
+}
+
+impl ShardCell {
+    /// A read found our copy of `addr` corrupt (the store removed it): fetch it again.
+    fn found_corrupt(&mut self, now: u64, addr: &Address) {
+        tracing::warn!("shard {addr} was corrupt on disk and was removed; fetching it again");
+        self.stats.corrupt_found += 1;
+        self.planner.handle_corrupt(now, addr.as_bytes());
+        self.usage_soon(now);
     }
 }
 
@@ -395,7 +462,7 @@ impl Cell for ShardCell {
     }
 
     fn receptor_kinds(&self) -> &'static [&'static str] {
-        &["shard.stat"]
+        &["shard.stat", "shard.put", "shard.get"]
     }
 
     fn handle_tree(&mut self, now: CellTime, view: &TreeView) {
@@ -512,8 +579,22 @@ impl Cell for ShardCell {
                 }))
             }
             _ => Err(CellError::unknown_kind(format!(
-                "shardTree answers shard.stat, not {kind:?}"
+                "shardTree answers shard.stat, shard.put and shard.get, not {kind:?}"
             ))),
+        }
+    }
+
+    fn handle_request_later(
+        &mut self,
+        now: CellTime,
+        from: &PublicKey,
+        kind: &str,
+        body: &Value,
+        ticket: u64,
+    ) -> Result<Option<Value>, CellError> {
+        match kind {
+            "shard.put" | "shard.get" => self.client_request(now.mono_ms, kind, body, ticket),
+            _ => self.handle_request(now, from, kind, body).map(Some),
         }
     }
 
@@ -540,6 +621,7 @@ impl Cell for ShardCell {
             self.dir.handle_timeout(ms);
         }
         self.transfers_timeout(ms);
+        self.clients_timeout(ms);
         if self.store.is_some() {
             if ms >= self.next_usage {
                 self.next_usage = ms + USAGE_EVERY_MS;
@@ -559,6 +641,7 @@ impl Cell for ShardCell {
             self.dir.poll_timeout(),
             self.planner.poll_timeout(),
             self.transfers.poll_timeout(),
+            self.clients.poll_timeout(),
         ]
         .into_iter()
         .flatten()
@@ -607,6 +690,7 @@ impl Cell for ShardCell {
                 "store_refused": s.store_refused,
             },
             "transfers": self.transfers.status(),
+            "clients": self.clients.status(),
         })
     }
 

@@ -43,6 +43,10 @@ use super::{wire, ShardCell};
 /// Pulls running at once, in all and from one offerer.
 pub const MAX_PULLS: usize = 4;
 pub const MAX_PULLS_PER_PEER: usize = 2;
+/// Pulls of shards a client here waits for (answers to our `shard.ask`), counted apart from
+/// the planner's so that repairs and gets do not starve each other: in all and per holder.
+pub const MAX_CLIENT_PULLS: usize = 8;
+pub const MAX_CLIENT_PULLS_PER_PEER: usize = 4;
 /// Shards of one pull requested or waiting for the disk at once.
 pub const PULL_WINDOW: usize = 8;
 /// A request unanswered this long is asked again (ms).
@@ -81,6 +85,8 @@ struct Pull {
     deadline: u64,
     /// When a shard of this pull was last stored (or it started).
     last_progress: u64,
+    /// Pulled for clients waiting here (counted against [`MAX_CLIENT_PULLS`]).
+    for_client: bool,
 }
 
 /// Counters.
@@ -371,13 +377,30 @@ impl ShardCell {
     ) -> Result<(), CellError> {
         let full = self.planner.tracked() >= super::MAX_HELD_SHARDS;
         let theirs = !self.is_ours(&from, stream);
+        let for_client = !shards.is_empty() && shards.iter().all(|(a, _)| self.clients.wants(a));
+        if for_client {
+            for (a, _) in &shards {
+                self.clients.offered(a, from);
+            }
+        }
+        let (max, max_per_peer) = if for_client {
+            (MAX_CLIENT_PULLS, MAX_CLIENT_PULLS_PER_PEER)
+        } else {
+            (MAX_PULLS, MAX_PULLS_PER_PEER)
+        };
         let t = &mut self.transfers;
-        let from_peer = t.pulls.keys().filter(|(k, _)| *k == from).count();
+        let same = |p: &Pull| p.for_client == for_client;
+        let running = t.pulls.values().filter(|p| same(p)).count();
+        let from_peer = t
+            .pulls
+            .iter()
+            .filter(|((k, _), p)| *k == from && same(p))
+            .count();
         if !theirs
             || full
             || t.pulls.contains_key(&(from, stream))
-            || t.pulls.len() >= MAX_PULLS
-            || from_peer >= MAX_PULLS_PER_PEER
+            || running >= max
+            || from_peer >= max_per_peer
         {
             t.counts.pulls_refused += 1;
             let all: Vec<ShardAddr> = shards.iter().map(|(a, _)| *a).collect();
@@ -385,13 +408,32 @@ impl ShardCell {
             return Ok(());
         }
         // Only shards this node ranks within r + spare for: nobody can make it keep others.
+        // And those a client here waits for (a get: cached until the planner drops it).
         let (mine, not_mine): (Vec<_>, Vec<_>) = shards.into_iter().partition(|(a, _)| {
-            placement::rank_of(a, self.dir.members(), &self.me).is_some_and(|r| r < self.depth)
+            self.clients.wants(a)
+                || placement::rank_of(a, self.dir.members(), &self.me)
+                    .is_some_and(|r| r < self.depth)
         });
         let not_mine: Vec<ShardAddr> = not_mine.into_iter().map(|(a, _)| a).collect();
         let (had, want): (Vec<_>, Vec<_>) =
             mine.into_iter().partition(|(a, _)| self.planner.holds(a));
         let had: Vec<ShardAddr> = had.into_iter().map(|(a, _)| a).collect();
+        // A shard a client waits for that another holder's pull is bringing already: not twice.
+        let (want, not_mine) = if for_client {
+            let (dup, want): (Vec<_>, Vec<_>) = want
+                .into_iter()
+                .partition(|(a, _)| self.clients.being_pulled(a, now));
+            let mut not_mine = not_mine;
+            not_mine.extend(dup.into_iter().map(|(a, _)| a));
+            (want, not_mine)
+        } else {
+            (want, not_mine)
+        };
+        if for_client {
+            for (a, _) in &want {
+                self.clients.pulling(a, now);
+            }
+        }
         if want.is_empty() {
             self.send(
                 &from,
@@ -421,6 +463,7 @@ impl ShardCell {
                 had,
                 deadline: now + PULL_TIMEOUT_MS,
                 last_progress: now,
+                for_client,
             },
         );
         self.drive_pull(now, (from, stream));

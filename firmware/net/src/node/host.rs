@@ -56,6 +56,8 @@ pub(crate) struct Host {
     /// Id and network time (ms) of the last broadcast delivered.
     last_broadcast: Option<(String, u64)>,
     out: VecDeque<(Target, Vec<u8>)>,
+    /// Answers to deferred receptor requests, for the actor to hand back.
+    replies: VecDeque<(u64, Result<Value, HostError>)>,
     /// Cell broadcasts dropped as too large and binary frames refused since the last
     /// [`Host::take_dropped`].
     dropped: u64,
@@ -83,6 +85,7 @@ impl Host {
             last_view: None,
             last_broadcast: None,
             out: VecDeque::new(),
+            replies: VecDeque::new(),
             dropped: 0,
         }
     }
@@ -169,7 +172,12 @@ impl Host {
     }
 
     /// A receptor request for the runtime (broadcast) or the cell (its receptor kinds).
-    pub(crate) fn handle_request(&mut self, req: HostRequest) -> Result<Value, HostError> {
+    /// `Ok(None)`: the cell answers later, through [`Host::poll_reply`] with `ticket`.
+    pub(crate) fn handle_request(
+        &mut self,
+        req: HostRequest,
+        ticket: u64,
+    ) -> Result<Option<Value>, HostError> {
         match req {
             HostRequest::Broadcast { text, origin } => {
                 let payload = json!({
@@ -190,12 +198,12 @@ impl Host {
                     ));
                 }
                 let id = self.tree.broadcast(payload);
-                Ok(json!({ "id": id }))
+                Ok(Some(json!({ "id": id })))
             }
             HostRequest::Cell { from, kind, body } => {
                 let t = CellTime::of(&self.clock);
                 self.cell
-                    .handle_request(t, &from, &kind, &body)
+                    .handle_request_later(t, &from, &kind, &body, ticket)
                     .map_err(|e| (e.status, e.code, e.message))
             }
         }
@@ -224,6 +232,11 @@ impl Host {
     /// When the cell wants [`Host::handle_timeout`] (mono ms).
     pub(crate) fn poll_timeout(&self) -> Option<u64> {
         self.cell.poll_timeout()
+    }
+
+    /// The next answer to a deferred receptor request.
+    pub(crate) fn poll_reply(&mut self) -> Option<(u64, Result<Value, HostError>)> {
+        self.replies.pop_front()
     }
 
     /// The next sealed frame to send.
@@ -281,6 +294,10 @@ impl Host {
                         continue;
                     }
                     self.out.push_back((Target::Key(to), bytes));
+                }
+                CellAction::Reply { ticket, result } => {
+                    self.replies
+                        .push_back((ticket, result.map_err(|e| (e.status, e.code, e.message))));
                 }
             }
         }

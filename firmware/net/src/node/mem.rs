@@ -46,6 +46,9 @@ struct MemNode {
     next_tick: u64,
     /// Nodes whose frames are dropped to and from this one (a cut link).
     cut: Vec<usize>,
+    /// Answers to deferred receptor requests, by ticket, until taken.
+    replies: BTreeMap<u64, Result<Value, (u16, &'static str, String)>>,
+    next_ticket: u64,
 }
 
 /// Nodes wired together in memory.
@@ -163,6 +166,8 @@ impl MemNet {
             rejected: BTreeMap::new(),
             next_tick: 0,
             cut: Vec::new(),
+            replies: BTreeMap::new(),
+            next_ticket: 0,
         });
         self.settle();
         i
@@ -234,13 +239,46 @@ impl MemNet {
         kind: &str,
         body: Value,
     ) -> Result<Value, (u16, &'static str, String)> {
-        let r = self.nodes[i].host.handle_request(HostRequest::Cell {
-            from,
-            kind: kind.to_string(),
-            body,
-        });
+        match self.request_later(i, from, kind, body) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(ticket)) => self
+                .take_reply(i, ticket)
+                .unwrap_or_else(|| Err((504, "pending", "the cell deferred its answer".into()))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A receptor request that the cell may answer later: `Ok(Ok(answer))` at once,
+    /// `Ok(Err(ticket))` for [`MemNet::take_reply`] once the net has run, or the error.
+    #[allow(clippy::type_complexity)]
+    pub fn request_later(
+        &mut self,
+        i: usize,
+        from: PublicKey,
+        kind: &str,
+        body: Value,
+    ) -> Result<Result<Value, u64>, (u16, &'static str, String)> {
+        self.nodes[i].next_ticket += 1;
+        let ticket = self.nodes[i].next_ticket;
+        let r = self.nodes[i].host.handle_request(
+            HostRequest::Cell {
+                from,
+                kind: kind.to_string(),
+                body,
+            },
+            ticket,
+        );
         self.settle();
-        r
+        r.map(|v| v.ok_or(ticket))
+    }
+
+    /// The deferred answer to `ticket` at node `i`, if the cell gave it.
+    pub fn take_reply(
+        &mut self,
+        i: usize,
+        ticket: u64,
+    ) -> Option<Result<Value, (u16, &'static str, String)>> {
+        self.nodes[i].replies.remove(&ticket)
     }
 
     /// Node `from` seals `kind`/`body` and it arrives at `to` (as if sent over their link,
@@ -362,6 +400,9 @@ impl MemNet {
                         .unwrap_or_else(|_| Box::new(crate::cell::WorkPanicked));
                     self.nodes[i].host.handle_work_done(done);
                     self.nodes[i].host.carry_out();
+                }
+                while let Some((ticket, r)) = self.nodes[i].host.poll_reply() {
+                    self.nodes[i].replies.insert(ticket, r);
                 }
                 while let Some((to, frame)) = self.nodes[i].host.poll_transmit() {
                     if let Some(j) = self.route(i, &to) {

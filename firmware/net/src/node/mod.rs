@@ -45,6 +45,7 @@ mod links;
 pub mod mem;
 mod metrics;
 mod publish;
+mod replies;
 mod router;
 
 pub use crate::clock::system_ms as now_ms;
@@ -380,6 +381,8 @@ struct Actor {
     base_view_tx: watch::Sender<BaseView>,
     /// When a non-base cell last tried to join through the base tree (mono ms).
     last_base_join: u64,
+    /// Receptor requests the cell answers later.
+    replies: replies::Replies,
     /// Join deferred until network time is synced (bounded by `join_after`).
     wait_for_time: bool,
     /// Join deferred until the NAT role is known (bounded by `join_after`).
@@ -502,6 +505,7 @@ pub async fn start(cfg: NodeConfig, cell: Box<dyn Cell>) -> Result<NodeHandle, N
         link_ctx: None,
         base_view_tx,
         last_base_join: 0,
+        replies: replies::Replies::default(),
         wait_for_time: false,
         wait_for_role: false,
         work_in_flight: 0,
@@ -636,6 +640,7 @@ impl Actor {
                         self.host.handle_tick();
                     }
                     self.relay_tick();
+                    self.replies.expire(self.cfg.clock.mono_ms());
                 }
             }
             self.carry_out();
@@ -724,7 +729,24 @@ impl Actor {
                 self.host.handle_work_done(done);
             }
             Inbound::Receptor { request, reply } => {
-                let _ = reply.send(self.host.handle_request(request));
+                let Some(ticket) = self.replies.ticket() else {
+                    let busy = (
+                        503,
+                        "unavailable",
+                        "too many requests wait for this cell".into(),
+                    );
+                    let _ = reply.send(Err(busy));
+                    return;
+                };
+                match self.host.handle_request(request, ticket) {
+                    Ok(Some(v)) => {
+                        let _ = reply.send(Ok(v));
+                    }
+                    Ok(None) => self.replies.wait(ticket, self.cfg.clock.mono_ms(), reply),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
             }
             Inbound::RelayRequest { target, reply } => {
                 let _ = reply.send(self.open_relay(target));
@@ -763,6 +785,9 @@ impl Actor {
     /// Carry out what the tree and the cell asked for: seal and send.
     fn carry_out(&mut self) {
         self.host.carry_out();
+        while let Some((ticket, answer)) = self.host.poll_reply() {
+            self.replies.answer(ticket, answer);
+        }
         while let Some((to, frame)) = self.host.poll_transmit() {
             self.send_frame(to, frame);
         }

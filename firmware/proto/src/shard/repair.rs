@@ -362,6 +362,23 @@ impl RepairPlanner {
         self.schedule(*addr, at);
     }
 
+    /// Copies of `addr` this node knows of now: its own (if stored) and the fresh `has`
+    /// reports of others; 0 for a shard it does not track.
+    pub fn copies(&self, now_ms: u64, addr: &ShardAddr) -> usize {
+        self.held.get(addr).map_or(0, |h| {
+            let others = h
+                .reports
+                .iter()
+                .filter(|(k, r)| {
+                    *k != self.own
+                        && r.has
+                        && now_ms.saturating_sub(r.at_ms) < self.cfg.report_ttl_ms
+                })
+                .count();
+            others + usize::from(h.have)
+        })
+    }
+
     /// A reader counted fewer than `r` copies of `addr`: check it now.
     pub fn handle_hint(&mut self, now_ms: u64, addr: &ShardAddr) {
         self.schedule(*addr, now_ms);
