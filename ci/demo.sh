@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # A local demo network: N `borg node` processes on 127.0.1.x (default ports), joined into one
-# tree; shows the tree, sends a broadcast, kills a branch node and shows the repaired tree.
+# tree; shows the tree, sends a broadcast, puts a file and gets it back at another node, kills
+# a branch node, shows the repaired tree and gets the file again.
 #   ci/demo.sh [N]        (default 12; Ctrl-C or the end of the script stops the nodes)
 set -euo pipefail
 # Delivered broadcasts are logged at debug under their own target (peer-supplied text): show them.
 export BORG_LOG=${BORG_LOG:-info,borg::delivered=debug}
+# Storage timings of seconds, not minutes (members placeable after 1 s; see docs/STORAGE.md).
+export BORG_SHARD_QUICK=${BORG_SHARD_QUICK:-1}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 N=${1:-12}
@@ -40,8 +43,24 @@ echo; echo "network time on node $(ip $((N - 1))):"; "$B" status --node "$(ip $(
 echo; "$B" broadcast --node "$(ip $((N - 1)))" "hello from the demo"
 sleep 1
 echo "nodes that logged the broadcast: $(grep -l 'hello from the demo' "$DIR"/*.log | wc -l) of $N"
+echo; echo "storage: a 5 MB file put at $(ip 1), got back at $(ip $((N - 1)))"
+head -c 5000000 /dev/urandom > "$DIR/demo.bin"
+"$B" id new --json | sed -n 's/.*"phrase":"\([^"]*\)".*/\1/p' > "$DIR/demo.phrase"
+# Members announce themselves on the shard tree; wait until every node is placeable.
+for _ in $(seq 100); do
+  placeable=$("$B" status --node "$(ip 1):13340" --json 2>/dev/null | sed -n 's/^ *"placeable": \([0-9]*\).*/\1/p' | head -1)
+  [ "${placeable:-0}" -ge "$N" ] && break; sleep 0.2
+done
+id=$("$B" put --node "$(ip 1)" "$DIR/demo.bin" --phrase-file "$DIR/demo.phrase" --json | sed -n 's/.*"id":"\([0-9a-f]*\)".*/\1/p')
+echo "stored as $id"
+"$B" ls --node "$(ip 3)" --phrase-file "$DIR/demo.phrase"
+"$B" get --node "$(ip $((N - 1)))" "$id" -o "$DIR/demo.out" --phrase-file "$DIR/demo.phrase"
+cmp "$DIR/demo.bin" "$DIR/demo.out" && echo "the file came back byte for byte"
 victim=$(( N > 2 ? 2 : 1 ))
 echo; echo "kill -9 of the node at $(ip "$victim"):"
 kill -9 "${pids[$victim]}"; sleep 2
 "$B" tree --node "$(ip 0)"
+echo; echo "the file again, with node $(ip "$victim") dead:"
+"$B" get --node "$(ip $((N - 2)))" "$id" -o "$DIR/demo2.out" --phrase-file "$DIR/demo.phrase"
+cmp "$DIR/demo.bin" "$DIR/demo2.out" && echo "the file came back byte for byte"
 echo; "$B" status --node "$(ip 0)"

@@ -76,7 +76,11 @@ fn nodes_with_clocks_at_1970_and_an_hour_ahead_join_sync_and_broadcast() {
             .iter()
             .map(|c| c["name"].as_str().unwrap())
             .collect();
-        assert_eq!(names, ["peerTreeNet", "cronoTree"], "node {i}");
+        assert_eq!(
+            names,
+            ["peerTreeNet", "cronoTree", "shardTree", "ftreeFileMgr"],
+            "node {i}"
+        );
         let m = net.metrics(i);
         assert!(m.contains("borg_time_synced 1"), "node {i}: {m}");
     }

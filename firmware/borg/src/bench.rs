@@ -17,6 +17,9 @@ pub enum BenchCommand {
     Flood(crate::bench_flood::FloodBenchArgs),
     /// Network time: cronoTree vs chrony over a delayed chain of namespaces (root).
     Time(crate::bench_time::TimeBenchArgs),
+    /// Storage: put/get throughput, 4 KiB files per second and node memory, on loopback,
+    /// beside this machine's SHA-256 and TLS throughput.
+    Store(crate::bench_store::StoreBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -25,6 +28,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Relay(args) => crate::bench_relay::run(args),
         BenchCommand::Flood(args) => crate::bench_flood::run(args),
         BenchCommand::Time(args) => crate::bench_time::run(args),
+        BenchCommand::Store(args) => crate::bench_store::run(args),
     }
 }
 
@@ -32,6 +36,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 /// one temporary directory; all killed and the directory removed on drop.
 pub(crate) struct NodeProcs {
     pub children: BTreeMap<usize, Child>,
+    /// Environment given to every node.
+    pub env: Vec<(String, String)>,
     exe: PathBuf,
     dir: PathBuf,
 }
@@ -44,6 +50,7 @@ impl NodeProcs {
         std::fs::create_dir_all(&dir)?;
         Ok(NodeProcs {
             children: BTreeMap::new(),
+            env: Vec::new(),
             exe,
             dir,
         })
@@ -69,6 +76,9 @@ impl NodeProcs {
         cmd.stdout(Stdio::null())
             .stderr(Stdio::null())
             .env("BORG_LOG", "warn");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
         let child = cmd.spawn().context("starting a node")?;
         Ok(self.children.entry(i).insert_entry(child).into_mut())
     }

@@ -167,6 +167,28 @@ async fn measure(
     })
 }
 
+/// Bulk throughput (MiB/s) of one direct TLS link on loopback in this process: the ceiling
+/// other benchmarks compare with (`borg bench store`).
+pub(crate) async fn tls_link_mib_s(mebibytes: usize) -> Result<f64> {
+    let target_id = identity()?;
+    let client_id = identity()?;
+    let target_l = Listener::bind("127.0.0.1:0".parse()?, &target_id).await?;
+    let target_addr = target_l.local_addr()?;
+    tokio::spawn(serve_target(target_l));
+    let key = target_id.public_key();
+    let args = RelayBenchArgs {
+        connections: 1,
+        round_trips: 1,
+        mebibytes,
+    };
+    let f = measure(&args, || {
+        let cid = client_id.clone();
+        Box::pin(async move { Ok(conn::connect(target_addr, key, &cid, T).await?) })
+    })
+    .await?;
+    Ok(f.mib_s)
+}
+
 async fn bench(args: RelayBenchArgs) -> Result<()> {
     let target_id = identity()?;
     let client_id = identity()?;

@@ -5,11 +5,14 @@ mod appliance;
 mod bench;
 mod bench_flood;
 mod bench_relay;
+mod bench_store;
 mod bench_time;
 mod bench_tree;
 mod cli;
 mod files_cli;
 mod files_get;
+mod files_net;
+mod files_progress;
 mod release;
 mod userkey;
 

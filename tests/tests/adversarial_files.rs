@@ -1,0 +1,286 @@
+//! Storage against an outsider's fresh key, on 3 real `borg node` processes (127.52.0.x,
+//! `BORG_SHARD_QUICK=1`): an owner stores a small file through the receptors; a stranger then
+//! tries to store the owner's manifest as their own, delete it, read it, list it, send shards
+//! over the size limit, and speak the shard and file trees' peer messages over TLS without
+//! being a member. Every attempt is refused (and counted), and the owner still gets the file.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use borg_files::{
+    encrypt_reader, seal_delete, seal_manifest, wrap_key, FileKey, Manifest, UserKeys,
+};
+use borg_net::client;
+use borg_net::conn;
+use borg_net::node::now_ms;
+use borg_proto::envelope;
+use borg_proto::identity::SecretKey;
+use borg_tests::outsider::{node_key, Outsider};
+use borg_tests::{wait_for, Net};
+use serde_json::{json, Value};
+
+const SHARD_MON: u16 = 13340;
+const FTREE_MON: u16 = 13341;
+
+/// POST a request signed by `key` to `addr`: (HTTP status, answer body or error object).
+fn call(
+    rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    key: &SecretKey,
+    kind: &str,
+    body: Value,
+) -> (u16, Value) {
+    let env = envelope::seal(key, kind, None, now_ms(), body);
+    let (status, bytes) = rt
+        .block_on(client::receptor_post_within(
+            addr,
+            env.to_bytes(),
+            Duration::from_secs(30),
+        ))
+        .unwrap();
+    let v = if status == 200 {
+        envelope::verify_signature_only(&bytes)
+            .unwrap()
+            .into_inner()
+            .body
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+    };
+    (status, v)
+}
+
+#[test]
+fn a_stranger_cannot_store_delete_read_or_list_anothers_files() {
+    let mut net = Net::new(52, 500, 3);
+    net.env.push(("BORG_SHARD_QUICK".into(), "1".into()));
+    net.spawn(0, None);
+    net.wait_up(0);
+    net.spawn(1, Some(0));
+    net.spawn(2, Some(0));
+    net.wait_tree(Duration::from_secs(60)).unwrap();
+    wait_for(Duration::from_secs(60), Duration::from_millis(200), || {
+        (0..3)
+            .all(|i| {
+                net.cell_status(i, SHARD_MON).unwrap_or_default()["members"]["placeable"] == 3
+                    && net.cell_status(i, FTREE_MON).unwrap_or_default()["members"]["placeable"]
+                        == 3
+            })
+            .then_some(())
+    })
+    .expect("members never complete");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let shard_recp = |i: usize| SocketAddr::new(net.ip(i).into(), 13355);
+    let file_recp = |i: usize| SocketAddr::new(net.ip(i).into(), 13381);
+
+    // The owner stores a one-shard file.
+    let owner = UserKeys::from_keys(SecretKey::generate(), SecretKey::generate());
+    let mut rng = rand::thread_rng();
+    let fkey = FileKey::generate(&mut rng);
+    let salt = [7u8; 16];
+    let mut shards = Vec::new();
+    let enc = encrypt_reader(&b"the owner's secret"[..], &fkey, &salt, &[], |a, b| {
+        shards.push((*a, b.to_vec()));
+        Ok(())
+    })
+    .unwrap();
+    let wrapped = wrap_key(&mut rng, &fkey, &owner.encryption_public()).unwrap();
+    let m = Manifest::new("secret.txt", "text/plain", now_ms(), salt, enc, wrapped).unwrap();
+    let (id, env) = seal_manifest(&mut rng, owner.signing(), &m, now_ms()).unwrap();
+    let manifest_text = String::from_utf8(env.to_bytes()).unwrap();
+    let (addr, bytes) = &shards[0];
+    let (st, v) = call(
+        &rt,
+        shard_recp(0),
+        owner.signing(),
+        "shard.put",
+        json!({"data": URL_SAFE_NO_PAD.encode(bytes)}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["addr"], addr.to_string());
+    let (st, v) = call(
+        &rt,
+        file_recp(0),
+        owner.signing(),
+        "file.put",
+        json!({"manifest": manifest_text}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["id"], id.to_string());
+
+    let stranger = SecretKey::generate();
+    // Storing the owner's manifest as the stranger's request: refused.
+    let (st, v) = call(
+        &rt,
+        file_recp(1),
+        &stranger,
+        "file.put",
+        json!({"manifest": manifest_text}),
+    );
+    assert_eq!((st, v["error"].as_str()), (403, Some("forbidden")), "{v}");
+    // A delete signed by the stranger removes nothing of the owner's.
+    let del = seal_delete(&mut rng, &stranger, &id, now_ms());
+    let del_text = String::from_utf8(del.to_bytes()).unwrap();
+    let (st, v) = call(
+        &rt,
+        file_recp(1),
+        &stranger,
+        "file.rm",
+        json!({"delete": del_text}),
+    );
+    assert_eq!((st, v["removed"].as_bool()), (200, Some(false)), "{v}");
+    // The owner's own delete, sent by the stranger: the requester is not its signer.
+    let owner_del = seal_delete(&mut rng, owner.signing(), &id, now_ms());
+    let owner_del_text = String::from_utf8(owner_del.to_bytes()).unwrap();
+    let (st, v) = call(
+        &rt,
+        file_recp(2),
+        &stranger,
+        "file.rm",
+        json!({"delete": owner_del_text}),
+    );
+    assert_eq!((st, v["error"].as_str()), (403, Some("forbidden")), "{v}");
+    // Reading and listing act on the requester's own files only.
+    let (st, _) = call(
+        &rt,
+        file_recp(2),
+        &stranger,
+        "file.get",
+        json!({"id": id.to_string()}),
+    );
+    assert_eq!(st, 404);
+    let (st, v) = call(&rt, file_recp(2), &stranger, "file.ls", json!({}));
+    assert_eq!(
+        (st, v["files"].as_array().map(Vec::len)),
+        (200, Some(0)),
+        "{v}"
+    );
+    // Shards over the limit and malformed addresses.
+    let big = URL_SAFE_NO_PAD.encode(vec![0u8; 256 * 1024 + 1]);
+    let (st, v) = call(
+        &rt,
+        shard_recp(1),
+        &stranger,
+        "shard.put",
+        json!({"data": big}),
+    );
+    assert_eq!((st, v["error"].as_str()), (413, Some("too_large")), "{v}");
+    let (st, v) = call(
+        &rt,
+        shard_recp(1),
+        &stranger,
+        "shard.get",
+        json!({"addr": "zz"}),
+    );
+    assert_eq!((st, v["error"].as_str()), (400, Some("malformed")), "{v}");
+
+    // The trees' peer messages from a non-member, over TLS to each cell's own port.
+    let out = Outsider::new("127.52.0.250:13351");
+    let key1 = node_key(&net, 1);
+    let refused_before: u64 = (0..3)
+        .map(|i| {
+            net.cell_status(i, FTREE_MON).unwrap()["members"]["not_member_refused"]
+                .as_u64()
+                .unwrap()
+                + net.cell_status(i, SHARD_MON).unwrap()["members"]["not_member_refused"]
+                    .as_u64()
+                    .unwrap()
+        })
+        .sum();
+    rt.block_on(async {
+        let ftree: SocketAddr = format!("{}:13351", net.ip(1)).parse().unwrap();
+        let mut c = conn::connect_cell(
+            ftree,
+            Some(key1),
+            "ftreeFileMgr",
+            &out.identity,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        let owner_b64 = owner.owner().to_b64();
+        for (kind, body) in [
+            ("file.index", json!({"q": 1, "manifest": manifest_text})),
+            ("file.unindex", json!({"q": 2, "delete": owner_del_text})),
+            (
+                "file.fetch",
+                json!({"q": 3, "owner": owner_b64, "id": id.to_string()}),
+            ),
+            ("file.list", json!({"q": 4, "owner": owner_b64})),
+            (
+                "file.sync",
+                json!({"owner": owner_b64, "ids": [id.to_string()]}),
+            ),
+        ] {
+            c.send(&out.frame(kind, body)).await.unwrap();
+        }
+        let shard: SocketAddr = format!("{}:13350", net.ip(1)).parse().unwrap();
+        let mut c = conn::connect_cell(
+            shard,
+            Some(key1),
+            "shardTree",
+            &out.identity,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        let a = URL_SAFE_NO_PAD.encode(addr.as_bytes());
+        for (kind, body) in [
+            ("shard.ask", json!({"addrs": [a]})),
+            ("shard.has", json!({"addrs": [a]})),
+        ] {
+            c.send(&out.frame(kind, body)).await.unwrap();
+        }
+    });
+    let refused = wait_for(Duration::from_secs(10), Duration::from_millis(100), || {
+        let n: u64 = (0..3)
+            .map(|i| {
+                net.cell_status(i, FTREE_MON).unwrap()["members"]["not_member_refused"]
+                    .as_u64()
+                    .unwrap()
+                    + net.cell_status(i, SHARD_MON).unwrap()["members"]["not_member_refused"]
+                        .as_u64()
+                        .unwrap()
+            })
+            .sum();
+        (n >= refused_before + 7).then_some(n - refused_before)
+    })
+    .expect("the outsider's peer messages were not all refused as from a non-member");
+    println!("{refused} peer messages from the outsider refused");
+
+    // The owner's file is still there, whole, on every node.
+    for i in 0..3 {
+        let (st, v) = call(
+            &rt,
+            file_recp(i),
+            owner.signing(),
+            "file.get",
+            json!({"id": id.to_string()}),
+        );
+        assert_eq!(st, 200, "node {i}: {v}");
+        assert_eq!(v["manifest"], manifest_text.as_str());
+        let (st, v) = call(&rt, file_recp(i), owner.signing(), "file.ls", json!({}));
+        assert_eq!(
+            (st, v["files"].as_array().map(Vec::len)),
+            (200, Some(1)),
+            "{v}"
+        );
+        let (st, v) = call(
+            &rt,
+            shard_recp(i),
+            owner.signing(),
+            "shard.get",
+            json!({"addr": addr.to_string()}),
+        );
+        assert_eq!(st, 200, "node {i}: {v}");
+        assert_eq!(
+            URL_SAFE_NO_PAD.decode(v["data"].as_str().unwrap()).unwrap(),
+            *bytes
+        );
+    }
+}
