@@ -9,7 +9,9 @@ pub(super) async fn accept_loop(
     hub: Arc<RelayHub>,
     probes: Option<Arc<nat::ProbeCtx>>,
 ) {
-    let strangers = ConnLimiter::new(MAX_UNTRUSTED_LINKS_PER_IP, MAX_UNTRUSTED_LINKS, 0);
+    // Per cell: every cell of a node dials through this (base) port, so one budget for all
+    // would let a node's own cells crowd each other out while they are not yet neighbours.
+    let mut strangers: HashMap<&'static str, Arc<ConnLimiter>> = HashMap::new();
     loop {
         match listener.accept_incoming().await {
             Ok(Incoming::Peer(conn)) => {
@@ -26,7 +28,10 @@ pub(super) async fn accept_loop(
                 let slot = if ctx.trusted.has_key(&key) {
                     None
                 } else {
-                    match strangers.try_acquire(conn.remote_addr().ip(), false) {
+                    let limiter = strangers.entry(ctx.cell).or_insert_with(|| {
+                        ConnLimiter::new(MAX_UNTRUSTED_LINKS_PER_IP, MAX_UNTRUSTED_LINKS, 0)
+                    });
+                    match limiter.try_acquire(conn.remote_addr().ip(), false) {
                         Ok(slot) => Some(slot),
                         Err(refusal) => {
                             let c = match refusal {
