@@ -455,10 +455,17 @@ fn corrupt_one_shard(db: &Path) {
     };
     let mut raw = std::fs::read(db).unwrap();
     let needle = &bytes[100..164];
-    let at = raw
+    // redb writes copy-on-write pages, so a stale copy of the bytes may sit in a freed page
+    // too: flip the byte in every copy, so that the live one is surely hit.
+    let hits: Vec<usize> = raw
         .windows(needle.len())
-        .position(|w| w == needle)
-        .expect("shard bytes not found in the file");
-    raw[at + 10] ^= 0x01;
+        .enumerate()
+        .filter(|(_, w)| *w == needle)
+        .map(|(i, _)| i)
+        .collect();
+    assert!(!hits.is_empty(), "shard bytes not found in the file");
+    for at in hits {
+        raw[at + 10] ^= 0x01;
+    }
     std::fs::write(db, raw).unwrap();
 }

@@ -18,6 +18,7 @@ use borg_proto::dna::{self, CellDna};
 
 pub mod crono;
 pub mod ftree;
+pub mod members;
 pub mod shard;
 
 /// One cell type: its DNA and how to make its behaviour.

@@ -29,12 +29,12 @@ use std::sync::Arc;
 use borg_files::{open_manifest, FileId};
 use borg_net::cell::{Cell, CellAction, CellError, CellInit, CellTime, Work, WorkDone};
 use borg_proto::identity::PublicKey;
-use borg_proto::shard::members::{DirConfig, MemberDir};
-use borg_proto::tree::{Peer, Target, TreeState, TreeView};
+use borg_proto::shard::members::DirConfig;
+use borg_proto::tree::TreeView;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::shard::wire::{member_payload, parse_member};
+use crate::members::Membership;
 use disk::{Done, Job, Place, Reply};
 use index::{Index, Known, PutOutcome, Summary};
 
@@ -108,21 +108,16 @@ struct Stats {
 /// The ftreeFileMgr cell.
 pub struct FtreeCell {
     me: PublicKey,
-    my_addr: Option<String>,
-    in_tree: bool,
-    epoch: u64,
     index: Option<Arc<Index>>,
     index_error: Option<String>,
     jobs: VecDeque<Job>,
     out: VecDeque<CellAction>,
-    dir: MemberDir,
+    members: Membership,
     /// What is indexed here, by owner.
     files: BTreeMap<PublicKey, BTreeMap<FileId, Summary>>,
     n_files: usize,
     n_bytes: usize,
     ops: ops::Ops,
-    next_announce: u64,
-    announce_ms: u64,
     next_sync: u64,
     sync_ms: u64,
     sync_cursor: Option<PublicKey>,
@@ -156,20 +151,21 @@ impl FtreeCell {
         jobs.push_back(Job::Open(place));
         Self {
             me: init.key,
-            my_addr: None,
-            in_tree: false,
-            epoch: init.clock.now_ms(),
             index: None,
             index_error: None,
             jobs,
             out: VecDeque::new(),
-            dir: MemberDir::new(cfg.dir.clone(), init.key),
+            members: Membership::new(
+                cfg.dir.clone(),
+                init.key,
+                init.clock.now_ms(),
+                now,
+                cfg.announce_ms,
+            ),
             files: BTreeMap::new(),
             n_files: 0,
             n_bytes: 0,
             ops: ops::Ops::default(),
-            next_announce: now,
-            announce_ms: cfg.announce_ms.max(1000),
             next_sync: now + cfg.sync_ms,
             sync_ms: cfg.sync_ms.max(1000),
             sync_cursor: None,
@@ -209,7 +205,11 @@ impl FtreeCell {
     /// The owner's index holders: the top [`INDEX_REPLICAS`] members; this node alone while it
     /// knows no members.
     fn holders(&self, owner: &PublicKey) -> Vec<PublicKey> {
-        let top = self.dir.members().top(&owner_addr(owner), INDEX_REPLICAS);
+        let top = self
+            .members
+            .dir
+            .members()
+            .top(&owner_addr(owner), INDEX_REPLICAS);
         if top.is_empty() {
             return vec![self.me];
         }
@@ -218,7 +218,7 @@ impl FtreeCell {
 
     /// Whether this node takes `owner`'s manifests.
     fn takes(&self, owner: &PublicKey) -> bool {
-        let members = self.dir.members();
+        let members = self.members.dir.members();
         if members.len() <= INDEX_REPLICAS + INDEX_SPARE {
             return true;
         }
@@ -229,32 +229,15 @@ impl FtreeCell {
     }
 
     fn is_member(&self, key: &PublicKey) -> bool {
-        self.dir.members().contains(key)
+        self.members.dir.members().contains(key)
     }
 
     fn send(&mut self, to: &PublicKey, kind: &str, body: Value) {
-        let target = match self.dir.addr_of(to) {
-            Some(addr) => Target::Peer(Peer {
-                key: *to,
-                mon: addr.to_string(),
-                addr: addr.to_string(),
-            }),
-            None => Target::Key(*to),
-        };
         self.out.push_back(CellAction::Send {
-            to: target,
+            to: self.members.target(to),
             kind: kind.into(),
             body,
         });
-    }
-
-    fn announce(&mut self, now: u64) {
-        self.next_announce = now + self.announce_ms;
-        if let (true, Some(addr)) = (self.in_tree, self.my_addr.clone()) {
-            self.out.push_back(CellAction::Broadcast {
-                payload: member_payload(&addr, self.epoch),
-            });
-        }
     }
 
     /// Whether one more manifest of `owner` of `bytes` fits the bounds.
@@ -510,20 +493,11 @@ impl Cell for FtreeCell {
     }
 
     fn handle_tree(&mut self, now: CellTime, view: &TreeView) {
-        self.my_addr = Some(view.addr.clone());
-        let in_tree = matches!(view.state, TreeState::Joined | TreeState::Root)
-            || (view.state == TreeState::Alone && view.position.is_some());
-        if in_tree && !self.in_tree {
-            self.in_tree = true;
-            self.announce(now.mono_ms);
-        }
-        self.in_tree = in_tree;
+        self.members.handle_tree(now.mono_ms, view, &mut self.out);
     }
 
     fn handle_broadcast(&mut self, now: CellTime, _id: &str, origin: &PublicKey, payload: &Value) {
-        if let Some((addr, epoch)) = parse_member(payload) {
-            let _ = self.dir.handle_announce(now.mono_ms, *origin, &addr, epoch);
-        }
+        let _ = self.members.handle_broadcast(now.mono_ms, origin, payload);
     }
 
     fn handle_message(
@@ -656,12 +630,7 @@ impl Cell for FtreeCell {
 
     fn handle_timeout(&mut self, now: CellTime) {
         let ms = now.mono_ms;
-        if ms >= self.next_announce {
-            self.announce(ms);
-        }
-        if self.dir.poll_timeout().is_some_and(|t| t <= ms) {
-            self.dir.handle_timeout(ms);
-        }
+        self.members.handle_timeout(ms, &mut self.out);
         if ms >= self.next_sync && self.index.is_some() {
             self.sync_round(ms);
         }
@@ -669,14 +638,8 @@ impl Cell for FtreeCell {
     }
 
     fn poll_timeout(&self) -> Option<u64> {
-        let mut t = self.next_announce.min(self.next_sync);
-        for x in [self.dir.poll_timeout(), self.ops.poll_timeout()]
-            .into_iter()
-            .flatten()
-        {
-            t = t.min(x);
-        }
-        Some(t)
+        let t = self.members.poll_timeout().min(self.next_sync);
+        Some(self.ops.poll_timeout().map_or(t, |x| t.min(x)))
     }
 
     fn poll_action(&mut self, _now: CellTime) -> Option<CellAction> {
@@ -701,8 +664,8 @@ impl Cell for FtreeCell {
                 "sync_messages": s.synced_out,
             },
             "members": {
-                "placeable": self.dir.members().len(),
-                "known": self.dir.known(),
+                "placeable": self.members.dir.members().len(),
+                "known": self.members.dir.known(),
                 "not_member_refused": s.not_member,
             },
             "clients": self.ops.status(),
@@ -718,7 +681,7 @@ impl Cell for FtreeCell {
             self.n_bytes,
             self.stats.indexed,
             self.stats.removed,
-            self.dir.members().len(),
+            self.members.dir.members().len(),
         )
     }
 }

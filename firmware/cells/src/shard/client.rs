@@ -349,6 +349,7 @@ impl ShardCell {
         };
         self.sync_members(now);
         let asked: Vec<_> = self
+            .members
             .dir
             .members()
             .top(&addr, depth)

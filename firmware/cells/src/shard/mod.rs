@@ -33,12 +33,13 @@ use std::sync::Arc;
 
 use borg_net::cell::{Cell, CellAction, CellError, CellInit, CellTime, Work, WorkDone};
 use borg_proto::identity::PublicKey;
-use borg_proto::shard::members::{DirConfig, MemberDir};
+use borg_proto::shard::members::DirConfig;
 use borg_proto::shard::repair::{RepairAction, RepairConfig, RepairPlanner};
-use borg_proto::tree::{Peer, Target, TreeState, TreeView};
+use borg_proto::tree::TreeView;
 use borg_store::{Address, ShardStore, StoreError, Usage};
 use serde_json::{json, Value};
 
+use crate::members::Membership;
 use disk::{Done, Job, Place};
 use transfer::Transfers;
 
@@ -142,9 +143,6 @@ pub struct ShardCell {
     depth: usize,
     /// Copies kept of every shard (`r`).
     replicas: usize,
-    my_addr: Option<String>,
-    in_tree: bool,
-    epoch: u64,
     store: Option<Arc<dyn ShardStore>>,
     store_error: Option<String>,
     jobs: VecDeque<Job>,
@@ -152,9 +150,7 @@ pub struct ShardCell {
     usage: Option<Usage>,
     next_usage: u64,
     next_scrub: u64,
-    next_announce: u64,
-    announce_ms: u64,
-    dir: MemberDir,
+    members: Membership,
     dir_version: u64,
     planner: RepairPlanner,
     transfers: Transfers,
@@ -187,10 +183,16 @@ impl ShardCell {
     pub fn with(init: CellInit, place: Place, cfg: ShardConfig) -> Self {
         let now = init.clock.mono_ms();
         let me = init.key;
-        let dir = MemberDir::new(cfg.dir.clone(), me);
         // The invariant: the default and test configurations have 1..=16 replicas and
         // non-zero budgets; a bad one is a programming error caught by every test.
-        let planner = RepairPlanner::new(me, cfg.repair.clone(), dir.members().clone())
+        let members = Membership::new(
+            cfg.dir.clone(),
+            me,
+            init.clock.now_ms(),
+            now,
+            cfg.announce_ms,
+        );
+        let planner = RepairPlanner::new(me, cfg.repair.clone(), members.dir.members().clone())
             .unwrap_or_else(|e| panic!("shard repair configuration: {e}"));
         let mut jobs = VecDeque::new();
         jobs.push_back(Job::Open(place));
@@ -198,10 +200,6 @@ impl ShardCell {
             me,
             depth: cfg.repair.replicas + cfg.repair.spare,
             replicas: cfg.repair.replicas,
-            my_addr: None,
-            in_tree: false,
-            // A restarted node announces a higher epoch than before (network time moves on).
-            epoch: init.clock.now_ms(),
             store: None,
             store_error: None,
             jobs,
@@ -209,9 +207,7 @@ impl ShardCell {
             usage: None,
             next_usage: now,
             next_scrub: now + cfg.first_scrub_ms,
-            next_announce: now,
-            announce_ms: cfg.announce_ms.max(1000),
-            dir,
+            members,
             dir_version: 0,
             planner,
             transfers: Transfers::new(),
@@ -257,7 +253,7 @@ impl ShardCell {
 
     /// A placement-eligible member of this shard tree (announced, past probation).
     fn is_member(&self, key: &PublicKey) -> bool {
-        self.dir.members().contains(key)
+        self.members.dir.members().contains(key)
     }
 
     fn not_member(&mut self) -> CellError {
@@ -271,37 +267,20 @@ impl ShardCell {
         self.next_usage = self.next_usage.min(now + 1000);
     }
 
-    /// Where to reach member `key` on this tree.
-    fn peer_of(&self, key: &PublicKey) -> Option<Peer> {
-        let addr = self.dir.addr_of(key)?.to_string();
-        Some(Peer {
-            key: *key,
-            mon: addr.clone(),
-            addr,
-        })
-    }
-
     fn send(&mut self, to: &PublicKey, kind: &str, body: Value) {
-        match self.peer_of(to) {
-            Some(peer) => self.out.push_back(CellAction::Send {
-                to: Target::Peer(peer),
-                kind: kind.into(),
-                body,
-            }),
-            // Not a member we know the address of: only over an open link.
-            None => self.out.push_back(CellAction::Send {
-                to: Target::Key(*to),
-                kind: kind.into(),
-                body,
-            }),
-        }
+        self.out.push_back(CellAction::Send {
+            to: self.members.target(to),
+            kind: kind.into(),
+            body,
+        });
     }
 
     /// The member set changed: tell the planner.
     fn sync_members(&mut self, now: u64) {
-        if self.dir.version() != self.dir_version {
-            self.dir_version = self.dir.version();
-            self.planner.set_members(now, self.dir.members().clone());
+        if self.members.dir.version() != self.dir_version {
+            self.dir_version = self.members.dir.version();
+            self.planner
+                .set_members(now, self.members.dir.members().clone());
         }
     }
 
@@ -339,15 +318,6 @@ impl ShardCell {
             for chunk in addrs.chunks(wire::MAX_OFFER_SHARDS) {
                 self.offer(now, to, chunk.to_vec());
             }
-        }
-    }
-
-    fn announce(&mut self, now: u64) {
-        self.next_announce = now + self.announce_ms;
-        if let (true, Some(addr)) = (self.in_tree, self.my_addr.clone()) {
-            self.out.push_back(CellAction::Broadcast {
-                payload: wire::member_payload(&addr, self.epoch),
-            });
         }
     }
 
@@ -466,23 +436,14 @@ impl Cell for ShardCell {
     }
 
     fn handle_tree(&mut self, now: CellTime, view: &TreeView) {
-        self.my_addr = Some(view.addr.clone());
-        let in_tree = matches!(view.state, TreeState::Joined | TreeState::Root)
-            || (view.state == TreeState::Alone && view.position.is_some());
-        if in_tree && !self.in_tree {
-            self.in_tree = true;
-            self.announce(now.mono_ms);
-        }
-        self.in_tree = in_tree;
+        self.members.handle_tree(now.mono_ms, view, &mut self.out);
     }
 
     fn handle_broadcast(&mut self, now: CellTime, _id: &str, origin: &PublicKey, payload: &Value) {
-        let Some((addr, epoch)) = wire::parse_member(payload) else {
-            return;
-        };
-        match self.dir.handle_announce(now.mono_ms, *origin, &addr, epoch) {
-            Ok(_) => self.stats.announcements += 1,
-            Err(_) => self.stats.announcements_refused += 1,
+        match self.members.handle_broadcast(now.mono_ms, origin, payload) {
+            Some(Ok(())) => self.stats.announcements += 1,
+            Some(Err(_)) => self.stats.announcements_refused += 1,
+            None => return,
         }
         self.run_planner(now.mono_ms);
     }
@@ -575,7 +536,7 @@ impl Cell for ShardCell {
                 let u = self.usage.unwrap_or_default();
                 Ok(json!({
                     "shards": u.shards, "bytes": u.bytes, "budget": u.budget,
-                    "members": self.dir.members().len(), "held": self.planner.tracked(),
+                    "members": self.members.dir.members().len(), "held": self.planner.tracked(),
                 }))
             }
             _ => Err(CellError::unknown_kind(format!(
@@ -614,12 +575,7 @@ impl Cell for ShardCell {
 
     fn handle_timeout(&mut self, now: CellTime) {
         let ms = now.mono_ms;
-        if ms >= self.next_announce {
-            self.announce(ms);
-        }
-        if self.dir.poll_timeout().is_some_and(|t| t <= ms) {
-            self.dir.handle_timeout(ms);
-        }
+        self.members.handle_timeout(ms, &mut self.out);
         self.transfers_timeout(ms);
         self.clients_timeout(ms);
         if self.store.is_some() {
@@ -636,9 +592,8 @@ impl Cell for ShardCell {
     }
 
     fn poll_timeout(&self) -> Option<u64> {
-        let mut t = self.next_announce;
+        let mut t = self.members.poll_timeout();
         for x in [
-            self.dir.poll_timeout(),
             self.planner.poll_timeout(),
             self.transfers.poll_timeout(),
             self.clients.poll_timeout(),
@@ -673,8 +628,8 @@ impl Cell for ShardCell {
                 "corrupt_found": s.corrupt_found,
             },
             "members": {
-                "placeable": self.dir.members().len(),
-                "known": self.dir.known(),
+                "placeable": self.members.dir.members().len(),
+                "known": self.members.dir.known(),
                 "announcements": s.announcements,
                 "refused": s.announcements_refused,
                 "not_member_refused": s.not_member,
@@ -713,7 +668,7 @@ impl Cell for ShardCell {
             s.corrupt_found,
             s.job_errors,
             s.jobs_refused,
-            self.dir.members().len(),
+            self.members.dir.members().len(),
             r.pushes,
             r.fetches,
             r.drops,

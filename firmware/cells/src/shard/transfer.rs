@@ -411,7 +411,7 @@ impl ShardCell {
         // And those a client here waits for (a get: cached until the planner drops it).
         let (mine, not_mine): (Vec<_>, Vec<_>) = shards.into_iter().partition(|(a, _)| {
             self.clients.wants(a)
-                || placement::rank_of(a, self.dir.members(), &self.me)
+                || placement::rank_of(a, self.members.dir.members(), &self.me)
                     .is_some_and(|r| r < self.depth)
         });
         let not_mine: Vec<ShardAddr> = not_mine.into_iter().map(|(a, _)| a).collect();
