@@ -52,6 +52,16 @@ fn call(
     (status, v)
 }
 
+/// Peer messages the storage cells of all 3 nodes refused as from a non-member.
+fn not_member_refused(net: &Net) -> u64 {
+    let of = |i: usize, mon: u16| {
+        net.cell_status(i, mon).unwrap()["members"]["not_member_refused"]
+            .as_u64()
+            .unwrap()
+    };
+    (0..3).map(|i| of(i, FTREE_MON) + of(i, SHARD_MON)).sum()
+}
+
 #[test]
 fn a_stranger_cannot_store_delete_read_or_list_anothers_files() {
     let mut net = Net::new(52, 500, 3);
@@ -182,16 +192,7 @@ fn a_stranger_cannot_store_delete_read_or_list_anothers_files() {
     // The trees' peer messages from a non-member, over TLS to each cell's own port.
     let out = Outsider::new("127.52.0.250:13351");
     let key1 = node_key(&net, 1);
-    let refused_before: u64 = (0..3)
-        .map(|i| {
-            net.cell_status(i, FTREE_MON).unwrap()["members"]["not_member_refused"]
-                .as_u64()
-                .unwrap()
-                + net.cell_status(i, SHARD_MON).unwrap()["members"]["not_member_refused"]
-                    .as_u64()
-                    .unwrap()
-        })
-        .sum();
+    let refused_before = not_member_refused(&net);
     rt.block_on(async {
         let ftree: SocketAddr = format!("{}:13351", net.ip(1)).parse().unwrap();
         let mut c = conn::connect_cell(
@@ -238,16 +239,7 @@ fn a_stranger_cannot_store_delete_read_or_list_anothers_files() {
         }
     });
     let refused = wait_for(Duration::from_secs(10), Duration::from_millis(100), || {
-        let n: u64 = (0..3)
-            .map(|i| {
-                net.cell_status(i, FTREE_MON).unwrap()["members"]["not_member_refused"]
-                    .as_u64()
-                    .unwrap()
-                    + net.cell_status(i, SHARD_MON).unwrap()["members"]["not_member_refused"]
-                        .as_u64()
-                        .unwrap()
-            })
-            .sum();
+        let n = not_member_refused(&net);
         (n >= refused_before + 7).then_some(n - refused_before)
     })
     .expect("the outsider's peer messages were not all refused as from a non-member");
