@@ -166,6 +166,20 @@ impl CellError {
             message: message.into(),
         }
     }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            status: 503,
+            code: "unavailable",
+            message: message.into(),
+        }
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self {
+            status: 404,
+            code: "not_found",
+            message: message.into(),
+        }
+    }
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self {
             status: 403,

@@ -177,14 +177,10 @@ impl FtreeCell {
         if self.index.is_some() {
             return Ok(());
         }
-        Err(CellError {
-            status: 503,
-            code: "unavailable",
-            message: match &self.index_error {
-                Some(e) => format!("the file index could not be opened: {e}"),
-                None => "the file index is still opening".into(),
-            },
-        })
+        Err(CellError::unavailable(match &self.index_error {
+            Some(e) => format!("the file index could not be opened: {e}"),
+            None => "the file index is still opening".into(),
+        }))
     }
 
     /// Queue a job a peer asked for, within half the queue; false (counted) if no room.
@@ -350,7 +346,7 @@ impl FtreeCell {
         }
     }
 
-    fn handle_done(&mut self, now: u64, done: Done) {
+    fn handle_done(&mut self, done: Done) {
         match done {
             Done::Opened(Ok((index, all, bad))) => {
                 self.index = Some(index);
@@ -385,7 +381,7 @@ impl FtreeCell {
                     }
                 };
                 match reply {
-                    Reply::Op(q) => self.op_indexed(now, q, self.me, ok.is_ok()),
+                    Reply::Op(q) => self.op_indexed(q, self.me, ok.is_ok()),
                     Reply::Peer(to, q) => {
                         let mut body = json!({"q": q, "id": id.to_string(), "ok": ok.is_ok()});
                         if let Err(code) = ok {
@@ -407,7 +403,7 @@ impl FtreeCell {
                 };
                 let text = found.and_then(|b| String::from_utf8(b).ok());
                 match reply {
-                    Reply::Op(q) => self.op_fetched(now, q, self.me, text),
+                    Reply::Op(q) => self.op_fetched(q, self.me, text),
                     Reply::Peer(to, q) => {
                         self.send(&to, "file.fetched", json!({"q": q, "manifest": text}));
                     }
@@ -437,7 +433,7 @@ impl FtreeCell {
                     self.forget(&owner, &id);
                 }
                 match reply {
-                    Reply::Op(q) => self.op_removed(now, q, self.me, removed),
+                    Reply::Op(q) => self.op_removed(q, self.me, removed),
                     Reply::Peer(to, q) => {
                         let body = json!({"q": q, "id": id.to_string(), "removed": removed});
                         self.send(&to, "file.unindexed", body);
@@ -476,11 +472,7 @@ impl FtreeCell {
 }
 
 fn busy() -> CellError {
-    CellError {
-        status: 503,
-        code: "unavailable",
-        message: "the file index is busy; try again".into(),
-    }
+    CellError::unavailable("the file index is busy; try again")
 }
 
 impl Cell for FtreeCell {
@@ -502,18 +494,17 @@ impl Cell for FtreeCell {
 
     fn handle_message(
         &mut self,
-        now: CellTime,
+        _now: CellTime,
         from: PublicKey,
         _rx: u64,
         kind: &str,
         body: &Value,
     ) -> Result<(), CellError> {
-        let ms = now.mono_ms;
         let bad = |e: wire::WireError| CellError::malformed(e.0);
         // Answers to our own requests are matched to the operation that asked.
         match kind {
             "file.indexed" | "file.fetched" | "file.listed" | "file.unindexed" => {
-                return self.op_answer(ms, from, kind, body);
+                return self.op_answer(from, kind, body);
             }
             _ => {}
         }
@@ -600,7 +591,6 @@ impl Cell for FtreeCell {
                 )))
             }
         }
-        let _ = ms;
         Ok(())
     }
 
@@ -621,9 +611,9 @@ impl Cell for FtreeCell {
         Some(job.into_work(self.index.clone()))
     }
 
-    fn handle_work_done(&mut self, now: CellTime, done: WorkDone) {
+    fn handle_work_done(&mut self, _now: CellTime, done: WorkDone) {
         match done.downcast::<Done>() {
-            Ok(done) => self.handle_done(now.mono_ms, *done),
+            Ok(done) => self.handle_done(*done),
             Err(_) => self.stats.job_errors += 1,
         }
     }

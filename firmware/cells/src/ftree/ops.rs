@@ -100,11 +100,9 @@ pub(super) fn open_delete(
 }
 
 fn unavailable(what: &str) -> CellError {
-    CellError {
-        status: 503,
-        code: "unavailable",
-        message: format!("no index holder answered the {what} in time; try again"),
-    }
+    CellError::unavailable(format!(
+        "no index holder answered the {what} in time; try again"
+    ))
 }
 
 impl FtreeCell {
@@ -148,11 +146,9 @@ impl FtreeCell {
     ) -> Result<Option<Value>, CellError> {
         let bad = |e: wire::WireError| CellError::malformed(e.0);
         if self.ops.ops.len() >= MAX_OPS {
-            return Err(CellError {
-                status: 503,
-                code: "unavailable",
-                message: "too many file operations in progress here; try again".into(),
-            });
+            return Err(CellError::unavailable(
+                "too many file operations in progress here; try again",
+            ));
         }
         let holders = self.holders(&from);
         let others: Vec<PublicKey> = holders.iter().copied().filter(|k| *k != self.me).collect();
@@ -162,13 +158,13 @@ impl FtreeCell {
                 let text = wire::envelope_field(body, "manifest").map_err(bad)?;
                 let opened = check_store(&from, text.as_bytes()).map_err(files_error)?;
                 let id = opened.id();
-                let q = self.new_op(now, ticket, holders.clone(), Kind::Put { id, acks: 0 });
+                let q = self.new_op(now, ticket, holders, Kind::Put { id, acks: 0 });
                 for to in &others {
                     self.send(to, "file.index", json!({"q": q, "manifest": text}));
                 }
                 if local {
                     if let Err(e) = self.index_manifest(text, Reply::Op(q)) {
-                        self.op_indexed(now, q, self.me, false);
+                        self.op_indexed(q, self.me, false);
                         tracing::debug!("indexing here: {e}");
                     }
                 }
@@ -176,7 +172,7 @@ impl FtreeCell {
             "file.get" => {
                 let id = wire::id_of(body).map_err(bad)?;
                 let kind = Kind::Get { owner: from, id };
-                let q = self.new_op(now, ticket, holders.clone(), kind);
+                let q = self.new_op(now, ticket, holders, kind);
                 let ask = json!({"q": q, "owner": from.to_b64(), "id": id.to_string()});
                 for to in &others {
                     self.send(to, "file.fetch", ask.clone());
@@ -194,21 +190,21 @@ impl FtreeCell {
                     files: BTreeMap::new(),
                     truncated: false,
                 };
-                let q = self.new_op(now, ticket, holders.clone(), kind);
+                let q = self.new_op(now, ticket, holders, kind);
                 for to in &others {
                     self.send(to, "file.list", json!({"q": q, "owner": from.to_b64()}));
                 }
                 if local {
                     let (files, truncated) = self.listing(&from);
                     let body = json!({"files": files, "truncated": truncated});
-                    self.op_listed(now, q, self.me, &body);
+                    self.op_listed(q, self.me, &body);
                 }
             }
             "file.rm" => {
                 let text = wire::envelope_field(body, "delete").map_err(bad)?;
                 let (owner, id) = open_delete(text, Some(&from))?;
                 let kind = Kind::Rm { id, removed: false };
-                let q = self.new_op(now, ticket, holders.clone(), kind);
+                let q = self.new_op(now, ticket, holders, kind);
                 for to in &others {
                     self.send(to, "file.unindex", json!({"q": q, "delete": text}));
                 }
@@ -234,7 +230,6 @@ impl FtreeCell {
     /// A holder's answer to one of our operations (`q` 0 answers anti-entropy: ignored).
     pub(super) fn op_answer(
         &mut self,
-        now: u64,
         from: PublicKey,
         kind: &str,
         body: &Value,
@@ -253,21 +248,21 @@ impl FtreeCell {
         match kind {
             "file.indexed" => {
                 let ok = body.get("ok").and_then(Value::as_bool).unwrap_or(false);
-                self.op_indexed(now, q, from, ok);
+                self.op_indexed(q, from, ok);
             }
             "file.fetched" => {
                 let text = wire::envelope_field(body, "manifest")
                     .ok()
                     .map(str::to_string);
-                self.op_fetched(now, q, from, text);
+                self.op_fetched(q, from, text);
             }
-            "file.listed" => self.op_listed(now, q, from, body),
+            "file.listed" => self.op_listed(q, from, body),
             "file.unindexed" => {
                 let removed = body
                     .get("removed")
                     .and_then(Value::as_bool)
                     .unwrap_or(false);
-                self.op_removed(now, q, from, removed);
+                self.op_removed(q, from, removed);
             }
             _ => {}
         }
@@ -293,7 +288,7 @@ impl FtreeCell {
         }
     }
 
-    pub(super) fn op_indexed(&mut self, _now: u64, q: u64, who: PublicKey, ok: bool) {
+    pub(super) fn op_indexed(&mut self, q: u64, who: PublicKey, ok: bool) {
         let Some(op) = self.answered(q, who) else {
             return;
         };
@@ -313,7 +308,7 @@ impl FtreeCell {
         }
     }
 
-    pub(super) fn op_fetched(&mut self, _now: u64, q: u64, who: PublicKey, text: Option<String>) {
+    pub(super) fn op_fetched(&mut self, q: u64, who: PublicKey, text: Option<String>) {
         let Some(op) = self.answered(q, who) else {
             return;
         };
@@ -332,7 +327,7 @@ impl FtreeCell {
         }
     }
 
-    pub(super) fn op_listed(&mut self, _now: u64, q: u64, who: PublicKey, body: &Value) {
+    pub(super) fn op_listed(&mut self, q: u64, who: PublicKey, body: &Value) {
         let parsed = wire::parse_listed(body);
         let Some(op) = self.answered(q, who) else {
             return;
@@ -366,7 +361,7 @@ impl FtreeCell {
         self.finish(q, Ok(body));
     }
 
-    pub(super) fn op_removed(&mut self, _now: u64, q: u64, who: PublicKey, removed: bool) {
+    pub(super) fn op_removed(&mut self, q: u64, who: PublicKey, removed: bool) {
         let Some(op) = self.answered(q, who) else {
             return;
         };
@@ -417,9 +412,5 @@ impl FtreeCell {
 }
 
 fn not_found(id: &FileId) -> CellError {
-    CellError {
-        status: 404,
-        code: "not_found",
-        message: format!("no index holder has file {id} of yours"),
-    }
+    CellError::not_found(format!("no index holder has file {id} of yours"))
 }

@@ -139,19 +139,15 @@ fn store_error(e: &StoreError) -> CellError {
 }
 
 fn not_found(addr: &Address) -> CellError {
-    CellError {
-        status: 404,
-        code: "not_found",
-        message: format!("no holder of shard {addr} answered within {GET_DEADLINE_MS} ms"),
-    }
+    CellError::not_found(format!(
+        "no holder of shard {addr} answered within {GET_DEADLINE_MS} ms"
+    ))
 }
 
 fn busy(what: &str) -> CellError {
-    CellError {
-        status: 503,
-        code: "unavailable",
-        message: format!("too many {what} in progress here; try again shortly"),
-    }
+    CellError::unavailable(format!(
+        "too many {what} in progress here; try again shortly"
+    ))
 }
 
 /// `{"data": base64url}` of a `shard.put`, bounded before it is decoded.
@@ -374,25 +370,26 @@ impl ShardCell {
 
     /// Ask again, or give up, as the deadlines pass.
     pub(super) fn clients_timeout(&mut self, now: u64) {
-        let mut again = Vec::new();
-        let mut gone = Vec::new();
+        let (mut ask, mut reread, mut gone) = (Vec::new(), Vec::new(), Vec::new());
         for (addr, w) in &self.clients.waits {
             if now >= w.started + GET_DEADLINE_MS {
                 gone.push(*addr);
             } else if w.next_ask().is_some_and(|t| now >= t) {
-                again.push(*addr);
+                // A settling read reads again; any other asks the holders again.
+                match w.settle_until {
+                    Some(_) => reread.push(*addr),
+                    None => ask.push(*addr),
+                }
             }
         }
-        for addr in again {
-            let settled = self.clients.waits.get_mut(&addr).and_then(|w| {
-                w.settle_until.map(|_| {
-                    w.reading = true;
-                })
-            });
-            match settled {
-                Some(()) => self.job_always(Job::Read(Address::from_bytes(addr))),
-                None => self.ask_holders(now, addr),
+        for addr in reread {
+            if let Some(w) = self.clients.waits.get_mut(&addr) {
+                w.reading = true;
             }
+            self.job_always(Job::Read(Address::from_bytes(addr)));
+        }
+        for addr in ask {
+            self.ask_holders(now, addr);
         }
         for addr in gone {
             if let Some(w) = self.clients.waits.remove(&addr) {

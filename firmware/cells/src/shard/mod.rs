@@ -220,14 +220,10 @@ impl ShardCell {
         if self.store.is_some() {
             return Ok(());
         }
-        Err(CellError {
-            status: 503,
-            code: "unavailable",
-            message: match &self.store_error {
-                Some(e) => format!("the shard store could not be opened: {e}"),
-                None => "the shard store is still opening".into(),
-            },
-        })
+        Err(CellError::unavailable(match &self.store_error {
+            Some(e) => format!("the shard store could not be opened: {e}"),
+            None => "the shard store is still opening".into(),
+        }))
     }
 
     /// Queue a disk job a peer asked for within its share of [`MAX_JOBS_QUEUED`]; false
@@ -679,9 +675,5 @@ impl Cell for ShardCell {
 }
 
 fn busy() -> CellError {
-    CellError {
-        status: 503,
-        code: "unavailable",
-        message: "the shard store is busy; try again".into(),
-    }
+    CellError::unavailable("the shard store is busy; try again")
 }
