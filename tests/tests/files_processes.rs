@@ -371,7 +371,9 @@ fn put_get_kill_holders_repair_and_resume_across_20_processes() {
         .join(format!("n{victim}"))
         .join("shards.redb");
     corrupt_one_shard(&db);
-    net.spawn(victim, Some(0));
+    // Rejoin through a node that is still alive (node 0 may be one of the holders killed above).
+    let seed = net.nodes.keys().copied().find(|&i| i != victim);
+    net.spawn(victim, seed);
     net.wait_up(victim);
     let st = wait_for(Duration::from_secs(60), Duration::from_millis(200), || {
         all_alive(&mut net);
