@@ -276,3 +276,130 @@ fn a_stranger_cannot_store_delete_read_or_list_anothers_files() {
         );
     }
 }
+
+/// Read frames from `c` until `pick` takes one, for at most 10 s.
+async fn next_frame<T>(c: &mut conn::PeerConn, mut pick: impl FnMut(&[u8]) -> Option<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let bytes = c.recv().await.unwrap().expect("the node closed the link");
+            if let Some(t) = pick(&bytes) {
+                return t;
+            }
+        }
+    })
+    .await
+    .expect("no such frame within 10 s")
+}
+
+/// Client streams (`shard.open`, then `Want` frames) are open to any key, because a shard's
+/// address is the capability to read its ciphertext; but a stranger's fresh key gets only
+/// what it names and holds at most 4 of them open at a node.
+#[test]
+fn a_strangers_client_streams_serve_only_what_it_names_within_the_bounds() {
+    use borg_proto::stream::frame::{CloseCode, Frame, Want};
+    let mut net = Net::new(53, 500, 3);
+    net.env.push(("BORG_SHARD_QUICK".into(), "1".into()));
+    net.spawn(0, None);
+    net.wait_up(0);
+    net.spawn(1, Some(0));
+    net.spawn(2, Some(0));
+    net.wait_tree(Duration::from_secs(60)).unwrap();
+    wait_for(Duration::from_secs(60), Duration::from_millis(200), || {
+        (0..3)
+            .all(|i| net.cell_status(i, SHARD_MON).unwrap_or_default()["members"]["placeable"] == 3)
+            .then_some(())
+    })
+    .expect("members never complete");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Anyone stores a shard at node 0; with 3 members every node ends up holding it.
+    let out = Outsider::new("127.0.0.1:9");
+    let bytes: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
+    let (st, v) = call(
+        &rt,
+        SocketAddr::new(net.ip(0).into(), 13355),
+        &out.key,
+        "shard.put",
+        json!({"data": URL_SAFE_NO_PAD.encode(&bytes)}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let addr: [u8; 32] = *borg_store::Address::of(&bytes).as_bytes();
+    wait_for(Duration::from_secs(30), Duration::from_millis(200), || {
+        (net.cell_status(1, SHARD_MON)?["store"]["shards"] == 1).then_some(())
+    })
+    .expect("node 1 never held the shard");
+    let other = [0x42u8; 32];
+    let hexa = |a: &[u8; 32]| a.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let key1 = node_key(&net, 1);
+    let shard_port: SocketAddr = format!("{}:13350", net.ip(1)).parse().unwrap();
+
+    rt.block_on(async {
+        let mut c = conn::connect_cell(
+            shard_port,
+            Some(key1),
+            "shardTree",
+            &out.identity,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        // A Want on a stream never opened: closed, no bytes.
+        let want = |stream, seq, addr| Frame::Want(Want { stream, seq, addr }).encode();
+        c.send(&want(99, 0, addr)).await.unwrap();
+        let code = next_frame(&mut c, |b| match Frame::decode(b) {
+            Ok(Frame::Close(x)) if x.stream == 99 => Some(x.code),
+            Ok(Frame::Shard(_)) => panic!("a shard on a stream nobody opened"),
+            _ => None,
+        })
+        .await;
+        assert_eq!(code, CloseCode::UnknownStream);
+        // Four streams open; the answer says which named shard is held here.
+        for stream in 1..=4u32 {
+            let body = json!({"stream": stream, "addrs": [hexa(&addr), hexa(&other)]});
+            c.send(&out.frame("shard.open", body)).await.unwrap();
+            let held = next_frame(&mut c, |b| {
+                let env = envelope::verify_signature_only(b).ok()?;
+                (env.kind == "shard.opened" && env.body["stream"] == stream)
+                    .then(|| env.body["held"].clone())
+            })
+            .await;
+            assert_eq!(held, "01", "stream {stream}: only the first shard is held");
+        }
+        // A fifth from the same key: refused.
+        let body = json!({"stream": 5, "addrs": [hexa(&addr)]});
+        c.send(&out.frame("shard.open", body)).await.unwrap();
+        let code = next_frame(&mut c, |b| match Frame::decode(b) {
+            Ok(Frame::Close(x)) if x.stream == 5 => Some(x.code),
+            _ => None,
+        })
+        .await;
+        assert_eq!(code, CloseCode::Busy);
+        // On an open stream: the named, held shard comes back whole; the other is Missing,
+        // and so is a shard the stream did not name.
+        c.send(&want(1, 7, addr)).await.unwrap();
+        c.send(&want(1, 8, other)).await.unwrap();
+        c.send(&want(2, 9, [0x17; 32])).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            let f = next_frame(&mut c, |b| Frame::decode(b).ok()).await;
+            got.push(f);
+        }
+        for f in got {
+            match f {
+                Frame::Shard(s) => {
+                    assert_eq!((s.stream, s.seq, s.addr), (1, 7, addr));
+                    assert_eq!(s.bytes, bytes);
+                }
+                Frame::Missing(m) => assert!(m.seq == 8 || m.seq == 9, "{m:?}"),
+                f => panic!("unexpected {f:?}"),
+            }
+        }
+    });
+    let st = net.cell_status(1, SHARD_MON).unwrap();
+    let t = &st["transfers"];
+    assert_eq!(t["client_streams"], 4, "{t}");
+    assert!(t["client_streams_refused"].as_u64().unwrap() >= 1, "{t}");
+    assert_eq!(t["shards_out"], 1, "{t}");
+}

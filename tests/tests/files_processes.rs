@@ -197,6 +197,10 @@ fn put_get_kill_holders_repair_and_resume_across_20_processes() {
         got["min_replicas"].as_u64().unwrap() >= 2,
         "the read saw too few copies: {got}"
     );
+    // Streamed from the holders themselves (shard.locate, shard.open, binary frames).
+    assert_eq!(got["streamed"], n_shards, "{got}");
+    assert_eq!(got["via_node"], 0, "{got}");
+    assert!(got["holders"].as_u64().unwrap() >= 3, "{got}");
 
     // The owner lists it; a stranger neither sees it nor can delete it.
     let ls = json_of(&borg(&[
@@ -276,7 +280,8 @@ fn put_get_kill_holders_repair_and_resume_across_20_processes() {
     net.kill9(b);
     let out2 = dir.path().join("out2.bin");
     let t = Instant::now();
-    json_of(&borg(&[
+    // Through the node (--via-node): it fetches each shard from the surviving holders.
+    let via = json_of(&borg(&[
         "get",
         "--node",
         &net.ip(getter).to_string(),
@@ -286,7 +291,9 @@ fn put_get_kill_holders_repair_and_resume_across_20_processes() {
         "--phrase-file",
         owner_s,
         "--json",
+        "--via-node",
     ]));
+    assert_eq!(via["via_node"], n_shards, "{via}");
     println!(
         "get with two holders dead in {:.1} s",
         t.elapsed().as_secs_f64()

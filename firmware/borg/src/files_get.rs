@@ -33,6 +33,7 @@ use crate::files_cli::{
     call, explain, parse_id, parse_node, runtime, with_retries, CallError, NodeUser, Progress,
     Target, IN_FLIGHT,
 };
+use crate::files_stream::{stream_missing, Streamed};
 
 /// Format version of the state file.
 const STATE_VERSION: u32 = 1;
@@ -295,9 +296,14 @@ pub struct GetArgs {
     #[arg(long)]
     pub force: bool,
     /// Print one JSON object {"id", "name", "size", "shards", "out", "fetched", "skipped",
-    /// "min_replicas"} and no progress.
+    /// "streamed", "via_node", "holders", "min_replicas"} and no progress.
     #[arg(long)]
     pub json: bool,
+    /// Fetch every shard through the --node's receptor (`shard.get`, one HTTPS request per
+    /// shard) instead of streaming them from their holders: slower, but it needs only the
+    /// one node reachable. Without it, shards no holder could stream go this way anyway.
+    #[arg(long)]
+    pub via_node: bool,
 }
 
 pub fn get(args: GetArgs) -> Result<()> {
@@ -381,9 +387,35 @@ pub fn get(args: GetArgs) -> Result<()> {
     let mut progress = Progress::new("get", manifest.size(), args.json);
     progress.skip(done_bytes(&state, manifest));
     let data = Arc::new(data);
+    let key = Arc::new(keys.signing().clone());
+    let streamed = if args.via_node {
+        Ok(Streamed::default())
+    } else {
+        rt.block_on(stream_missing(
+            &ends.shard,
+            key.clone(),
+            enc.clone(),
+            manifest,
+            data.clone(),
+            &mut state,
+            &state_file,
+            &mut progress,
+        ))
+    };
+    let streamed = match streamed {
+        Ok(s) => s,
+        Err(e) => {
+            progress.abandon();
+            return Err(e.context(format!(
+                "{} of {n} chunks are saved in {}; run the same command again to resume",
+                state.done_count(),
+                part.display()
+            )));
+        }
+    };
     let fetched = rt.block_on(fetch_missing(
         &ends.shard,
-        Arc::new(keys.signing().clone()),
+        key,
         enc,
         manifest,
         data.clone(),
@@ -394,7 +426,10 @@ pub fn get(args: GetArgs) -> Result<()> {
     let min_replicas = match fetched {
         Ok(r) => {
             progress.finish();
-            r
+            match (r, streamed.min_replicas) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
         }
         Err(e) => {
             progress.abandon();
@@ -427,6 +462,9 @@ pub fn get(args: GetArgs) -> Result<()> {
                 "out": out.display().to_string(),
                 "fetched": fetched_count,
                 "skipped": skipped,
+                "streamed": streamed.chunks,
+                "via_node": fetched_count - streamed.chunks,
+                "holders": streamed.holders,
                 "min_replicas": replicas,
             })
         );
@@ -586,7 +624,7 @@ async fn fetch_missing(
 
 /// Make the chunks in `written` durable (fsync the data), then mark them done and save the
 /// state atomically.
-async fn save_progress(
+pub(crate) async fn save_progress(
     data: &Arc<File>,
     state: &mut GetState,
     written: &mut Vec<usize>,

@@ -13,6 +13,7 @@ mod files_cli;
 mod files_get;
 mod files_net;
 mod files_progress;
+mod files_stream;
 mod release;
 mod userkey;
 

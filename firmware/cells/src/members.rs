@@ -36,6 +36,18 @@ impl Membership {
         }
     }
 
+    /// The address `key` announced, or this node's own tree address for its own key.
+    pub fn addr_of(&self, key: &PublicKey) -> Option<&str> {
+        if *key == self.me() {
+            return self.my_addr.as_deref();
+        }
+        self.dir.addr_of(key)
+    }
+
+    fn me(&self) -> PublicKey {
+        self.dir.own()
+    }
+
     /// The cell's tree changed: announce at once on joining it.
     pub fn handle_tree(&mut self, now: u64, view: &TreeView, out: &mut VecDeque<CellAction>) {
         self.my_addr = Some(view.addr.clone());

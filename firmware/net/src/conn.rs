@@ -419,7 +419,16 @@ async fn tcp_connect(
         }
     };
     tcp.set_nodelay(true).map_err(err)?;
+    prefer_bbr(&tcp);
     Ok(tcp)
+}
+
+/// Ask for BBR congestion control on `tcp` where the kernel has it (best effort: the
+/// kernel's default stays otherwise). Loss-based control (cubic) reads a home link's random
+/// loss as congestion: at 1% loss and 80 ms RTT one cubic flow gets a few Mbit/s of a
+/// 100 Mbit/s link, BBR nearly all of it (docs/BENCHMARKS.md, `bench store --netns`).
+pub fn prefer_bbr(tcp: &TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_tcp_congestion(b"bbr");
 }
 
 async fn tls_client(
@@ -640,6 +649,7 @@ async fn classify(
 ) -> Result<Incoming, TransportError> {
     let err = |source| TransportError::Handshake { addr, source };
     tcp.set_nodelay(true).map_err(err)?;
+    prefer_bbr(&tcp);
     let mut first = [0u8; 1];
     let n = tcp.peek(&mut first).await.map_err(err)?;
     if n == 1 && first[0] == b'B' {

@@ -35,6 +35,10 @@ pub const GET_DEADLINE_MS: u64 = 15_000;
 /// other holders' offers before it answers, so the count it reports is right.
 pub const GET_SETTLE_MS: u64 = 500;
 
+/// Ranks `shard.locate` names per address beyond the `r` placed: where a copy may still be
+/// while the set of members changes.
+pub const LOCATE_SPARE: usize = 2;
+
 /// One shard clients wait for.
 #[derive(Debug)]
 struct Wait {
@@ -186,6 +190,32 @@ fn parse_addr(body: &Value) -> Result<Address, CellError> {
 
 impl ShardCell {
     /// `shard.put` / `shard.get` from a client: `Ok(None)` is answered later on `ticket`.
+    /// `shard.locate`: for each address the members best placed to hold it (best first,
+    /// `r` + [`LOCATE_SPARE`] of those whose address is known), so that a client can pull
+    /// from them directly (`shard.open`). O(addresses x members) hashing, both bounded.
+    pub(super) fn locate(&self, body: &Value) -> Result<Value, CellError> {
+        let addrs = wire::parse_locate(body).map_err(|e| CellError::malformed(e.0))?;
+        let members = self.members.dir.members();
+        let mut holders: Vec<Value> = Vec::new();
+        let mut index: HashMap<PublicKey, usize> = HashMap::new();
+        let mut ranks = Vec::with_capacity(addrs.len());
+        for a in &addrs {
+            let mut row = Vec::new();
+            for r in members.top(a, self.replicas + LOCATE_SPARE) {
+                let Some(addr) = self.members.addr_of(&r.key) else {
+                    continue;
+                };
+                let i = *index.entry(r.key).or_insert_with(|| {
+                    holders.push(json!({"key": r.key.to_b64(), "addr": addr}));
+                    holders.len() - 1
+                });
+                row.push(i);
+            }
+            ranks.push(row);
+        }
+        Ok(json!({"holders": holders, "ranks": ranks}))
+    }
+
     pub(super) fn client_request(
         &mut self,
         now: u64,

@@ -428,7 +428,7 @@ impl Cell for ShardCell {
     }
 
     fn receptor_kinds(&self) -> &'static [&'static str] {
-        &["shard.stat", "shard.put", "shard.get"]
+        &["shard.stat", "shard.put", "shard.get", "shard.locate"]
     }
 
     fn handle_tree(&mut self, now: CellTime, view: &TreeView) {
@@ -501,6 +501,13 @@ impl Cell for ShardCell {
                 let addrs = wire::parse_ask(body).map_err(bad)?;
                 self.offer(ms, from, addrs);
             }
+            "shard.open" => {
+                // Any key: an address is the capability to read a shard (its bytes are
+                // ciphertext), and the stream's bounds are the client-stream ones.
+                self.store_ready()?;
+                let (stream, addrs) = wire::parse_open(body).map_err(bad)?;
+                self.open_client_stream(ms, from, stream, addrs);
+            }
             other => {
                 return Err(CellError::unknown_kind(format!(
                     "shardTree does not take {other:?}"
@@ -524,7 +531,7 @@ impl Cell for ShardCell {
         _now: CellTime,
         _from: &PublicKey,
         kind: &str,
-        _body: &Value,
+        body: &Value,
     ) -> Result<Value, CellError> {
         match kind {
             "shard.stat" => {
@@ -535,8 +542,10 @@ impl Cell for ShardCell {
                     "members": self.members.dir.members().len(), "held": self.planner.tracked(),
                 }))
             }
+            "shard.locate" => self.locate(body),
             _ => Err(CellError::unknown_kind(format!(
-                "shardTree answers shard.stat, shard.put and shard.get, not {kind:?}"
+                "shardTree answers shard.stat, shard.put, shard.get and shard.locate, not \
+                 {kind:?}"
             ))),
         }
     }

@@ -74,7 +74,18 @@ struct OfferOut {
     queued: usize,
     /// Still waiting for the store to say which shards it holds (the slot is taken).
     looking_up: bool,
+    /// A client's stream (`shard.open`), not a push of ours: its end tells the planner
+    /// nothing, and each Want keeps it open for another [`CLIENT_STREAM_IDLE_MS`].
+    client: bool,
 }
+
+/// Client streams (`shard.open`) open at once, in all and per key.
+pub const MAX_CLIENT_STREAMS: usize = 64;
+pub const MAX_CLIENT_STREAMS_PER_KEY: usize = 4;
+/// Shards one client stream may name.
+pub const MAX_CLIENT_STREAM_SHARDS: usize = 1024;
+/// A client stream without a Want for this long is closed (ms).
+pub const CLIENT_STREAM_IDLE_MS: u64 = 30_000;
 
 struct Pull {
     rx: Receiver,
@@ -104,6 +115,8 @@ struct Counts {
     closes_out: u64,
     wants_dropped: u64,
     offers_refused: u64,
+    client_streams: u64,
+    client_streams_refused: u64,
 }
 
 /// The transfer state of one node.
@@ -242,6 +255,9 @@ impl Transfers {
             "closes_out": c.closes_out,
             "wants_dropped": c.wants_dropped,
             "offers_refused": c.offers_refused,
+            "client_streams_open": self.offers.values().filter(|o| o.client).count(),
+            "client_streams": c.client_streams,
+            "client_streams_refused": c.client_streams_refused,
         })
     }
 
@@ -275,8 +291,9 @@ impl ShardCell {
     /// now, so lookups still queued count against the bounds.
     pub(super) fn offer(&mut self, now: u64, to: PublicKey, addrs: Vec<ShardAddr>) {
         let t = &mut self.transfers;
-        let to_peer = t.offers.keys().filter(|(k, _)| *k == to).count();
-        if t.offers.len() >= MAX_OFFERS || to_peer >= MAX_OFFERS / 4 {
+        let pushes = || t.offers.iter().filter(|(_, o)| !o.client);
+        let to_peer = pushes().filter(|((k, _), _)| *k == to).count();
+        if pushes().count() >= MAX_OFFERS || to_peer >= MAX_OFFERS / 4 {
             t.counts.offers_refused += 1;
             return self.offer_failed(now, to, &addrs);
         }
@@ -297,6 +314,46 @@ impl ShardCell {
                 deadline: now + OFFER_TIMEOUT_MS,
                 queued: 0,
                 looking_up: true,
+                client: false,
+            },
+        );
+    }
+
+    /// A client (any key) opens `stream` to pull `addrs` from this node with Wants. No store
+    /// lookup: a Want for a shard not held here is answered `Missing` at once. Refused with
+    /// `Close busy` beyond [`MAX_CLIENT_STREAMS`] ([`MAX_CLIENT_STREAMS_PER_KEY`] per key),
+    /// or when `stream` is in use between us.
+    pub(super) fn open_client_stream(
+        &mut self,
+        now: u64,
+        from: PublicKey,
+        stream: u32,
+        addrs: Vec<ShardAddr>,
+    ) {
+        let t = &mut self.transfers;
+        let clients = || t.offers.iter().filter(|(_, o)| o.client);
+        let of_key = clients().filter(|((k, _), _)| *k == from).count();
+        if clients().count() >= MAX_CLIENT_STREAMS
+            || of_key >= MAX_CLIENT_STREAMS_PER_KEY
+            || t.offers.contains_key(&(from, stream))
+            || t.pulls.contains_key(&(from, stream))
+        {
+            t.counts.client_streams_refused += 1;
+            t.counts.closes_out += 1;
+            return self.out.push_back(close(from, stream, CloseCode::Busy));
+        }
+        t.counts.client_streams += 1;
+        let held: Vec<bool> = addrs.iter().map(|a| self.planner.holds(a)).collect();
+        self.send(&from, "shard.opened", wire::opened_body(stream, &held));
+        self.transfers.offers.insert(
+            (from, stream),
+            OfferOut {
+                served: vec![0; addrs.len()],
+                addrs,
+                deadline: now + CLIENT_STREAM_IDLE_MS,
+                queued: 0,
+                looking_up: false,
+                client: true,
             },
         );
     }
@@ -361,6 +418,7 @@ impl ShardCell {
                 deadline: now + OFFER_TIMEOUT_MS,
                 queued: 0,
                 looking_up: false,
+                client: false,
             },
         );
         self.transfers.counts.offers_sent += 1;
@@ -558,7 +616,13 @@ impl ShardCell {
                 self.drive_pull(now, (from, m.stream));
             }
             Frame::Close(c) => {
-                if !self.is_ours(&from, c.stream) {
+                let key = (from, c.stream);
+                if self.transfers.offers.get(&key).is_some_and(|o| o.client) {
+                    self.transfers.offers.remove(&key);
+                    self.transfers
+                        .serve_q
+                        .retain(|(k, w)| !(*k == from && w.stream == c.stream));
+                } else if !self.is_ours(&from, c.stream) {
                     if let Some(p) = self.transfers.pulls.get_mut(&(from, c.stream)) {
                         p.rx.handle_close(&from, c);
                         self.drive_pull(now, (from, c.stream));
@@ -586,8 +650,13 @@ impl ShardCell {
                 .push_back(close(from, want.stream, CloseCode::UnknownStream));
             return;
         };
+        if offer.client {
+            offer.deadline = now + CLIENT_STREAM_IDLE_MS;
+        }
         let index = offer.addrs.iter().position(|a| *a == want.addr);
-        let Some(index) = index.filter(|&i| offer.served[i] < SERVES_PER_SHARD) else {
+        // A client may name shards this node does not hold: no disk read for those.
+        let held = !offer.client || self.planner.holds(&want.addr);
+        let Some(index) = index.filter(|&i| held && offer.served[i] < SERVES_PER_SHARD) else {
             // Not offered, or asked for too often: no more reads of it on this offer.
             t.counts.missing_out += 1;
             self.out.push_back(CellAction::SendBinary {
@@ -603,7 +672,11 @@ impl ShardCell {
         };
         if offer.queued >= MAX_WANTS_PER_STREAM {
             // More than the window it was offered: a misbehaving puller.
-            let addrs = offer.addrs.clone();
+            let addrs = if offer.client {
+                Vec::new()
+            } else {
+                offer.addrs.clone()
+            };
             t.offers.remove(&(from, want.stream));
             t.serve_q
                 .retain(|(k, w)| !(*k == from && w.stream == want.stream));
@@ -649,6 +722,12 @@ impl ShardCell {
             .collect();
         for k in expired {
             if let Some(o) = self.transfers.offers.remove(&k) {
+                if o.client {
+                    self.transfers
+                        .serve_q
+                        .retain(|(p, w)| !(*p == k.0 && w.stream == k.1));
+                    continue;
+                }
                 self.transfers.counts.offers_expired += 1;
                 for a in o.addrs {
                     self.planner.handle_push_done(now, &a, k.0, false);

@@ -9,6 +9,12 @@
 //! | `shard.offer` | `{"stream": u32, "shards": [[hex, len], ...]}` | I hold these for you: pull them with `Want` frames on `stream` |
 //! | `shard.stored` | `{"stream": u32, "stored": [hex, ...], "failed": [hex, ...]}` | what the pull of an offer stored |
 //! | `shard.ask` | `{"addrs": [hex, ...]}` | offer me these (a fetch): answered by a `shard.offer` of those held and a `shard.have` of those not |
+//! | `shard.open` | `{"stream": u32, "addrs": [hex, ...]}` | from any key (a client's get): let me pull these with `Want` frames on `stream` |
+//! | `shard.opened` | `{"stream": u32, "held": hex}` | the answer: bit `i` (of byte `i / 8`, from its low bit) set if `addrs[i]` is held here; a refused open is a binary `Close busy` instead |
+//!
+//! Receptor kind `shard.locate` `{"addrs": [hex, ...]}` is answered
+//! `{"holders": [{"key", "addr"}, ...], "ranks": [[i, ...], ...]}`: for each address the
+//! members best placed to hold it, best first, as indices into `holders`.
 //!
 //! Broadcast payload on the shard tree: `{"member": {"addr": "ip:port", "epoch": u64}}`.
 
@@ -20,6 +26,10 @@ use borg_proto::shard::placement::ShardAddr;
 pub const MAX_QUERY_ADDRS: usize = 256;
 /// Shards in one offer at most.
 pub const MAX_OFFER_SHARDS: usize = 64;
+/// Shards one `shard.open` names at most (a client opens a stream per batch).
+pub const MAX_OPEN_ADDRS: usize = crate::shard::transfer::MAX_CLIENT_STREAM_SHARDS;
+/// Addresses one `shard.locate` asks about at most.
+pub const MAX_LOCATE_ADDRS: usize = 256;
 /// The longest advertised address kept from a member announcement.
 pub const MAX_ADDR_LEN: usize = 128;
 
@@ -163,6 +173,66 @@ pub fn parse_ask(body: &Value) -> Result<Vec<ShardAddr>, WireError> {
         .collect()
 }
 
+/// `shard.open`: (stream, addresses), at most [`MAX_OPEN_ADDRS`], at least one.
+pub fn parse_open(body: &Value) -> Result<(u32, Vec<ShardAddr>), WireError> {
+    let stream = stream_of(body)?;
+    let addrs = array(body, "addrs", MAX_OPEN_ADDRS)?
+        .iter()
+        .map(parse_addr)
+        .collect::<Result<Vec<_>, _>>()?;
+    if addrs.is_empty() {
+        return Err(bad("a stream names at least one shard"));
+    }
+    Ok((stream, addrs))
+}
+
+pub fn open_body(stream: u32, addrs: &[ShardAddr]) -> Value {
+    json!({"stream": stream, "addrs": addrs.iter().map(hex).collect::<Vec<_>>()})
+}
+
+pub fn opened_body(stream: u32, held: &[bool]) -> Value {
+    let mut bits = vec![0u8; held.len().div_ceil(8)];
+    for (i, _) in held.iter().enumerate().filter(|(_, h)| **h) {
+        bits[i / 8] |= 1 << (i % 8);
+    }
+    let hex: String = bits.iter().map(|b| format!("{b:02x}")).collect();
+    json!({"stream": stream, "held": hex})
+}
+
+/// `shard.opened` for a stream of `n` shards: (stream, held flags).
+pub fn parse_opened(body: &Value, n: usize) -> Result<(u32, Vec<bool>), WireError> {
+    let stream = stream_of(body)?;
+    let hex = body
+        .get("held")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("`held` must be a hex string"))?;
+    if hex.len() != n.div_ceil(8) * 2 {
+        return Err(bad(format!(
+            "`held` must be {} hex digits",
+            n.div_ceil(8) * 2
+        )));
+    }
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map_err(|_| bad("`held` is not hex"))?;
+    let held = (0..n).map(|i| bytes[i / 8] & (1 << (i % 8)) != 0).collect();
+    Ok((stream, held))
+}
+
+/// `shard.locate` (receptor): addresses, at most [`MAX_LOCATE_ADDRS`], at least one.
+pub fn parse_locate(body: &Value) -> Result<Vec<ShardAddr>, WireError> {
+    let addrs = array(body, "addrs", MAX_LOCATE_ADDRS)?
+        .iter()
+        .map(parse_addr)
+        .collect::<Result<Vec<_>, _>>()?;
+    if addrs.is_empty() {
+        return Err(bad("`addrs` names at least one shard"));
+    }
+    Ok(addrs)
+}
+
 /// A member announcement broadcast: (addr, epoch).
 pub fn parse_member(payload: &Value) -> Option<(String, u64)> {
     let m = payload.get("member")?;
@@ -199,6 +269,15 @@ mod tests {
             parse_stored(&stored_body(7, &[a], &[])).unwrap(),
             (7, vec![a], vec![])
         );
+        assert_eq!(parse_open(&open_body(9, &[a])).unwrap(), (9, vec![a]));
+        let held = [true, false, false, true, false, false, false, false, true];
+        assert_eq!(
+            parse_opened(&opened_body(3, &held), held.len()).unwrap(),
+            (3, held.to_vec())
+        );
+        assert!(parse_opened(&opened_body(3, &held), 8).is_err());
+        assert!(parse_opened(&json!({"stream": 3, "held": "zz"}), 4).is_err());
+        assert_eq!(parse_locate(&json!({"addrs": [hex(&a)]})).unwrap(), vec![a]);
         assert_eq!(
             parse_member(&member_payload("10.0.0.1:13350", 9)),
             Some(("10.0.0.1:13350".into(), 9))
@@ -210,6 +289,12 @@ mod tests {
         let a = hex(&[1u8; 32]);
         let many: Vec<Value> = (0..=MAX_QUERY_ADDRS).map(|_| json!(a)).collect();
         assert!(parse_has(&json!({"addrs": many})).is_err());
+        let many: Vec<Value> = (0..=MAX_OPEN_ADDRS).map(|_| json!(a)).collect();
+        assert!(parse_open(&json!({"stream": 1, "addrs": many})).is_err());
+        assert!(parse_open(&json!({"stream": 1, "addrs": []})).is_err());
+        assert!(parse_locate(&json!({"addrs": []})).is_err());
+        let many: Vec<Value> = (0..=MAX_LOCATE_ADDRS).map(|_| json!(a)).collect();
+        assert!(parse_locate(&json!({"addrs": many})).is_err());
         let big = json!({"stream": 1, "shards": [[a, 256 * 1024 + 1]]});
         assert!(parse_offer(&big).is_err());
         assert!(parse_offer(&json!({"stream": 1, "shards": []})).is_err());
@@ -224,12 +309,17 @@ mod tests {
         fn any_json_never_panics(s in ".{0,200}", n in any::<u64>()) {
             for body in [json!({"addrs": [s.clone()]}), json!({"stream": n, "shards": [[s.clone(), n]]}),
                          json!({"stream": n, "stored": [s.clone()], "failed": []}),
+                         json!({"stream": n, "addrs": [s.clone()]}),
+                         json!({"stream": n, "held": s.clone()}),
                          json!({"member": {"addr": s.clone(), "epoch": n}}), json!(s.clone())] {
                 let _ = parse_has(&body);
                 let _ = parse_have(&body);
                 let _ = parse_offer(&body);
                 let _ = parse_stored(&body);
                 let _ = parse_ask(&body);
+                let _ = parse_open(&body);
+                let _ = parse_locate(&body);
+                let _ = parse_opened(&body, (n % 2000) as usize);
                 let _ = parse_member(&body);
             }
         }

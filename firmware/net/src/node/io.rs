@@ -151,6 +151,11 @@ pub(super) fn spawn_link(
             (UNTRUSTED_LINK_RATE, UNTRUSTED_LINK_BURST)
         };
         let mut bucket = Bucket::new(rate, burst, std::time::Instant::now());
+        let mut binary_bucket = Bucket::new(
+            TRUSTED_LINK_RATE,
+            TRUSTED_LINK_BURST,
+            std::time::Instant::now(),
+        );
         let mut upgraded = trusted_at_start;
         let mut stalled = false;
         let mut idle_periods = 0u32;
@@ -201,7 +206,15 @@ pub(super) fn spawn_link(
                         );
                         upgraded = true;
                     }
-                    let wait = bucket.take_or_wait(std::time::Instant::now());
+                    // Binary stream frames need no signature check and are bounded by the
+                    // cell's own stream limits: they draw on the neighbours' rate, so a
+                    // client's Wants are not held to a stranger's 100 envelopes a second.
+                    let b = if crate::cell::is_binary_frame(&bytes) {
+                        &mut binary_bucket
+                    } else {
+                        &mut bucket
+                    };
+                    let wait = b.take_or_wait(std::time::Instant::now());
                     if !wait.is_zero() {
                         NetCounters::bump(&ctx.counters.rate_limited, Door::Tree);
                         tokio::time::sleep(wait).await;

@@ -171,6 +171,8 @@ const TRUSTED_LINK_BURST: u32 = 4000;
 /// Frames per second a link from any other key may deliver: a joining node or a contact
 /// sends a handful of messages, so 100/s (burst 200) is plenty, and a flooder's link costs at
 /// most 100 signature checks a second. Excess frames wait (backpressure), none is dropped.
+/// Binary stream frames (no signature to check) have their own bucket at the neighbours'
+/// rate on every link: a client pulling shards sends one small `Want` per 256 KiB.
 const UNTRUSTED_LINK_RATE: u32 = 100;
 const UNTRUSTED_LINK_BURST: u32 = 200;
 

@@ -266,6 +266,11 @@ impl MemberDir {
         self.entries.len()
     }
 
+    /// This node's own key (always a member).
+    pub fn own(&self) -> PublicKey {
+        self.own
+    }
+
     /// The last address `key` announced.
     pub fn addr_of(&self, key: &PublicKey) -> Option<&str> {
         self.entries.get(key).map(|e| e.addr.as_str())
