@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
 """A user-space delay switch between network namespaces (this kernel may have no sch_netem).
 
-    netem_hub.py net --prefix P --nodes N [--leg-ms 7.5:12.5] [--seed S]
+    netem_hub.py net --prefix P --nodes N [--leg-ms 7.5:12.5] [--seed S] [--loss PCT]
+                     [--rate-mbit R] [--queue-ms Q]
         Creates namespaces P-n0 .. P-n{N-1}, each with lo and a TAP device `tap0` at
         10.77.0.(10+i)/24 (IPv6 off), and switches Ethernet frames between the TAPs (a learning
         switch). Every frame is held for two independent uniform delays drawn from --leg-ms (one
         per leg: sender -> switch, switch -> receiver), so every pair of namespaces sees a
         one-way delay of 15-25 ms (mean 20 ms) with the defaults. Order is not preserved (like
-        netem with jitter). Prints one JSON line {"ready": true, "namespaces": [...],
+        netem with jitter). --loss drops each frame with probability PCT/100 (netem's loss, once
+        per crossing: every one-way trip). --rate-mbit gives every namespace an access link of
+        R Mbit/s each way (its uplink to the switch and its downlink from it serialize frames at
+        that rate, as tc's rate/tbf would); a frame that would wait more than --queue-ms (default
+        100) behind others on a link is dropped (a drop-tail router buffer). Prints one JSON line {"ready": true, "namespaces": [...],
         "ips": [...]} once the network is up, then runs until its stdin closes (its parent ended,
         also by SIGKILL), SIGTERM or SIGINT; then kills every process left in its namespaces,
         deletes them (and so their devices) and prints {"frames": .., "bytes": ..}.
@@ -126,18 +131,60 @@ def net(args):
             pass
         print(json.dumps({"ready": True, "namespaces": names,
                           "ips": [f"{SUBNET}{10 + i}" for i in range(len(names))]}), flush=True)
-        frames, nbytes = switch(taps, lo, hi, rng, stop)
+        link = Link(args.loss / 100.0, args.rate_mbit * 1e6 / 8.0, args.queue_ms / 1000.0,
+                    len(taps))
+        frames, nbytes = switch(taps, lo, hi, rng, stop, link)
     finally:
         for fd in taps:
             os.close(fd)
         cleanup(created)
     try:
-        print(json.dumps({"frames": frames, "bytes": nbytes}), flush=True)
+        print(json.dumps({"frames": frames, "bytes": nbytes, "lost": link.lost,
+                          "queue_drops": link.queue_drops}), flush=True)
     except BrokenPipeError:
         pass  # the parent stopped reading
 
 
-def switch(taps, lo, hi, rng, stop):
+class Link:
+    """Loss, and per-namespace access links of a fixed rate (0: unlimited) with a bounded
+    queue: when a frame leaves its sender and when it reaches its receiver."""
+
+    def __init__(self, loss, bytes_per_s, queue_s, ports):
+        self.loss = loss
+        self.rate = bytes_per_s
+        self.queue_s = queue_s
+        self.up_free = [0.0] * ports
+        self.down_free = [0.0] * ports
+        self.lost = 0
+        self.queue_drops = 0
+
+    def uplink(self, src, t, size):
+        """When a frame from `src` reaching the switch at `t` has crossed its uplink, or None."""
+        if not self.rate:
+            return t
+        start = max(t, self.up_free[src])
+        if start - t > self.queue_s:
+            self.queue_drops += 1
+            return None
+        self.up_free[src] = start + size / self.rate
+        return self.up_free[src]
+
+    def downlink(self, dst, t, size, rng):
+        """When a frame due at `dst`'s downlink at `t` arrives, or None (lost or queue full)."""
+        if self.loss and rng.random() < self.loss:
+            self.lost += 1
+            return None
+        if not self.rate:
+            return t
+        start = max(t, self.down_free[dst])
+        if start - t > self.queue_s:
+            self.queue_drops += 1
+            return None
+        self.down_free[dst] = start + size / self.rate
+        return self.down_free[dst]
+
+
+def switch(taps, lo, hi, rng, stop, link):
     port_of = {fd: i for i, fd in enumerate(taps)}
     mac_port = {}
     pending = []  # (due, seq, port, frame)
@@ -177,11 +224,16 @@ def switch(taps, lo, hi, rng, stop):
                 dst = frame[0:6]
                 out = [mac_port[dst]] if dst in mac_port and not dst[0] & 1 else \
                     [p for p in range(len(taps)) if p != src]
-                t = time.monotonic()
+                t = link.uplink(src, time.monotonic(), len(frame))
+                if t is None:
+                    continue
                 for p in out:
                     if p == src:
                         continue
-                    due = t + rng.uniform(lo, hi) + rng.uniform(lo, hi)
+                    due = link.downlink(p, t + rng.uniform(lo, hi) + rng.uniform(lo, hi),
+                                        len(frame), rng)
+                    if due is None:
+                        continue
                     seq += 1
                     heapq.heappush(pending, (due, seq, p, frame))
     return frames, nbytes
@@ -280,6 +332,9 @@ def main():
     n.add_argument("--nodes", type=int, required=True)
     n.add_argument("--leg-ms", default="7.5:12.5")
     n.add_argument("--seed", type=int, default=None)
+    n.add_argument("--loss", type=float, default=0.0, help="percent of frames lost")
+    n.add_argument("--rate-mbit", type=float, default=0.0, help="access link rate, 0: none")
+    n.add_argument("--queue-ms", type=float, default=100.0, help="longest wait on a link")
     e = sub.add_parser("echo-server")
     e.add_argument("ip")
     e.add_argument("port", type=int)

@@ -107,8 +107,10 @@ impl NodeUser {
 }
 
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
-    // One thread moves the bytes; encryption and file I/O run on their own threads.
-    tokio::runtime::Builder::new_current_thread()
+    // Two threads move the bytes (a streamed get decrypts TLS from several holders while its
+    // loop checks SHA-256); encryption and file I/O run on the blocking threads.
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")

@@ -13,7 +13,9 @@
 //!    offset, asks another holder after a bad, missing or late shard, and stops asking a holder
 //!    whose link went away.
 //!
-//! Chunks no holder could give are left for the receptor path (`shard.get` at `--node`),
+//! A get of fewer than [`MIN_STREAMED`] chunks skips all this (a locate and a handshake per
+//! holder cost more than a few `shard.get`s). Chunks no holder could give are left for the
+//! receptor path (`shard.get` at `--node`),
 //! which the caller runs next. Progress is saved as on that path (fsync, then the state).
 
 use std::collections::HashMap;
@@ -43,6 +45,8 @@ use crate::files_get::{save_progress, GetState};
 
 /// Chunks per batch: one stream per holder per batch (the node's bound on one stream).
 pub(crate) const BATCH: usize = wire::MAX_OPEN_ADDRS;
+/// Fewer missing chunks than this go through the receptor (small files).
+const MIN_STREAMED: usize = 4;
 /// Addresses per `shard.locate`.
 const LOCATE_CHUNK: usize = wire::MAX_LOCATE_ADDRS;
 /// Dialing a holder and its `shard.opened`, each at most.
@@ -50,8 +54,8 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(4);
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Shards requested or being written at once, in all and from one holder. The holder
 /// closes a stream with more than 16 Wants waiting for its disk: stay below.
-const WINDOW_TOTAL: usize = 48;
-const WINDOW_PER_HOLDER: usize = 12;
+const WINDOW_TOTAL: usize = 96;
+const WINDOW_PER_HOLDER: usize = 16;
 /// A Want unanswered this long is asked again (elsewhere if possible).
 const WANT_TIMEOUT_MS: u64 = 20_000;
 /// Nothing arriving for this long ends the batch (what is left goes the receptor way).
@@ -103,6 +107,10 @@ pub(crate) async fn stream_missing(
     );
     let mut out = Streamed::default();
     let missing = state.missing();
+    if missing.len() < MIN_STREAMED {
+        // A locate and a TLS handshake per holder cost more than a few shard.get requests.
+        return Ok(out);
+    }
     for batch in missing.chunks(BATCH) {
         let Ok(located) = locate(target, &key, manifest, batch).await else {
             // A node without shard.locate, or one too busy: the receptor path does it all.
@@ -350,13 +358,14 @@ impl Batch<'_> {
         let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(256);
         let mut writers: HashMap<PublicKey, mpsc::Sender<Vec<u8>>> = HashMap::new();
         let mut tasks = JoinSet::new();
+        let mut writer_tasks = JoinSet::new();
         let mut link_keys = Vec::new();
         for (li, open) in links.into_iter().enumerate() {
             link_keys.push(open.key);
             let (wtx, mut wrx) = mpsc::channel::<Vec<u8>>(WINDOW_PER_HOLDER * 2);
             writers.insert(open.key, wtx);
             let mut writer = open.writer;
-            tasks.spawn(async move {
+            writer_tasks.spawn(async move {
                 while let Some(frame) = wrx.recv().await {
                     if writer.send(&frame).await.is_err() {
                         break;
@@ -489,6 +498,13 @@ impl Batch<'_> {
             }
         }
         tasks.abort_all();
+        // The writers send their Close and end (the senders are dropped): the holders free
+        // the streams now rather than after their idle timeout.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while writer_tasks.join_next().await.is_some() {}
+        })
+        .await;
+        writer_tasks.abort_all();
         save_progress(&self.data, state, &mut written, state_file).await?;
         match failure {
             Some(e) => Err(e),
