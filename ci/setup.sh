@@ -24,7 +24,9 @@ netns_pkgs=(iproute2 iptables miniupnpd-iptables miniupnpc)
 # runs one chronyd per namespace: chrony. Its package enables chrony's own system service where
 # systemd runs; that one does not disturb the bench (every chronyd there runs with -x on its
 # own config, pid file and socket, and errors are measured against the shared clock).
-bench_pkgs=(chrony)
+# `borg bench store --netns` (not run by CI) measures iperf3 on the same links as a get:
+# iperf3 (its debconf question, whether to run a system daemon, defaults to no).
+bench_pkgs=(chrony iperf3)
 missing=()
 for p in "${host_pkgs[@]}" "${netns_pkgs[@]}" "${bench_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -56,6 +56,11 @@ impl NodeProcs {
         })
     }
 
+    /// Node `i`'s data directory.
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("n{i}"))
+    }
+
     /// Start node `i` listening on `ip`, joining `join` if given, with `extra` arguments; its
     /// output is discarded (warnings only).
     pub fn spawn(
@@ -65,11 +70,19 @@ impl NodeProcs {
         join: Option<Ipv4Addr>,
         extra: &[String],
     ) -> Result<&Child> {
-        let mut cmd = Command::new(&self.exe);
+        // BORG_BENCH_WRAP=heaptrack (or perf, valgrind...): run the nodes under a profiler.
+        let mut cmd = match std::env::var_os("BORG_BENCH_WRAP") {
+            Some(wrap) => {
+                let mut c = Command::new(wrap);
+                c.arg(&self.exe);
+                c
+            }
+            None => Command::new(&self.exe),
+        };
         cmd.args(["node", "--listen", &ip.to_string()])
             .args(extra)
             .arg("--data")
-            .arg(self.dir.join(format!("n{i}")));
+            .arg(self.data_dir(i));
         if let Some(j) = join {
             cmd.args(["--join", &j.to_string()]);
         }

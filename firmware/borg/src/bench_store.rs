@@ -23,10 +23,31 @@ pub struct StoreBenchArgs {
     nodes: usize,
     /// MiB of the big file.
     #[arg(long, default_value_t = 64)]
-    mebibytes: usize,
+    pub mebibytes: usize,
     /// 4 KiB files put and got for the small-file figures.
     #[arg(long, default_value_t = 40)]
     small: usize,
+    /// Shards of 4 KiB (the same on every node) written into each node's store before it
+    /// starts, for the memory figure of a node holding many (e.g. --nodes 3 --held 10000:
+    /// with 3 members every node is a placed holder of each, so nothing moves).
+    #[arg(long, default_value_t = 0)]
+    held: usize,
+    /// Instead of loopback: 3 holders and a client in network namespaces behind a slow, lossy
+    /// switch, beside iperf3 on the same links (root; needs iproute2, python3, iperf3).
+    #[arg(long)]
+    netns: bool,
+    /// With --netns: one-way delay through the switch (ms).
+    #[arg(long, default_value_t = 40.0)]
+    pub delay_ms: f64,
+    /// With --netns: percent of frames lost (each way).
+    #[arg(long, default_value_t = 1.0)]
+    pub loss: f64,
+    /// With --netns: every namespace's access link, each way (Mbit/s).
+    #[arg(long, default_value_t = 100.0)]
+    pub rate_mbit: f64,
+    /// With --netns: seconds of each iperf3 run.
+    #[arg(long, default_value_t = 15)]
+    pub iperf_secs: u64,
 }
 
 fn ip(i: usize) -> Ipv4Addr {
@@ -49,6 +70,68 @@ fn borg(args: &[&str]) -> Result<Value> {
         );
     }
     Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Run the `borg` CLI like [`borg`], sampling the nodes' RSS every 50 ms meanwhile: its
+/// JSON and the largest RSS seen (MiB).
+fn borg_sampling_rss(procs: &crate::bench::NodeProcs, args: &[&str]) -> Result<(Value, f64)> {
+    let exe = std::env::current_exe().context("locating the borg binary")?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut peak = 0.0f64;
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("borg {} did not end within 30 min", args[0]);
+        }
+        for c in procs.children.values() {
+            peak = peak.max(rss_mib(c.id()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "borg {} failed: {}",
+            args[0],
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok((serde_json::from_slice(&out.stdout)?, peak))
+}
+
+/// Write the same `count` random 4 KiB shards into the stores of nodes 0..n (before they
+/// start), one thread per store.
+fn seed_stores(procs: &crate::bench::NodeProcs, n: usize, count: usize) -> Result<()> {
+    use borg_store::{RedbStore, ShardStore};
+    let mut seed = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut seed);
+    std::thread::scope(|s| {
+        let jobs: Vec<_> = (0..n)
+            .map(|i| {
+                let dir = procs.data_dir(i);
+                s.spawn(move || -> Result<()> {
+                    std::fs::create_dir_all(&dir)?;
+                    let store = RedbStore::open(dir.join("shards.redb"), 1 << 30)?;
+                    for k in 0..count {
+                        let mut b = vec![0u8; 4096];
+                        b[..32].copy_from_slice(&seed);
+                        b[32..40].copy_from_slice(&(k as u64).to_le_bytes());
+                        store.put(&b)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        jobs.into_iter().try_for_each(|j| {
+            j.join()
+                .map_err(|_| anyhow::anyhow!("a seeding thread panicked"))?
+        })
+    })
 }
 
 fn rss_mib(pid: u32) -> f64 {
@@ -74,12 +157,24 @@ fn sha256_mib_s() -> f64 {
 }
 
 pub fn run(args: StoreBenchArgs) -> Result<()> {
+    if args.netns {
+        return crate::bench_store_netns::run(&args);
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let n = args.nodes.max(3);
     let mut procs = crate::bench::NodeProcs::new("store")?;
     procs.env.push(("BORG_SHARD_QUICK".into(), "1".into()));
+    if args.held > 0 {
+        let t = Instant::now();
+        seed_stores(&procs, n, args.held)?;
+        println!(
+            "seeded {} shards of 4 KiB into each of {n} stores in {:.1} s",
+            args.held,
+            t.elapsed().as_secs_f64()
+        );
+    }
     let none: [String; 1] = ["--no-nat".into()];
     procs.spawn(0, ip(0), None, &none)?;
     let up = Instant::now();
@@ -135,18 +230,22 @@ pub fn run(args: StoreBenchArgs) -> Result<()> {
     let put_s = t.elapsed().as_secs_f64();
     let file_id = put["id"].as_str().unwrap_or_default().to_string();
     let out = dir.path().join("big.out");
+    let rss_held: Vec<f64> = procs.children.values().map(|c| rss_mib(c.id())).collect();
     let t = Instant::now();
-    let got = borg(&[
-        "get",
-        "--node",
-        &node(n - 1),
-        &file_id,
-        "-o",
-        out.to_str().context("path")?,
-        "--phrase-file",
-        ph,
-        "--json",
-    ])?;
+    let (got, rss_streaming) = borg_sampling_rss(
+        &procs,
+        &[
+            "get",
+            "--node",
+            &node(n - 1),
+            &file_id,
+            "-o",
+            out.to_str().context("path")?,
+            "--phrase-file",
+            ph,
+            "--json",
+        ],
+    )?;
     let get_s = t.elapsed().as_secs_f64();
     let rss_big: Vec<f64> = procs.children.values().map(|c| rss_mib(c.id())).collect();
 
@@ -214,7 +313,15 @@ pub fn run(args: StoreBenchArgs) -> Result<()> {
     );
     let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     println!(
-        "node RSS: max {:.1} MiB after the big file, {:.1} MiB after the small ones",
+        "node RSS (largest of {n}): {:.1} MiB holding the big file{}, {:.1} MiB at most while \
+         streaming it (sampled every 50 ms), {:.1} MiB after, {:.1} MiB after the small files",
+        max(&rss_held),
+        if args.held > 0 {
+            format!(" and {} seeded shards", args.held)
+        } else {
+            String::new()
+        },
+        rss_streaming,
         max(&rss_big),
         max(&rss_small)
     );

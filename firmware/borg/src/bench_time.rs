@@ -15,16 +15,17 @@
 //!   its served time minus CLOCK_REALTIME; minus the root chronyd's. Also printed: chrony's own
 //!   estimate of its offset (`chronyc tracking`, "Last offset").
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+use crate::bench_netns::{have, in_ns, run_bounded, start_hub, Procs};
 use clap::Args;
 use serde_json::Value;
 
-const HUB: &str = include_str!("../../../tests/src/netem_hub.py");
 const CRONO_MON: u16 = 13398;
 
 /// Node i's clock error at start (as in tests/tests/time_netns.rs): the root's is right, the
@@ -58,82 +59,6 @@ pub struct TimeBenchArgs {
     chrony_only: bool,
 }
 
-/// Run `cmd` to completion within `within`; its stdout.
-fn run_bounded(cmd: &mut Command, within: Duration) -> Result<String> {
-    let what = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| what.clone())?;
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            let mut out = String::new();
-            if let Some(mut o) = child.stdout.take() {
-                o.read_to_string(&mut out)?;
-            }
-            if !status.success() {
-                bail!("{what}: {status}");
-            }
-            return Ok(out);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{what}: still running after {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-struct Hub {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    names: Vec<String>,
-    ips: Vec<String>,
-}
-
-impl Drop for Hub {
-    fn drop(&mut self) {
-        // EOF: the hub kills what runs in its namespaces and deletes them.
-        self.stdin = None;
-        for _ in 0..1000 {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Processes started in the namespaces, killed on drop (before the hub goes).
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn in_ns(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns]).arg(program);
-    cmd
-}
-
-fn have(program: &str) -> bool {
-    ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-        .iter()
-        .any(|d| Path::new(d).join(program).is_file())
-}
-
 fn quantile(v: &mut [f64], q: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -162,46 +87,6 @@ pub fn run(args: TimeBenchArgs) -> Result<()> {
     let result = bench(&args, &exe, &dir);
     let _ = std::fs::remove_dir_all(&dir);
     result
-}
-
-fn start_hub(dir: &Path, n: usize) -> Result<Hub> {
-    let script = dir.join("netem_hub.py");
-    std::fs::write(&script, HUB)?;
-    let prefix = format!("bb{}", std::process::id() % 100_000);
-    let mut child = Command::new("python3")
-        .arg(&script)
-        .args(["net", "--prefix", &prefix, "--nodes", &n.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting netem_hub.py")?;
-    let stdin = child.stdin.take();
-    let stdout = child.stdout.take().context("hub stdout")?;
-    let mut hub = Hub {
-        child,
-        stdin,
-        names: Vec::new(),
-        ips: Vec::new(),
-    };
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let v: Value = serde_json::from_str(&line).context("the hub's ready line")?;
-    let strs = |k: &str| -> Vec<String> {
-        v[k].as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    hub.names = strs("namespaces");
-    hub.ips = strs("ips");
-    if hub.names.len() != n {
-        bail!("hub did not come up: {line}");
-    }
-    Ok(hub)
 }
 
 fn chrony_conf(dir: &Path, i: usize, upstream: Option<&str>, poll: i32) -> Result<PathBuf> {
@@ -268,7 +153,7 @@ fn bench(args: &TimeBenchArgs, exe: &Path, dir: &Path) -> Result<()> {
     // cronoTree's k is 3: the smallest tree with a node `hops` below the root.
     let n = (3usize.pow(args.hops as u32) - 1) / 2 + 1;
     let deepest = n - 1;
-    let hub = start_hub(dir, n)?;
+    let hub = start_hub(dir, n, &[])?;
     let script = dir.join("netem_hub.py");
     let (names, ips) = (hub.names.clone(), hub.ips.clone());
 

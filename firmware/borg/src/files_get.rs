@@ -296,7 +296,7 @@ pub struct GetArgs {
     #[arg(long)]
     pub force: bool,
     /// Print one JSON object {"id", "name", "size", "shards", "out", "fetched", "skipped",
-    /// "streamed", "via_node", "holders", "min_replicas"} and no progress.
+    /// "streamed", "via_node", "holders", "stream_seconds", "min_replicas"} and no progress.
     #[arg(long)]
     pub json: bool,
     /// Fetch every shard through the --node's receptor (`shard.get`, one HTTPS request per
@@ -465,6 +465,7 @@ pub fn get(args: GetArgs) -> Result<()> {
                 "streamed": streamed.chunks,
                 "via_node": fetched_count - streamed.chunks,
                 "holders": streamed.holders,
+                "stream_seconds": (streamed.seconds * 1000.0).round() / 1000.0,
                 "min_replicas": replicas,
             })
         );

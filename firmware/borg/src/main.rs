@@ -4,8 +4,10 @@
 mod appliance;
 mod bench;
 mod bench_flood;
+mod bench_netns;
 mod bench_relay;
 mod bench_store;
+mod bench_store_netns;
 mod bench_time;
 mod bench_tree;
 mod cli;

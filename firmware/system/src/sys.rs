@@ -60,6 +60,25 @@ pub fn raise_nofile_limit(wanted: u64) -> io::Result<u64> {
     Ok(target as u64)
 }
 
+/// Keep the C allocator to `arenas` arenas (glibc; elsewhere, e.g. musl on the appliance,
+/// there are none and this does nothing). glibc gives each thread that allocates its own
+/// arena, up to 8 per core, and keeps what is freed in each: a node moving 256 KiB shards
+/// on its blocking threads grew by 15 MiB that way (docs/BENCHMARKS.md). Call it early:
+/// arenas made before stay. Returns whether the allocator took it.
+pub fn limit_malloc_arenas(arenas: i32) -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt takes two integers and changes only allocator settings, under
+        // glibc's own lock; no pointer or memory of ours is involved.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        let _ = arenas;
+        false
+    }
+}
+
 #[cfg(test)]
 mod nofile_tests {
     #[test]
