@@ -45,13 +45,14 @@ pub fn borg_bin() -> PathBuf {
 
 /// Start `borg node` in namespace `ns` listening on its IP, with its data dir `dir/name` and
 /// its log `dir/name.log` (broadcast deliveries logged), joining through `join`, with `extra`
-/// arguments. Returns the child and the log's path.
+/// arguments and `env` added to its environment. Returns the child and the log's path.
 pub fn spawn_ns_node(
     ns: &netns::Ns,
     dir: &Path,
     name: &str,
     join: &[String],
     extra: &[String],
+    env: &[(String, String)],
 ) -> (Child, PathBuf) {
     let data = dir.join(name);
     let log = dir.join(format!("{name}.log"));
@@ -68,7 +69,8 @@ pub fn spawn_ns_node(
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(logf)
-        .env("BORG_LOG", "info,borg::delivered=debug");
+        .env("BORG_LOG", "info,borg::delivered=debug")
+        .envs(env.iter().map(|(k, v)| (k, v)));
     let child = cmd.spawn().expect("spawn borg node in namespace");
     (child, log)
 }

@@ -26,6 +26,9 @@ pub struct NsNodes {
     pub heartbeat_ms: u64,
     pub max_children: u64,
     pub tag: String,
+    /// More `borg node` arguments and environment for every node.
+    pub extra: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 const CLI_DEADLINE: Duration = Duration::from_secs(10);
@@ -38,19 +41,22 @@ impl NsNodes {
             heartbeat_ms,
             max_children,
             tag: tag.to_string(),
+            extra: Vec::new(),
+            env: Vec::new(),
         }
     }
 
     /// Start node `name` in `ns`, listening on the namespace's address, joining through
     /// `join` (addresses). Its data dir (key) persists across restarts.
     pub fn spawn(&mut self, name: &str, ns: &Ns, join: &[String]) {
-        let extra = [
+        let mut extra = vec![
             "--max-children".to_string(),
             self.max_children.to_string(),
             "--heartbeat-ms".to_string(),
             self.heartbeat_ms.to_string(),
         ];
-        let (child, log) = crate::spawn_ns_node(ns, self.dir.path(), name, join, &extra);
+        extra.extend(self.extra.iter().cloned());
+        let (child, log) = crate::spawn_ns_node(ns, self.dir.path(), name, join, &extra, &self.env);
         self.nodes.insert(
             name.to_string(),
             NsNode {

@@ -208,7 +208,7 @@ impl TimeNodes {
     /// Start node `name` in `ns` on its address, joining `join` (IP or IP:PORT), with `extra`
     /// arguments (e.g. `--clock-offset-s`).
     pub fn spawn(&mut self, name: &str, ns: &Ns, join: &[String], extra: &[String]) {
-        let (child, log) = crate::spawn_ns_node(ns, self.dir.path(), name, join, extra);
+        let (child, log) = crate::spawn_ns_node(ns, self.dir.path(), name, join, extra, &[]);
         self.nodes.insert(
             name.to_string(),
             TimeNode {
