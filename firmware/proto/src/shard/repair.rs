@@ -115,7 +115,9 @@ struct Report {
 struct Held {
     size: u64,
     have: bool,
-    ranks: Vec<Ranked>,
+    /// The best-ranked members for this shard, best first (keys only: the scores are
+    /// recomputed when the member set changes, so 10,000 shards do not keep 32 bytes per rank).
+    ranks: Vec<PublicKey>,
     reports: Vec<(PublicKey, Report)>,
     queried: Vec<(PublicKey, u64)>,
     pushing: Vec<PublicKey>,
@@ -208,11 +210,22 @@ impl RepairPlanner {
         self.due.insert((at, addr));
     }
 
+    fn top(&self, addr: &ShardAddr) -> Vec<PublicKey> {
+        let mut ranks: Vec<PublicKey> = self
+            .members
+            .top(addr, self.depth())
+            .into_iter()
+            .map(|x| x.key)
+            .collect();
+        ranks.shrink_to_fit();
+        ranks
+    }
+
     fn new_held(&self, addr: &ShardAddr, size: u64) -> Held {
         Held {
             size,
             have: true,
-            ranks: self.members.top(addr, self.depth()),
+            ranks: self.top(addr),
             reports: Vec::new(),
             queried: Vec::new(),
             pushing: Vec::new(),
@@ -264,7 +277,7 @@ impl RepairPlanner {
 
     /// The cached ranking of `addr` (tests check it against a fresh one).
     #[cfg(test)]
-    pub(crate) fn ranks_of(&self, addr: &ShardAddr) -> Option<Vec<Ranked>> {
+    pub(crate) fn ranks_of(&self, addr: &ShardAddr) -> Option<Vec<PublicKey>> {
         self.held.get(addr).map(|h| h.ranks.clone())
     }
 
@@ -292,30 +305,43 @@ impl RepairPlanner {
         let (r, depth, own) = (self.cfg.replicas, self.depth(), self.own);
         let mut dirty = Vec::new();
         for (addr, h) in self.held.iter_mut() {
-            let old_top: Vec<PublicKey> = h.ranks.iter().take(r).map(|x| x.key).collect();
-            let old_pos = h.ranks.iter().position(|x| x.key == own);
-            h.ranks.retain(|x| !removed.contains(&x.key));
+            let old_top: Vec<PublicKey> = h.ranks.iter().take(r).copied().collect();
+            let old_pos = h.ranks.iter().position(|x| *x == own);
+            h.ranks.retain(|x| !removed.contains(x));
             let covers_all = h.ranks.len() + added.len() == self.members.len();
-            for k in &added {
-                let cand = Ranked {
-                    score: self.members.score_of(addr, k),
-                    key: *k,
+            if !added.is_empty() {
+                let members = &self.members;
+                let ranked = |key: &PublicKey| Ranked {
+                    score: members.score_of(addr, key),
+                    key: *key,
                 };
-                let before_last = h.ranks.last().is_none_or(|l| cand.rank_cmp(l).is_lt());
-                if covers_all || before_last {
-                    let pos = h.ranks.partition_point(|b| b.rank_cmp(&cand).is_lt());
-                    h.ranks.insert(pos, cand);
+                let mut ranks: Vec<Ranked> = h.ranks.iter().map(ranked).collect();
+                for k in &added {
+                    let cand = ranked(k);
+                    let before_last = ranks.last().is_none_or(|l| cand.rank_cmp(l).is_lt());
+                    if covers_all || before_last {
+                        let pos = ranks.partition_point(|b| b.rank_cmp(&cand).is_lt());
+                        ranks.insert(pos, cand);
+                    }
                 }
+                ranks.truncate(depth);
+                h.ranks = ranks.into_iter().map(|x| x.key).collect();
             }
             h.ranks.truncate(depth);
             if h.ranks.len() < (r + 1).min(self.members.len()) {
-                h.ranks = self.members.top(addr, depth);
+                h.ranks = self
+                    .members
+                    .top(addr, depth)
+                    .into_iter()
+                    .map(|x| x.key)
+                    .collect();
                 self.stats.rerank_full += 1;
             }
+            h.ranks.shrink_to_fit();
             h.reports.retain(|(k, _)| !removed.contains(k));
             h.queried.retain(|(k, _)| !removed.contains(k));
-            let new_top: Vec<PublicKey> = h.ranks.iter().take(r).map(|x| x.key).collect();
-            let new_pos = h.ranks.iter().position(|x| x.key == own);
+            let new_top: Vec<PublicKey> = h.ranks.iter().take(r).copied().collect();
+            let new_pos = h.ranks.iter().position(|x| *x == own);
             if new_top != old_top || new_pos != old_pos {
                 dirty.push(*addr);
             }
@@ -332,7 +358,7 @@ impl RepairPlanner {
         };
         // Only answers from nodes this shard's ranking or our own questions name: a report
         // from anyone else would grow `reports` without bound and is ignored.
-        let relevant = h.ranks.iter().any(|x| x.key == from)
+        let relevant = h.ranks.contains(&from)
             || h.queried.iter().any(|(k, _)| *k == from)
             || h.pushing.contains(&from);
         if !relevant {
@@ -440,20 +466,20 @@ impl RepairPlanner {
             return;
         };
         let n_top = r.min(h.ranks.len());
-        let my_pos = h.ranks.iter().position(|x| x.key == own);
+        let my_pos = h.ranks.iter().position(|x| *x == own);
         let limit = my_pos.map_or(h.ranks.len(), |p| p.max(n_top));
         // 1. Ask whoever we lack a fresh answer from.
         let mut unknown = false;
-        for x in &h.ranks[..limit] {
-            if x.key == own || h.report(&x.key, now, ttl).is_some() {
+        for &x in &h.ranks[..limit] {
+            if x == own || h.report(&x, now, ttl).is_some() {
                 continue;
             }
             unknown = true;
-            let asked_at = h.queried.iter().find(|(k, _)| *k == x.key).map(|q| q.1);
+            let asked_at = h.queried.iter().find(|(k, _)| *k == x).map(|q| q.1);
             if asked_at.is_none_or(|t| now.saturating_sub(t) >= retry) {
-                h.queried.retain(|(k, _)| *k != x.key);
-                h.queried.push((x.key, now));
-                out.push(RepairAction::Query { addr, to: x.key });
+                h.queried.retain(|(k, _)| *k != x);
+                h.queried.push((x, now));
+                out.push(RepairAction::Query { addr, to: x });
                 self.stats.queries += 1;
             }
         }
@@ -461,8 +487,8 @@ impl RepairPlanner {
             // Re-fetch from the best-ranked member known to hold it.
             let from = h.ranks[..limit]
                 .iter()
-                .find(|x| x.key != own && h.report(&x.key, now, ttl) == Some(true))
-                .map(|x| x.key);
+                .find(|x| **x != own && h.report(x, now, ttl) == Some(true))
+                .copied();
             let stuck = h
                 .fetching
                 .is_none_or(|(_, t)| now.saturating_sub(t) >= retry * 4);
@@ -484,16 +510,20 @@ impl RepairPlanner {
         // 2. Everyone that matters has a fresh answer.
         let above_has = h.ranks[..my_pos.unwrap_or(h.ranks.len())]
             .iter()
-            .any(|x| h.report(&x.key, now, ttl) == Some(true));
+            .any(|x| h.report(x, now, ttl) == Some(true));
         let missing: Vec<PublicKey> = h.ranks[..n_top]
             .iter()
-            .filter(|x| x.key != own && h.report(&x.key, now, ttl) == Some(false))
-            .map(|x| x.key)
+            .filter(|x| **x != own && h.report(x, now, ttl) == Some(false))
+            .copied()
             .collect();
         if missing.is_empty() {
             if my_pos.is_some_and(|p| p < n_top) {
                 h.surplus_since = None;
-                return; // settled
+                // Settled: give back what the queries took (most shards stay here for good).
+                h.queried.clear();
+                h.queried.shrink_to_fit();
+                h.reports.shrink_to_fit();
+                return;
             }
             let since = *h.surplus_since.get_or_insert(now);
             let drop_at = since.saturating_add(self.cfg.drop_grace_ms);
