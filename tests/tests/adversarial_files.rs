@@ -62,9 +62,10 @@ fn not_member_refused(net: &Net) -> u64 {
     (0..3).map(|i| of(i, FTREE_MON) + of(i, SHARD_MON)).sum()
 }
 
-#[test]
-fn a_stranger_cannot_store_delete_read_or_list_anothers_files() {
-    let mut net = Net::new(52, 500, 3);
+/// Three nodes on 127.`subnet`.0.x with quick storage timings, once both storage cells have
+/// their 3 members.
+fn three_storage_nodes(subnet: u8) -> Net {
+    let mut net = Net::new(subnet, 500, 3);
     net.env.push(("BORG_SHARD_QUICK".into(), "1".into()));
     net.spawn(0, None);
     net.wait_up(0);
@@ -81,6 +82,12 @@ fn a_stranger_cannot_store_delete_read_or_list_anothers_files() {
             .then_some(())
     })
     .expect("members never complete");
+    net
+}
+
+#[test]
+fn a_stranger_cannot_store_delete_read_or_list_anothers_files() {
+    let net = three_storage_nodes(52);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -297,19 +304,7 @@ async fn next_frame<T>(c: &mut conn::PeerConn, mut pick: impl FnMut(&[u8]) -> Op
 #[test]
 fn a_strangers_client_streams_serve_only_what_it_names_within_the_bounds() {
     use borg_proto::stream::frame::{CloseCode, Frame, Want};
-    let mut net = Net::new(53, 500, 3);
-    net.env.push(("BORG_SHARD_QUICK".into(), "1".into()));
-    net.spawn(0, None);
-    net.wait_up(0);
-    net.spawn(1, Some(0));
-    net.spawn(2, Some(0));
-    net.wait_tree(Duration::from_secs(60)).unwrap();
-    wait_for(Duration::from_secs(60), Duration::from_millis(200), || {
-        (0..3)
-            .all(|i| net.cell_status(i, SHARD_MON).unwrap_or_default()["members"]["placeable"] == 3)
-            .then_some(())
-    })
-    .expect("members never complete");
+    let net = three_storage_nodes(53);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -387,42 +387,34 @@ pub fn get(args: GetArgs) -> Result<()> {
     let mut progress = Progress::new("get", manifest.size(), args.json);
     progress.skip(done_bytes(&state, manifest));
     let data = Arc::new(data);
-    let key = Arc::new(keys.signing().clone());
+    let fetch = Fetch {
+        target: ends.shard,
+        key: Arc::new(keys.signing().clone()),
+        enc,
+        manifest,
+        data: data.clone(),
+        state_file: &state_file,
+    };
+    let resume_hint = |state: &GetState| {
+        format!(
+            "{} of {n} chunks are saved in {}; run the same command again to resume",
+            state.done_count(),
+            part.display()
+        )
+    };
     let streamed = if args.via_node {
         Ok(Streamed::default())
     } else {
-        rt.block_on(stream_missing(
-            &ends.shard,
-            key.clone(),
-            enc.clone(),
-            manifest,
-            data.clone(),
-            &mut state,
-            &state_file,
-            &mut progress,
-        ))
+        rt.block_on(stream_missing(&fetch, &mut state, &mut progress))
     };
     let streamed = match streamed {
         Ok(s) => s,
         Err(e) => {
             progress.abandon();
-            return Err(e.context(format!(
-                "{} of {n} chunks are saved in {}; run the same command again to resume",
-                state.done_count(),
-                part.display()
-            )));
+            return Err(e.context(resume_hint(&state)));
         }
     };
-    let fetched = rt.block_on(fetch_missing(
-        &ends.shard,
-        key,
-        enc,
-        manifest,
-        data.clone(),
-        &mut state,
-        &state_file,
-        &mut progress,
-    ));
+    let fetched = rt.block_on(fetch_missing(&fetch, &mut state, &mut progress));
     let min_replicas = match fetched {
         Ok(r) => {
             progress.finish();
@@ -433,11 +425,7 @@ pub fn get(args: GetArgs) -> Result<()> {
         }
         Err(e) => {
             progress.abandon();
-            return Err(e.context(format!(
-                "{} of {n} chunks are saved in {}; run the same command again to resume",
-                state.done_count(),
-                part.display()
-            )));
+            return Err(e.context(resume_hint(&state)));
         }
     };
     if !state.complete() {
@@ -548,21 +536,26 @@ struct ChunkDone {
     replicas: Option<u64>,
 }
 
+/// What fetching a file's missing chunks works with, by either path (streamed from the
+/// holders, or through the node's receptor).
+pub(crate) struct Fetch<'a> {
+    pub target: Target,
+    pub key: Arc<SecretKey>,
+    pub enc: Arc<Encryptor>,
+    pub manifest: &'a Manifest,
+    pub data: Arc<File>,
+    pub state_file: &'a Path,
+}
+
 /// Fetch, check, decrypt and write every chunk `state` lacks, [`IN_FLIGHT`] at a time,
 /// saving the state every few chunks (after an fsync of the data). Returns the lowest
 /// replica count the node reported. On an error the chunks already written are saved first.
-#[allow(clippy::too_many_arguments)]
 async fn fetch_missing(
-    target: &Target,
-    key: Arc<SecretKey>,
-    enc: Arc<Encryptor>,
-    manifest: &Manifest,
-    data: Arc<File>,
+    f: &Fetch<'_>,
     state: &mut GetState,
-    state_file: &Path,
     progress: &mut Progress,
 ) -> Result<Option<u64>> {
-    let shards: Arc<[ShardRef]> = manifest.shards().into();
+    let shards: Arc<[ShardRef]> = f.manifest.shards().into();
     let mut todo = state.missing().into_iter();
     let mut tasks = JoinSet::new();
     let mut written: Vec<usize> = Vec::new();
@@ -573,12 +566,12 @@ async fn fetch_missing(
         while tasks.len() < IN_FLIGHT {
             let Some(index) = todo.next() else { break };
             tasks.spawn(fetch_chunk(
-                *target,
-                key.clone(),
-                enc.clone(),
+                f.target,
+                f.key.clone(),
+                f.enc.clone(),
                 shards.clone(),
                 index,
-                data.clone(),
+                f.data.clone(),
             ));
         }
         let Some(joined) = tasks.join_next().await else {
@@ -592,7 +585,7 @@ async fn fetch_missing(
                     min_replicas = Some(min_replicas.map_or(r, |m| m.min(r)));
                 }
                 if written.len() >= SAVE_EVERY_CHUNKS || last_save.elapsed() >= SAVE_EVERY {
-                    save_progress(&data, state, &mut written, state_file).await?;
+                    save_progress(&f.data, state, &mut written, f.state_file).await?;
                     last_save = Instant::now();
                 }
             }
@@ -615,7 +608,7 @@ async fn fetch_missing(
             }
         }
     }
-    let saved = save_progress(&data, state, &mut written, state_file).await;
+    let saved = save_progress(&f.data, state, &mut written, f.state_file).await;
     match (failure, saved) {
         (Some(e), _) => Err(e),
         (None, Err(e)) => Err(e),

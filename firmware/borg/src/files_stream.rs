@@ -19,16 +19,14 @@
 //! which the caller runs next. Progress is saved as on that path (fsync, then the state).
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use borg_cells::shard::wire::{self, open_body};
-use borg_files::{Encryptor, Manifest, CHUNK};
+use borg_files::{Manifest, CHUNK};
 use borg_net::conn::{self, PeerReader, PeerWriter};
 use borg_net::tls::TlsIdentity;
 use borg_proto::dna::SHARD_TREE;
@@ -41,7 +39,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::files_cli::{call, with_retries, Progress, Target};
-use crate::files_get::{save_progress, GetState};
+use crate::files_get::{save_progress, Fetch, GetState};
 
 /// Chunks per batch: one stream per holder per batch (the node's bound on one stream).
 pub(crate) const BATCH: usize = wire::MAX_OPEN_ADDRS;
@@ -93,19 +91,14 @@ enum Event {
 /// Fetch what `state` lacks straight from the holders (see the module docs). Chunks left
 /// undone are for the receptor path. Errors only for what that path could not fix either
 /// (a write or fsync of OUT.part failed, or a shard that decrypts wrong).
-#[allow(clippy::too_many_arguments)]
 pub(crate) async fn stream_missing(
-    target: &Target,
-    key: Arc<SecretKey>,
-    enc: Arc<Encryptor>,
-    manifest: &Manifest,
-    data: Arc<File>,
+    f: &Fetch<'_>,
     state: &mut GetState,
-    state_file: &Path,
     progress: &mut Progress,
 ) -> Result<Streamed> {
     let identity = Arc::new(
-        TlsIdentity::new(&key).map_err(|e| anyhow!("making the TLS identity of your key: {e}"))?,
+        TlsIdentity::new(&f.key)
+            .map_err(|e| anyhow!("making the TLS identity of your key: {e}"))?,
     );
     let mut out = Streamed::default();
     let missing = state.missing();
@@ -115,20 +108,16 @@ pub(crate) async fn stream_missing(
     }
     let started = Instant::now();
     for batch in missing.chunks(BATCH) {
-        let Ok(located) = locate(target, &key, manifest, batch).await else {
+        let Ok(located) = locate(&f.target, &f.key, f.manifest, batch).await else {
             // A node without shard.locate, or one too busy: the receptor path does it all.
             break;
         };
         let b = Batch {
+            f,
             identity: identity.clone(),
-            key: key.clone(),
-            enc: enc.clone(),
-            manifest,
-            data: data.clone(),
             chunks: batch,
         };
-        b.run(located, state, state_file, progress, &mut out)
-            .await?;
+        b.run(located, state, progress, &mut out).await?;
     }
     out.seconds = started.elapsed().as_secs_f64();
     Ok(out)
@@ -276,11 +265,8 @@ async fn open_at(
 }
 
 struct Batch<'a> {
+    f: &'a Fetch<'a>,
     identity: Arc<TlsIdentity>,
-    key: Arc<SecretKey>,
-    enc: Arc<Encryptor>,
-    manifest: &'a Manifest,
-    data: Arc<File>,
     /// The chunk indices of this batch.
     chunks: &'a [usize],
 }
@@ -290,11 +276,10 @@ impl Batch<'_> {
         &self,
         located: Vec<Vec<Located>>,
         state: &mut GetState,
-        state_file: &Path,
         progress: &mut Progress,
         out: &mut Streamed,
     ) -> Result<()> {
-        let shards = self.manifest.shards();
+        let shards = self.f.manifest.shards();
         let stream: u32 = rand::random();
         // Every candidate holder, with the shards of the batch it may hold.
         let mut wanted: HashMap<PublicKey, (Located, Vec<usize>)> = HashMap::new();
@@ -310,7 +295,7 @@ impl Batch<'_> {
                 .map(|&p| *shards[self.chunks[p]].addr.as_bytes())
                 .collect();
             let (h, positions) = (*h, positions.clone());
-            let (identity, key) = (self.identity.clone(), self.key.clone());
+            let (identity, key) = (self.identity.clone(), self.f.key.clone());
             opening
                 .spawn(async move { (open_at(h, identity, key, stream, addrs).await, positions) });
         }
@@ -473,7 +458,8 @@ impl Batch<'_> {
                         out.min_replicas = Some(out.min_replicas.map_or(copies, |m| m.min(copies)));
                         progress.add(plain);
                         if written.len() >= SAVE_EVERY_CHUNKS || last_save.elapsed() >= SAVE_EVERY {
-                            save_progress(&self.data, state, &mut written, state_file).await?;
+                            save_progress(&self.f.data, state, &mut written, self.f.state_file)
+                                .await?;
                             last_save = Instant::now();
                         }
                     }
@@ -519,7 +505,7 @@ impl Batch<'_> {
         })
         .await;
         writer_tasks.abort_all();
-        save_progress(&self.data, state, &mut written, state_file).await?;
+        save_progress(&self.f.data, state, &mut written, self.f.state_file).await?;
         match failure {
             Some(e) => Err(e),
             None => Ok(()),
@@ -529,8 +515,8 @@ impl Batch<'_> {
     /// Decrypt chunk `chunk` (checked against its address already) and write it at its
     /// offset, off the async threads; the result comes back as [`Event::Written`].
     fn write(&self, chunk: usize, index: usize, bytes: Vec<u8>, tx: mpsc::Sender<Event>) {
-        let (enc, data) = (self.enc.clone(), self.data.clone());
-        let last = chunk + 1 == self.manifest.shards().len();
+        let (enc, data) = (self.f.enc.clone(), self.f.data.clone());
+        let last = chunk + 1 == self.f.manifest.shards().len();
         tokio::task::spawn_blocking(move || {
             let result = enc
                 .decrypt_chunk(chunk as u64, last, &bytes)
