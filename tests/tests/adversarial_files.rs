@@ -201,16 +201,7 @@ fn a_stranger_cannot_store_delete_read_or_list_anothers_files() {
     let key1 = node_key(&net, 1);
     let refused_before = not_member_refused(&net);
     rt.block_on(async {
-        let ftree: SocketAddr = format!("{}:13351", net.ip(1)).parse().unwrap();
-        let mut c = conn::connect_cell(
-            ftree,
-            Some(key1),
-            "ftreeFileMgr",
-            &out.identity,
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
+        let mut c = link(&net, &out, key1, 13351, "ftreeFileMgr").await;
         let owner_b64 = owner.owner().to_b64();
         for (kind, body) in [
             ("file.index", json!({"q": 1, "manifest": manifest_text})),
@@ -227,16 +218,7 @@ fn a_stranger_cannot_store_delete_read_or_list_anothers_files() {
         ] {
             c.send(&out.frame(kind, body)).await.unwrap();
         }
-        let shard: SocketAddr = format!("{}:13350", net.ip(1)).parse().unwrap();
-        let mut c = conn::connect_cell(
-            shard,
-            Some(key1),
-            "shardTree",
-            &out.identity,
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
+        let mut c = link(&net, &out, key1, 13350, "shardTree").await;
         let a = URL_SAFE_NO_PAD.encode(addr.as_bytes());
         for (kind, body) in [
             ("shard.ask", json!({"addrs": [a]})),
@@ -284,6 +266,26 @@ fn a_stranger_cannot_store_delete_read_or_list_anothers_files() {
     }
 }
 
+/// The outsider's TLS link to node 1's tree port `port` for `cell` (pinned to `key1`).
+async fn link(
+    net: &Net,
+    out: &Outsider,
+    key1: borg_proto::identity::PublicKey,
+    port: u16,
+    cell: &'static str,
+) -> conn::PeerConn {
+    let addr: SocketAddr = format!("{}:{port}", net.ip(1)).parse().unwrap();
+    conn::connect_cell(
+        addr,
+        Some(key1),
+        cell,
+        &out.identity,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap()
+}
+
 /// Read frames from `c` until `pick` takes one, for at most 10 s.
 async fn next_frame<T>(c: &mut conn::PeerConn, mut pick: impl FnMut(&[u8]) -> Option<T>) -> T {
     tokio::time::timeout(Duration::from_secs(10), async {
@@ -328,18 +330,9 @@ fn a_strangers_client_streams_serve_only_what_it_names_within_the_bounds() {
     let other = [0x42u8; 32];
     let hexa = |a: &[u8; 32]| a.iter().map(|b| format!("{b:02x}")).collect::<String>();
     let key1 = node_key(&net, 1);
-    let shard_port: SocketAddr = format!("{}:13350", net.ip(1)).parse().unwrap();
 
     rt.block_on(async {
-        let mut c = conn::connect_cell(
-            shard_port,
-            Some(key1),
-            "shardTree",
-            &out.identity,
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
+        let mut c = link(&net, &out, key1, 13350, "shardTree").await;
         // A Want on a stream never opened: closed, no bytes.
         let want = |stream, seq, addr| Frame::Want(Want { stream, seq, addr }).encode();
         c.send(&want(99, 0, addr)).await.unwrap();
