@@ -189,7 +189,6 @@ fn parse_addr(body: &Value) -> Result<Address, CellError> {
 }
 
 impl ShardCell {
-    /// `shard.put` / `shard.get` from a client: `Ok(None)` is answered later on `ticket`.
     /// `shard.locate`: for each address the members best placed to hold it (best first,
     /// `r` + [`LOCATE_SPARE`] of those whose address is known), so that a client can pull
     /// from them directly (`shard.open`). O(addresses x members) hashing, both bounded.
@@ -216,6 +215,7 @@ impl ShardCell {
         Ok(json!({"holders": holders, "ranks": ranks}))
     }
 
+    /// `shard.put` / `shard.get` from a client: `Ok(None)` is answered later on `ticket`.
     pub(super) fn client_request(
         &mut self,
         now: u64,

@@ -358,6 +358,20 @@ impl ShardCell {
         );
     }
 
+    /// End the offer or client stream `key` and drop its queued Wants. A push of ours that
+    /// ends this way failed: the planner tries again.
+    fn end_offer(&mut self, now: u64, key: (PublicKey, u32)) {
+        let Some(o) = self.transfers.offers.remove(&key) else {
+            return;
+        };
+        self.transfers
+            .serve_q
+            .retain(|(k, w)| !(*k == key.0 && w.stream == key.1));
+        if !o.client {
+            self.offer_failed(now, key.0, &o.addrs);
+        }
+    }
+
     /// The next stream id for an offer to `to`: the parity of our side of the pair.
     fn next_stream_to(&mut self, to: &PublicKey) -> u32 {
         let parity = u32::from(self.me > *to);
@@ -617,21 +631,12 @@ impl ShardCell {
             }
             Frame::Close(c) => {
                 let key = (from, c.stream);
-                if self.transfers.offers.get(&key).is_some_and(|o| o.client) {
-                    self.transfers.offers.remove(&key);
-                    self.transfers
-                        .serve_q
-                        .retain(|(k, w)| !(*k == from && w.stream == c.stream));
-                } else if !self.is_ours(&from, c.stream) {
-                    if let Some(p) = self.transfers.pulls.get_mut(&(from, c.stream)) {
-                        p.rx.handle_close(&from, c);
-                        self.drive_pull(now, (from, c.stream));
-                    }
-                } else if let Some(o) = self.transfers.offers.remove(&(from, c.stream)) {
-                    self.transfers
-                        .serve_q
-                        .retain(|(k, w)| !(*k == from && w.stream == c.stream));
-                    self.offer_failed(now, from, &o.addrs);
+                let client = self.transfers.offers.get(&key).is_some_and(|o| o.client);
+                if client || self.is_ours(&from, c.stream) {
+                    self.end_offer(now, key);
+                } else if let Some(p) = self.transfers.pulls.get_mut(&key) {
+                    p.rx.handle_close(&from, c);
+                    self.drive_pull(now, key);
                 }
             }
         }
@@ -672,18 +677,10 @@ impl ShardCell {
         };
         if offer.queued >= MAX_WANTS_PER_STREAM {
             // More than the window it was offered: a misbehaving puller.
-            let addrs = if offer.client {
-                Vec::new()
-            } else {
-                offer.addrs.clone()
-            };
-            t.offers.remove(&(from, want.stream));
-            t.serve_q
-                .retain(|(k, w)| !(*k == from && w.stream == want.stream));
             t.counts.closes_out += 1;
             self.out
                 .push_back(close(from, want.stream, CloseCode::Busy));
-            return self.offer_failed(now, from, &addrs);
+            return self.end_offer(now, (from, want.stream));
         }
         let from_peer = t.serve_q.iter().filter(|(k, _)| *k == from).count();
         if t.serve_q.len() >= MAX_SERVE_QUEUE || from_peer >= MAX_SERVE_QUEUE / 4 {
@@ -721,13 +718,11 @@ impl ShardCell {
             .map(|(k, _)| *k)
             .collect();
         for k in expired {
+            if self.transfers.offers.get(&k).is_some_and(|o| o.client) {
+                self.end_offer(now, k);
+                continue;
+            }
             if let Some(o) = self.transfers.offers.remove(&k) {
-                if o.client {
-                    self.transfers
-                        .serve_q
-                        .retain(|(p, w)| !(*p == k.0 && w.stream == k.1));
-                    continue;
-                }
                 self.transfers.counts.offers_expired += 1;
                 for a in o.addrs {
                     self.planner.handle_push_done(now, &a, k.0, false);

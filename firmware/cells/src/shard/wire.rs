@@ -173,17 +173,22 @@ pub fn parse_ask(body: &Value) -> Result<Vec<ShardAddr>, WireError> {
         .collect()
 }
 
-/// `shard.open`: (stream, addresses), at most [`MAX_OPEN_ADDRS`], at least one.
-pub fn parse_open(body: &Value) -> Result<(u32, Vec<ShardAddr>), WireError> {
-    let stream = stream_of(body)?;
-    let addrs = array(body, "addrs", MAX_OPEN_ADDRS)?
+/// `addrs`: 1..=`max` addresses.
+fn some_addrs(body: &Value, max: usize) -> Result<Vec<ShardAddr>, WireError> {
+    let addrs = array(body, "addrs", max)?
         .iter()
         .map(parse_addr)
         .collect::<Result<Vec<_>, _>>()?;
     if addrs.is_empty() {
-        return Err(bad("a stream names at least one shard"));
+        return Err(bad("`addrs` names at least one shard"));
     }
-    Ok((stream, addrs))
+    Ok(addrs)
+}
+
+/// `shard.open`: (stream, addresses), at most [`MAX_OPEN_ADDRS`], at least one.
+pub fn parse_open(body: &Value) -> Result<(u32, Vec<ShardAddr>), WireError> {
+    let stream = stream_of(body)?;
+    Ok((stream, some_addrs(body, MAX_OPEN_ADDRS)?))
 }
 
 pub fn open_body(stream: u32, addrs: &[ShardAddr]) -> Value {
@@ -223,14 +228,7 @@ pub fn parse_opened(body: &Value, n: usize) -> Result<(u32, Vec<bool>), WireErro
 
 /// `shard.locate` (receptor): addresses, at most [`MAX_LOCATE_ADDRS`], at least one.
 pub fn parse_locate(body: &Value) -> Result<Vec<ShardAddr>, WireError> {
-    let addrs = array(body, "addrs", MAX_LOCATE_ADDRS)?
-        .iter()
-        .map(parse_addr)
-        .collect::<Result<Vec<_>, _>>()?;
-    if addrs.is_empty() {
-        return Err(bad("`addrs` names at least one shard"));
-    }
-    Ok(addrs)
+    some_addrs(body, MAX_LOCATE_ADDRS)
 }
 
 /// A member announcement broadcast: (addr, epoch).
