@@ -17,6 +17,7 @@ mod files_net;
 mod files_progress;
 mod files_stream;
 mod release;
+mod release_net;
 mod userkey;
 
 use anyhow::Result;

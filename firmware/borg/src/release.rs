@@ -12,7 +12,7 @@
 //! to their name (which fails if it exists: nothing is overwritten); files changed in place
 //! (`approve`, `root-sign`) are fsynced under a temporary name and renamed over the old one.
 //!
-//! `publish` and `log` need the network and a node's update cell, which do not exist yet.
+//! `publish` and `log` talk to a node's receptor (release_net.rs).
 
 use std::fs;
 use std::io::Write;
@@ -126,6 +126,29 @@ pub enum ReleaseCommand {
         #[arg(long, hide = true)]
         now_ms: Option<u64>,
     },
+    /// Send a release file (manifest and approvals) to a node: it keeps the approvals that
+    /// verify and passes the release on to every node by signed broadcast. Each maintainer
+    /// can publish their own approval at any node; every node gathers them all.
+    Publish {
+        manifest: PathBuf,
+        /// The node's receptor, IP[:PORT] (port 13305 by default).
+        #[arg(long, value_name = "IP[:PORT]")]
+        node: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a node's update audit log (releases, approvals, roots, refusals, installs) and
+    /// the releases it is gathering, with their approval counts.
+    Log {
+        /// The node's receptor, IP[:PORT] (port 13305 by default).
+        #[arg(long, value_name = "IP[:PORT]")]
+        node: String,
+        /// The last N entries (1 to 512; default 100).
+        #[arg(long, value_name = "N")]
+        limit: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(cmd: ReleaseCommand) -> Result<()> {
@@ -224,6 +247,12 @@ pub fn run(cmd: ReleaseCommand) -> Result<()> {
             json,
             now_ms: at,
         } => verify_cmd(&manifest, &roots, running, board, json, at),
+        ReleaseCommand::Publish {
+            manifest,
+            node,
+            json,
+        } => crate::release_net::publish(&node, &manifest, json),
+        ReleaseCommand::Log { node, limit, json } => crate::release_net::log(&node, limit, json),
     }
 }
 
@@ -315,7 +344,7 @@ fn read_root(path: &Path) -> Result<SignedRoot> {
     SignedRoot::decode(&bytes).with_context(|| format!("root {}", path.display()))
 }
 
-fn read_release(path: &Path) -> Result<ReleaseFile> {
+pub(crate) fn read_release(path: &Path) -> Result<ReleaseFile> {
     let bytes = fs::read(path).with_context(|| format!("reading release {}", path.display()))?;
     ReleaseFile::decode(&bytes).with_context(|| format!("release {}", path.display()))
 }

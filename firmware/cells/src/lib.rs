@@ -4,14 +4,15 @@
 //! implementation of [`borg_net::cell::Cell`], registered in one line of [`REGISTRY`]. A node
 //! ([`run_node`]) runs every registered cell in one process, sharing one key and one network
 //! clock: each cell gets its own tree on its DNA net port, its receptor and its monitor.
-//! `peerTreeNet` is the base cell (all runtime, no cell logic); [`crono`] is network time.
+//! `peerTreeNet` is the base cell (the tree is all runtime; its cell logic is [`ota`], the
+//! node's updates); [`crono`] is network time.
 #![forbid(unsafe_code)]
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use borg_net::cell::{Cell, CellInit, NoCell};
+use borg_net::cell::{Cell, CellInit};
 use borg_net::clock::NetClock;
 use borg_net::node::{self, BaseFollow, CellRouter, NodeConfig, NodeError, NodeHandle};
 use borg_proto::dna::{self, CellDna};
@@ -19,6 +20,7 @@ use borg_proto::dna::{self, CellDna};
 pub mod crono;
 pub mod ftree;
 pub mod members;
+pub mod ota;
 pub mod shard;
 
 /// One cell type: its DNA and how to make its behaviour.
@@ -28,16 +30,12 @@ pub struct CellType {
     pub make: fn(CellInit) -> Box<dyn Cell>,
 }
 
-fn base_cell(_: CellInit) -> Box<dyn Cell> {
-    Box::new(NoCell)
-}
-
 /// Every cell type this build runs, the base cell first. Adding a cell type is one line here
 /// (and its module): the node actor, the receptor, the monitor and PID 1 need no edit.
 pub const REGISTRY: &[CellType] = &[
     CellType {
         dna: dna::PEER_TREE_NET,
-        make: base_cell,
+        make: ota::OtaCell::boxed,
     },
     CellType {
         dna: dna::CRONO_TREE,

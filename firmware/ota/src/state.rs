@@ -120,6 +120,12 @@ pub enum AuditEvent {
         threshold: u32,
         verdict: Code,
     },
+    /// A maintainer's valid approval of a release arrived (published here, or gossiped).
+    ApprovalSeen {
+        version: Version,
+        manifest: Sha256Hex,
+        key: borg_proto::identity::PublicKey,
+    },
     Refused {
         version: Version,
         reason: Code,
