@@ -29,6 +29,8 @@ pub enum Command {
     Log(usize),
     /// LED state and backend.
     Leds,
+    /// Updates: running version, trust root, releases being gathered and their approvals.
+    Update,
     /// Orderly reboot.
     Reboot,
     /// Orderly power-off.
@@ -61,6 +63,7 @@ commands:
   net        interface, DHCP lease, router, NAT role, port mapping, relay
   log [N]    last N log lines (default 20)
   leds       LED state and backend
+  update     running version, trust root, releases seen and their approvals
   reboot     orderly reboot
   poweroff   orderly power-off
   help       this list";
@@ -84,6 +87,7 @@ pub fn parse(line: &str) -> Command {
             Err(_) => Command::Unknown(line.trim().to_string()),
         },
         ("leds", None) => Command::Leds,
+        ("update" | "updates", None) => Command::Update,
         ("reboot", None) => Command::Reboot,
         ("poweroff" | "halt" | "shutdown", None) => Command::Poweroff,
         ("help" | "?", _) => Command::Help,
@@ -246,6 +250,60 @@ fn nat_lines(v: &serde_json::Value) -> String {
         "relay:     {relay}  relaying for {}  LAN nodes heard {lan}",
         g("relaying_for")
     );
+    o
+}
+
+/// The `update` part of the base cell's status, for `update`.
+fn update_lines(v: &serde_json::Value) -> String {
+    let u = &v["update"];
+    let g = |x: &serde_json::Value| match x {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    if u.is_null() {
+        return "update: the node does not report updates".into();
+    }
+    if u["enabled"] != true {
+        return format!(
+            "running:   {}\nupdates:   off ({})",
+            g(&u["running"]),
+            g(&u["reason"])
+        );
+    }
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "running:   {}  board {}  phase {}",
+        g(&u["running"]),
+        g(&u["board"]),
+        g(&u["phase"])
+    );
+    let _ = write!(
+        o,
+        "root:      version {}, {} of {} maintainers must approve",
+        g(&u["root_version"]),
+        g(&u["threshold"]),
+        g(&u["maintainers"])
+    );
+    let pending = u["pending"].as_array().cloned().unwrap_or_default();
+    for p in &pending {
+        let _ = write!(
+            o,
+            "\nrelease:   {} manifest {:.12}: {} of {} approvals, {}",
+            g(&p["version"]),
+            g(&p["manifest"]),
+            g(&p["counted"]),
+            g(&p["threshold"]),
+            g(&p["verdict"])
+        );
+    }
+    if pending.is_empty() {
+        o.push_str("\nrelease:   none seen");
+    }
+    if !u["last_error"].is_null() {
+        let _ = write!(o, "\nerror:     {}", g(&u["last_error"]));
+    }
     o
 }
 
@@ -413,6 +471,10 @@ pub fn execute(cmd: &Command, shared: &Shared, monitor: SocketAddr) -> (String, 
             ),
             Request::None,
         ),
+        Command::Update => match query() {
+            Ok(v) => (update_lines(&v), Request::None),
+            Err(e) => (format!("update unavailable: {e}"), Request::None),
+        },
         Command::Reboot => ("rebooting...".into(), Request::Reboot),
         Command::Poweroff => ("powering off...".into(), Request::Poweroff),
         Command::Unknown(w) => (
@@ -529,6 +591,26 @@ mod tests {
             "{}",
             node_line(&u)
         );
+    }
+
+    #[test]
+    fn update_shows_the_root_and_each_release_with_its_count() {
+        let v = serde_json::json!({"update": {"enabled": true, "running": "0.1.0",
+            "board": null, "phase": "gathering", "root_version": 1, "threshold": 3,
+            "maintainers": 4, "last_error": null,
+            "pending": [{"version": "0.2.0", "manifest": "ab".repeat(32), "counted": 2,
+                         "threshold": 3, "verdict": "not_enough_approvals"}]}});
+        let t = update_lines(&v);
+        assert_eq!(
+            t,
+            "running:   0.1.0  board -  phase gathering\n\
+             root:      version 1, 3 of 4 maintainers must approve\n\
+             release:   0.2.0 manifest abababababab: 2 of 3 approvals, not_enough_approvals"
+        );
+        let off = serde_json::json!({"update": {"enabled": false, "running": "0.1.0",
+            "reason": "no trust root at /etc/borg/ota-root.json"}});
+        assert!(update_lines(&off).contains("updates:   off (no trust root"));
+        assert_eq!(parse("update"), Command::Update);
     }
 
     #[test]
