@@ -27,6 +27,7 @@
 //! bytes of another kind of OTA object nor of a network envelope (domain separation).
 #![forbid(unsafe_code)]
 
+pub mod autoboot;
 pub mod release;
 pub mod root;
 pub mod state;

@@ -10,6 +10,11 @@
 //! | `borg.loglevel`  | tracing filter for the console                      | `info`             |
 //! | `borg.grace_ms`  | per-cell shutdown grace                             | `5000`             |
 //! | `borg.net`       | `dhcp` or `off`                                     | `dhcp`             |
+//! | `borg.boot`      | A/B boot disk (MBR: autoboot FAT, slot A, slot B)   | `/dev/mmcblk0`(Pi) |
+//! | `borg.partition` | partition this boot came from (QEMU stand-in)       | device tree (Pi)   |
+//! | `borg.tryboot`   | `1`: this is a trial boot (QEMU stand-in)           | device tree (Pi)   |
+//! | `borg.trial_s`   | seconds a trial boot has to pass the health check   | `180`              |
+//! | `borg.fault`     | test only: `node` = never start the node process    | none               |
 
 /// Parsed `borg.*` settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -30,6 +35,16 @@ pub struct Cmdline {
     pub grace_ms: Option<u64>,
     /// Networking mode.
     pub net: Option<String>,
+    /// The A/B boot disk.
+    pub boot: Option<String>,
+    /// Partition booted (QEMU stand-in for the Pi firmware's device tree).
+    pub partition: Option<u8>,
+    /// Trial boot (QEMU stand-in).
+    pub tryboot: Option<bool>,
+    /// Trial health-check bound, seconds.
+    pub trial_s: Option<u64>,
+    /// Test-only fault injection.
+    pub fault: Option<String>,
 }
 
 /// Parse a kernel command line. Unknown keys are ignored; quoting is not supported (the
@@ -51,6 +66,11 @@ pub fn parse(text: &str) -> Cmdline {
             "borg.loglevel" => c.loglevel = Some(v.to_string()),
             "borg.grace_ms" => c.grace_ms = v.parse().ok(),
             "borg.net" => c.net = Some(v.to_string()),
+            "borg.boot" => c.boot = Some(v.to_string()),
+            "borg.partition" => c.partition = v.parse().ok(),
+            "borg.tryboot" => c.tryboot = Some(v == "1"),
+            "borg.trial_s" => c.trial_s = v.parse().ok(),
+            "borg.fault" => c.fault = Some(v.to_string()),
             _ => {}
         }
     }

@@ -471,10 +471,18 @@ pub fn execute(cmd: &Command, shared: &Shared, monitor: SocketAddr) -> (String, 
             ),
             Request::None,
         ),
-        Command::Update => match query() {
-            Ok(v) => (update_lines(&v), Request::None),
-            Err(e) => (format!("update unavailable: {e}"), Request::None),
-        },
+        Command::Update => {
+            let slot = format!(
+                "slot:      {}\n",
+                s.slot
+                    .as_deref()
+                    .unwrap_or("- (not booted from an A/B disk)")
+            );
+            match query() {
+                Ok(v) => (format!("{slot}{}", update_lines(&v)), Request::None),
+                Err(e) => (format!("{slot}update unavailable: {e}"), Request::None),
+            }
+        }
         Command::Reboot => ("rebooting...".into(), Request::Reboot),
         Command::Poweroff => ("powering off...".into(), Request::Poweroff),
         Command::Unknown(w) => (

@@ -105,6 +105,10 @@ pub struct InitConfig {
     /// For tests: panic once in the main loop after the cells started, to show that PID 1
     /// survives a panic on its main thread.
     pub inject_panic: bool,
+    /// The A/B slot this boot came from (None: not booted from an A/B disk).
+    pub boot: Option<crate::slots::BootInfo>,
+    /// How long a trial boot has to pass its health check.
+    pub trial_within: Duration,
 }
 
 /// How long the main loop pauses after a caught panic before its next round, so a bug that
@@ -134,6 +138,8 @@ impl InitConfig {
             monitor: monitor::base_monitor(),
             liveness: Some(Liveness::default()),
             inject_panic: false,
+            boot: None,
+            trial_within: crate::trial::DEFAULT_TRIAL,
         }
     }
 
@@ -160,6 +166,15 @@ impl InitConfig {
         }
         if c.net.as_deref() == Some("off") {
             self.network = false;
+        }
+        self.boot = crate::slots::BootInfo::read(c);
+        if let Some(s) = c.trial_s {
+            self.trial_within = Duration::from_secs(s);
+        }
+        if c.fault.as_deref() == Some("node") {
+            // Test only: a slot whose node cannot start (the trial must fall back).
+            tracing::warn!("borg.fault=node: the node process will not start");
+            self.cell_program = PathBuf::from("/nonexistent/borg.fault=node");
         }
     }
 }
@@ -412,6 +427,11 @@ pub fn run(mut cfg: InitConfig) -> Result<(), InitError> {
     start_appliance_file(appliance_file(&cfg), &shared);
     start_node_watch(&shared, cfg.monitor, keeper.clone());
     start_console(&cfg, &shared);
+    if let Some(boot) = cfg.boot.clone() {
+        crate::trial::start(boot, &shared, cfg.monitor, cfg.trial_within, || {
+            request_shutdown(console::Request::Reboot)
+        });
+    }
 
     let specs: Vec<CellSpec> = cfg
         .cells

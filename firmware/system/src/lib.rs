@@ -14,6 +14,7 @@
 //! - [`console`]: the `borg> ` diagnostics prompt on the serial console.
 //! - [`monitor`]: a tiny HTTP client for the local cell monitor (`/status`).
 //! - [`hwclock`]: the clock floor at boot, setting the clock from network time, DATA/nettime.
+//! - [`slots`] + [`trial`]: A/B boot slots, the trial boot's health check, commit or fall back.
 //! - [`cmdline`], [`logring`], [`state`]: kernel command line, log ring, shared state.
 #![allow(unsafe_code)]
 
@@ -27,6 +28,8 @@ pub mod logring;
 pub mod monitor;
 pub mod mounts;
 pub mod net;
+pub mod slots;
 pub mod state;
 pub mod supervisor;
 pub mod sys;
+pub mod trial;

@@ -63,6 +63,8 @@ pub struct Snapshot {
     pub faults: Vec<String>,
     /// Installing an update.
     pub updating: bool,
+    /// The A/B slot this boot came from, and its trial state.
+    pub slot: Option<String>,
     /// Shutting down.
     pub stopping: bool,
     /// The node's network time (`time` of the base monitor's last answer).
@@ -92,6 +94,7 @@ impl Shared {
             led_backend: "none".into(),
             faults: vec![],
             updating: false,
+            slot: None,
             stopping: false,
             time: None,
             clock: ClockInfo::default(),
