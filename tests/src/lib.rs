@@ -7,6 +7,7 @@ pub mod appliance;
 pub mod natnet;
 pub mod netns;
 pub mod outsider;
+pub mod qemu;
 pub mod timenet;
 
 use std::collections::BTreeMap;

@@ -14,108 +14,14 @@
 //! like a Raspberry Pi 4, which has no RTC: PID 1 raises the clock to its floor (build time)
 //! before it starts the node, and sets it from network time once the node has synced.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use borg_tests::appliance::{borg_bin, missing, skip, which, workspace_root, Console};
-
-const BOOT: Duration = Duration::from_secs(120);
-const STEP: Duration = Duration::from_secs(60);
-
-fn image_dir() -> PathBuf {
-    std::env::var_os("OUT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("out/image"))
-}
-
-/// None (with a SKIP line) unless the QEMU tests are enabled and can run.
-fn enabled(test: &str) -> Option<PathBuf> {
-    if std::env::var("BORG_QEMU_TESTS").as_deref() != Ok("1") {
-        skip(
-            test,
-            "set BORG_QEMU_TESTS=1 (after image/build) to boot the image in QEMU",
-        );
-        return None;
-    }
-    let img = image_dir();
-    assert!(
-        img.join("vmlinuz").is_file() && img.join("initramfs.cpio.gz").is_file(),
-        "BORG_QEMU_TESTS=1 but no image in {}: run image/build",
-        img.display()
-    );
-    assert!(
-        which("qemu-system-aarch64").is_some(),
-        "BORG_QEMU_TESTS=1 but qemu-system-aarch64 is missing: run ci/appliance-setup.sh"
-    );
-    Some(img)
-}
-
-/// Does the host borg implement `borg node`? If so, so does the image's.
-fn node_available() -> bool {
-    let has = borg_bin()
-        .and_then(|b| Command::new(b).args(["node", "--help"]).output().ok())
-        .is_some_and(|o| o.status.success());
-    if !has && std::env::var("BORG_QEMU_EXPECT_NODE").as_deref() == Ok("1") {
-        panic!("BORG_QEMU_EXPECT_NODE=1 but `borg node` is not available");
-    }
-    has
-}
-
-/// QEMU arguments for a guest without a real-time clock: it boots at 1970-01-01.
-const RTC_1970: [&str; 2] = ["-rtc", "base=1970-01-01T00:00:00"];
-
-/// Start QEMU with a fresh blank data disk (first boot formats it), extra kernel args and
-/// extra QEMU args (image/qemu-run passes them on).
-fn boot(img: &std::path::Path, append: &str, data: &tempfile::TempDir, qemu: &[&str]) -> Console {
-    let disk = data.path().join("data.img");
-    let f = std::fs::File::create(&disk).expect("data disk");
-    f.set_len(256 << 20).expect("size data disk");
-    let mut cmd = Command::new(workspace_root().join("image/qemu-run"));
-    cmd.env("OUT", img)
-        .env("BORG_DATA_IMG", &disk)
-        .env("BORG_APPEND", append)
-        .args(qemu);
-    Console::spawn(cmd).expect("start QEMU")
-}
-
-/// The host's UTC date (YYYY-MM-DD) now.
-fn host_date() -> String {
-    let out = Command::new("date")
-        .args(["-u", "+%F"])
-        .output()
-        .expect("run date");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn step(c: &mut Console, needle: &str, t: Duration) -> String {
-    match c.expect(needle, t) {
-        Ok(s) => s,
-        Err(e) => {
-            c.kill();
-            panic!("{e}");
-        }
-    }
-}
-
-/// The `[ seconds]` timestamp of the kernel line containing `needle`.
-fn kernel_time(text: &str, needle: &str) -> Option<f64> {
-    let line = text.lines().find(|l| l.contains(needle))?;
-    let inner = line.strip_prefix('[')?.split(']').next()?;
-    inner.trim().parse().ok()
-}
-
-fn power_off(c: &mut Console) {
-    c.send("poweroff").expect("type poweroff");
-    step(c, "all cells stopped", STEP);
-    step(c, "reboot(2)", STEP);
-    step(c, "reboot: Power down", STEP);
-    let exited = borg_tests::appliance::wait_exit(&mut c.child, STEP);
-    let text = c.text();
-    assert!(exited.is_some(), "QEMU did not exit after power-off");
-    assert!(!text.contains("Kernel panic"), "kernel panic:\n{text}");
-    assert!(!text.contains("BUG: panic"), "borg panicked:\n{text}");
-}
+use borg_tests::appliance::{borg_bin, missing, skip, workspace_root, Console};
+use borg_tests::qemu::{
+    boot, enabled, host_date, kernel_time, node_available, power_off, qemu_run, step, BOOT,
+    RTC_1970, STEP,
+};
 
 #[test]
 fn qemu_boots_to_a_working_node() {
@@ -254,11 +160,8 @@ fn qemu_second_boot_keeps_data_and_rejects_nothing() {
     // Same disk again: mounted (not formatted), same node key, same host name; the clock,
     // again at 1970, is raised to the network time saved by the first boot, not to the build
     // time.
-    let disk = data.path().join("data.img");
-    let mut cmd = Command::new(workspace_root().join("image/qemu-run"));
-    cmd.env("OUT", &img)
-        .env("BORG_DATA_IMG", &disk)
-        .args(RTC_1970);
+    let mut cmd = qemu_run(&img, data.path());
+    cmd.args(RTC_1970);
     let mut c = Console::spawn(cmd).expect("start QEMU");
     step(&mut c, "data partition: mounted /dev/vda", BOOT);
     step(&mut c, "clock raised to its floor", STEP);

@@ -14,7 +14,7 @@
 //! | `borg.partition` | partition this boot came from (QEMU stand-in)       | device tree (Pi)   |
 //! | `borg.tryboot`   | `1`: this is a trial boot (QEMU stand-in)           | device tree (Pi)   |
 //! | `borg.trial_s`   | seconds a trial boot has to pass the health check   | `180`              |
-//! | `borg.fault`     | test only: `node` = never start the node process    | none               |
+//! | `borg.fault`     | test only: `node` (node never starts), `trial_hang` | none               |
 
 /// Parsed `borg.*` settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -109,6 +109,8 @@ pub struct InitConfig {
     pub boot: Option<crate::slots::BootInfo>,
     /// How long a trial boot has to pass its health check.
     pub trial_within: Duration,
+    /// Test only (`borg.fault=trial_hang`): the trial arms the watchdog and hangs.
+    pub trial_hang: bool,
 }
 
 /// How long the main loop pauses after a caught panic before its next round, so a bug that
@@ -140,6 +142,7 @@ impl InitConfig {
             inject_panic: false,
             boot: None,
             trial_within: crate::trial::DEFAULT_TRIAL,
+            trial_hang: false,
         }
     }
 
@@ -176,6 +179,7 @@ impl InitConfig {
             tracing::warn!("borg.fault=node: the node process will not start");
             self.cell_program = PathBuf::from("/nonexistent/borg.fault=node");
         }
+        self.trial_hang = c.fault.as_deref() == Some("trial_hang");
     }
 }
 
@@ -428,7 +432,11 @@ pub fn run(mut cfg: InitConfig) -> Result<(), InitError> {
     start_node_watch(&shared, cfg.monitor, keeper.clone());
     start_console(&cfg, &shared);
     if let Some(boot) = cfg.boot.clone() {
-        crate::trial::start(boot, &shared, cfg.monitor, cfg.trial_within, || {
+        let opts = crate::trial::TrialOptions {
+            within: cfg.trial_within,
+            hang: cfg.trial_hang,
+        };
+        crate::trial::start(boot, &shared, cfg.monitor, opts, || {
             request_shutdown(console::Request::Reboot)
         });
     }

@@ -1,10 +1,11 @@
 //! The trial boot of a new slot: health check, then commit, or fall back (docs/OTA.md).
 //!
 //! When the firmware booted a slot on trial (tryboot), PID 1:
-//! 1. arms the hardware watchdog, if there is one (`/dev/watchdog`: bcm2835-wdt on the Pi,
-//!    i6300esb under QEMU), and pets it from this thread only, so a kernel or PID 1 that hangs
-//!    stops petting and the board resets; a reset boots the committed slot again, since the
-//!    firmware's tryboot request is one-shot;
+//! 1. arms the watchdog, if there is one (`/dev/watchdog`: bcm2835-wdt on the Pi; under QEMU
+//!    the kernel's softdog, as Debian's cloud kernel has no i6300esb driver: it catches a hung
+//!    PID 1, not a hung kernel), and pets it from this thread only, so a PID 1 (or, on the Pi,
+//!    a kernel) that hangs stops petting and the board resets; a reset boots the committed slot
+//!    again, since the firmware's tryboot request is one-shot;
 //! 2. waits, within `borg.trial_s` (default [`DEFAULT_TRIAL`]), until the node is healthy for
 //!    [`STABLE_CHECKS`] checks in a row ([`judge`]: the node process runs, the base cell's
 //!    monitor answers with a tree state, and every cell it hosts answers);
@@ -105,9 +106,23 @@ pub fn committed(disk: &Path) -> Result<AutoBoot, String> {
     AutoBoot::parse(&bytes).map_err(|e| e.to_string())
 }
 
+/// How a trial runs: its bound, and (tests only, `borg.fault=trial_hang`) a PID 1 that arms
+/// the watchdog and then hangs, to show that the watchdog ends such a trial.
+#[derive(Debug, Clone, Copy)]
+pub struct TrialOptions {
+    pub within: Duration,
+    pub hang: bool,
+}
+
 /// Log the boot slot, and run the trial if this is one (on its own thread). `reboot` asks
 /// PID 1 for an orderly reboot.
-pub fn start(info: BootInfo, shared: &Shared, monitor: SocketAddr, within: Duration, reboot: fn()) {
+pub fn start(
+    info: BootInfo,
+    shared: &Shared,
+    monitor: SocketAddr,
+    opts: TrialOptions,
+    reboot: fn(),
+) {
     let slot = info.slot();
     match committed(&info.disk) {
         Ok(a) => tracing::info!(
@@ -129,14 +144,15 @@ pub fn start(info: BootInfo, shared: &Shared, monitor: SocketAddr, within: Durat
     let sh = shared.clone();
     let spawned = std::thread::Builder::new()
         .name("trial".into())
-        .spawn(move || run(info, sh, monitor, within, reboot));
+        .spawn(move || run(info, sh, monitor, opts, reboot));
     if let Err(e) = spawned {
         // Without the thread nothing commits: the next boot falls back by itself.
         tracing::error!("update: cannot start the trial thread: {e}");
     }
 }
 
-fn run(info: BootInfo, shared: Shared, monitor: SocketAddr, within: Duration, reboot: fn()) {
+fn run(info: BootInfo, shared: Shared, monitor: SocketAddr, opts: TrialOptions, reboot: fn()) {
+    let within = opts.within;
     let slot = info.slot();
     let old = slot_name(other_slot(info.partition));
     tracing::info!(
@@ -145,6 +161,13 @@ fn run(info: BootInfo, shared: Shared, monitor: SocketAddr, within: Duration, re
     );
     shared.lock().updating = true;
     let mut wd = Watchdog::arm();
+    if opts.hang {
+        tracing::warn!("borg.fault=trial_hang: the trial stops here, the watchdog is not petted");
+        let _keep = wd;
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
     let start = Instant::now();
     let mut good = 0;
     let mut why = String::from("no check yet");

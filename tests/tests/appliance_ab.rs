@@ -1,0 +1,222 @@
+//! A/B slots and the trial boot, in QEMU through image/qemu-firmware (the stand-in for the
+//! Pi firmware's autoboot.txt/tryboot choice; docs/OTA.md "A/B boot").
+//!
+//! Each test has its own copy of the image's boot disk. The host stands in for the installer
+//! (which is not built yet): it writes slot B and sets the one-shot tryboot flag with
+//! image/abdisk.py, exactly the two writes the installer will make. Then the guest's PID 1
+//! must commit a healthy slot B by itself, fall back to slot A by itself when slot B's node
+//! cannot start or its PID 1 hangs (watchdog), and a power cut during the trial must leave
+//! slot A committed.
+//!
+//! Opt-in like appliance_qemu.rs: `BORG_QEMU_TESTS=1` after image/build.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use borg_tests::appliance::{workspace_root, Console};
+use borg_tests::qemu::{boot_disk, enabled, power_off, qemu_run, step, BOOT, RTC_1970, STEP};
+
+fn abdisk(args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg(workspace_root().join("image/abdisk.py"))
+        .args(args)
+        .output()
+        .expect("run image/abdisk.py");
+    assert!(
+        out.status.success(),
+        "abdisk.py {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn show(dir: &Path) -> String {
+    abdisk(&["show", dir.join("boot.img").to_str().unwrap()])
+}
+
+/// The test's disks (blank data, a copy of the boot disk) and a Console on qemu-firmware.
+fn start(img: &Path, dir: &Path, append: &str) -> Console {
+    let data = dir.join("data.img");
+    if !data.exists() {
+        std::fs::File::create(&data)
+            .and_then(|f| f.set_len(256 << 20))
+            .expect("data disk");
+    }
+    let mut cmd = qemu_run(img, dir);
+    cmd.env("BORG_APPEND", append).args(RTC_1970);
+    Console::spawn(cmd).expect("start QEMU")
+}
+
+/// Prepare slot B: the image's slot, or one whose kernel command line adds `extra`; then ask
+/// for one trial boot of it.
+fn stage_slot_b(img: &Path, dir: &Path, extra: &str) {
+    let boot = boot_disk(img, dir);
+    let slot = dir.join("slot-b.vfat");
+    std::fs::copy(img.join("slot.vfat"), &slot).expect("copy slot image");
+    if !extra.is_empty() {
+        let cmdline = dir.join("cmdline.txt");
+        std::fs::write(&cmdline, format!("console=ttyAMA0 panic=-1 {extra}\n")).unwrap();
+        let st = Command::new("mcopy")
+            .arg("-o")
+            .arg("-i")
+            .arg(&slot)
+            .arg(&cmdline)
+            .arg("::/cmdline.txt")
+            .status()
+            .expect("mcopy");
+        assert!(st.success());
+    }
+    abdisk(&[
+        "write-slot",
+        boot.to_str().unwrap(),
+        "3",
+        slot.to_str().unwrap(),
+    ]);
+    abdisk(&["tryboot", boot.to_str().unwrap(), "1"]);
+    assert_eq!(show(dir), "committed=2 tryboot=3 flag=1");
+}
+
+/// Ask the console which slot this boot is (the prompt itself may have printed before the
+/// boot line).
+fn slot_is(c: &mut Console, want: &str) {
+    c.send("update").expect("type update");
+    step(c, &format!("slot:      {want}"), STEP);
+}
+
+#[test]
+fn qemu_ab_a_healthy_trial_slot_commits_itself_and_stays() {
+    let Some(img) = enabled("qemu_ab_a_healthy_trial_slot_commits_itself_and_stays") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    stage_slot_b(&img, dir.path(), "");
+    let mut c = start(&img, dir.path(), "");
+    step(
+        &mut c,
+        "qemu-firmware: boot 1: partition 3 (slot b) tryboot",
+        STEP,
+    );
+    step(
+        &mut c,
+        "boot: slot b (partition 3) on trial; committed slot a",
+        BOOT,
+    );
+    step(&mut c, "update: trial boot of slot b", STEP);
+    step(
+        &mut c,
+        "update: slot b passed the health check",
+        Duration::from_secs(200),
+    );
+    step(&mut c, "committed", STEP);
+    // The commit is on the disk before anything else happens: read it from the host now,
+    // with the guest still running.
+    assert_eq!(show(dir.path()), "committed=3 tryboot=2 flag=0");
+    slot_is(&mut c, "b (partition 3), committed");
+    power_off(&mut c);
+
+    // The next boot is slot B, no longer on trial.
+    let mut c = start(&img, dir.path(), "");
+    step(
+        &mut c,
+        "qemu-firmware: boot 1: partition 3 (slot b)\n",
+        STEP,
+    );
+    step(&mut c, "boot: slot b (partition 3); committed slot b", BOOT);
+    slot_is(&mut c, "b (partition 3)\n");
+    let text = c.text();
+    assert!(!text.contains("update: trial"), "not a trial boot:\n{text}");
+    power_off(&mut c);
+    assert_eq!(show(dir.path()), "committed=3 tryboot=2 flag=0");
+}
+
+#[test]
+fn qemu_ab_a_trial_slot_whose_node_cannot_start_falls_back_by_itself() {
+    let Some(img) = enabled("qemu_ab_a_trial_slot_whose_node_cannot_start_falls_back_by_itself")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    stage_slot_b(&img, dir.path(), "borg.fault=node borg.trial_s=20");
+    let mut c = start(&img, dir.path(), "");
+    step(
+        &mut c,
+        "qemu-firmware: boot 1: partition 3 (slot b) tryboot",
+        STEP,
+    );
+    step(
+        &mut c,
+        "update: trial boot of slot b: health check within 20 s",
+        BOOT,
+    );
+    step(
+        &mut c,
+        "update: slot b failed its trial",
+        Duration::from_secs(90),
+    );
+    step(&mut c, "rebooting into slot a", STEP);
+    // Nothing was written: the firmware's next boot is the committed slot A.
+    step(
+        &mut c,
+        "qemu-firmware: boot 2: partition 2 (slot a)\n",
+        STEP,
+    );
+    step(&mut c, "boot: slot a (partition 2); committed slot a", BOOT);
+    slot_is(&mut c, "a (partition 2)\n");
+    assert_eq!(show(dir.path()), "committed=2 tryboot=3 flag=0");
+    power_off(&mut c);
+}
+
+#[test]
+fn qemu_ab_a_hung_trial_is_reset_by_the_watchdog_into_slot_a() {
+    let Some(img) = enabled("qemu_ab_a_hung_trial_is_reset_by_the_watchdog_into_slot_a") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    stage_slot_b(&img, dir.path(), "borg.fault=trial_hang");
+    let mut c = start(&img, dir.path(), "");
+    step(
+        &mut c,
+        "qemu-firmware: boot 1: partition 3 (slot b) tryboot",
+        STEP,
+    );
+    step(&mut c, "borg.fault=trial_hang", BOOT);
+    // softdog's default margin is 60 s; then the guest resets and the firmware boots slot A.
+    step(
+        &mut c,
+        "qemu-firmware: boot 2: partition 2 (slot a)\n",
+        Duration::from_secs(120),
+    );
+    step(&mut c, "boot: slot a (partition 2); committed slot a", BOOT);
+    slot_is(&mut c, "a (partition 2)\n");
+    assert_eq!(show(dir.path()), "committed=2 tryboot=3 flag=0");
+    power_off(&mut c);
+}
+
+#[test]
+fn qemu_ab_a_power_cut_during_the_trial_leaves_slot_a_committed() {
+    let Some(img) = enabled("qemu_ab_a_power_cut_during_the_trial_leaves_slot_a_committed") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    stage_slot_b(&img, dir.path(), "");
+    let mut c = start(&img, dir.path(), "");
+    step(
+        &mut c,
+        "qemu-firmware: boot 1: partition 3 (slot b) tryboot",
+        STEP,
+    );
+    step(&mut c, "update: trial boot of slot b", BOOT);
+    // Pull the plug: QEMU (and the firmware stand-in) die at once.
+    c.kill();
+    assert_eq!(show(dir.path()), "committed=2 tryboot=3 flag=0");
+    let mut c = start(&img, dir.path(), "");
+    step(
+        &mut c,
+        "qemu-firmware: boot 1: partition 2 (slot a)\n",
+        STEP,
+    );
+    step(&mut c, "boot: slot a (partition 2); committed slot a", BOOT);
+    slot_is(&mut c, "a (partition 2)\n");
+    power_off(&mut c);
+}
