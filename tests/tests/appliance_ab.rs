@@ -9,6 +9,7 @@
 //! slot A committed.
 //!
 //! Opt-in like appliance_qemu.rs: `BORG_QEMU_TESTS=1` after image/build.
+#![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 use std::process::Command;
