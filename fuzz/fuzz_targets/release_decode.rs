@@ -1,4 +1,5 @@
-//! Fuzz the OTA decoders (trust root files, release files, the node's state file): arbitrary
+//! Fuzz the OTA decoders (trust root files, release files, the node's state file, image chunk
+//! lists, autoboot.txt): arbitrary
 //! bytes must decode or fail cleanly, what decodes must respect the bounds, re-encode to
 //! canonical bytes that decode to the same value.
 #![no_main]
@@ -27,6 +28,18 @@ fuzz_target!(|data: &[u8]| {
         assert!(release.approvals.len() <= MAX_SIGNATURES);
         let again = ReleaseFile::decode(&release.encode()).expect("re-encoded release must decode");
         assert_eq!(again, release);
+    }
+    if let Ok(list) = borg_ota::chunks::ChunkList::decode(data) {
+        assert!(list.addrs.len() <= borg_ota::chunks::MAX_CHUNKS);
+        assert_eq!(
+            borg_ota::chunks::ChunkList::count_for(list.size),
+            list.addrs.len() as u64
+        );
+        assert_eq!(list.encode(), data, "a chunk list has one encoding");
+    }
+    if let Ok(a) = borg_ota::autoboot::AutoBoot::parse(data) {
+        assert_ne!(a.boot_partition, a.tryboot_partition);
+        assert_eq!(borg_ota::autoboot::AutoBoot::parse(&a.render()).ok(), Some(a));
     }
     if let Ok(state) = OtaState::decode(data) {
         let again = OtaState::decode(&state.encode()).expect("re-encoded state must decode");

@@ -18,6 +18,7 @@ mod files_progress;
 mod files_stream;
 mod release;
 mod release_net;
+mod update_fetch;
 mod userkey;
 
 use anyhow::Result;
@@ -67,9 +68,21 @@ enum Command {
     /// Maintainers: keys, trust roots, release manifests and approvals (docs/OTA.md).
     #[command(subcommand)]
     Release(release::ReleaseCommand),
+    /// Installing releases: `update fetch` writes an approved release's image into a slot
+    /// and verifies it (what the appliance's PID 1 does; docs/OTA.md).
+    #[command(subcommand)]
+    Update(UpdateCommand),
     /// Benchmarks that print figures (see docs/BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum UpdateCommand {
+    /// Fetch an approved release's image through a node into a slot (a partition or a file),
+    /// resumably, and verify it by reading it back. Refuses before writing anything when the
+    /// release is not approved for this node (k approvals, version, board, expiry).
+    Fetch(update_fetch::FetchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -125,6 +138,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Ls(args) => files_cli::ls(args),
         Command::Rm(args) => files_cli::rm(args),
         Command::Release(cmd) => release::run(cmd),
+        Command::Update(UpdateCommand::Fetch(args)) => update_fetch::run(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Init(args) => appliance::run_init(args),
         Command::Up(args) => appliance::run_up(args),

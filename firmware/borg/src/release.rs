@@ -23,7 +23,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context, Result};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use borg_ota::release::{image_digest, ImageRef};
+use borg_ota::chunks::ChunkList;
+use borg_ota::release::ImageRef;
 use borg_ota::verify::NodeView;
 use borg_ota::{
     verify, Approval, Board, FetchId, Manifest, ReleaseFile, Root, SignedRoot, TrustedRoot, Version,
@@ -92,7 +93,8 @@ pub enum ReleaseCommand {
         expires_days: u64,
         #[arg(long, default_value = "")]
         notes: String,
-        /// What nodes fetch the image by; default `sha256:<image digest>`.
+        /// What nodes fetch the image by; default `chunks:<address of its chunk list>` (the
+        /// image stored as shards by `borg release upload`).
         #[arg(long)]
         fetch_id: Option<String>,
         #[arg(long, value_name = "FILE")]
@@ -136,6 +138,18 @@ pub enum ReleaseCommand {
         node: String,
         #[arg(long)]
         json: bool,
+    },
+    /// Store an image in the network as shards (its chunks and their list), so nodes can
+    /// fetch it by the release's `chunks:` fetch id. Give --release to check that the image
+    /// is the one the release names.
+    Upload {
+        #[arg(long, value_name = "FILE")]
+        image: PathBuf,
+        /// The node's receptor, IP[:PORT] (its peerTreeNet port, 13305 by default).
+        #[arg(long, value_name = "IP[:PORT]")]
+        node: String,
+        #[arg(long, value_name = "FILE")]
+        release: Option<PathBuf>,
     },
     /// Show a node's update audit log (releases, approvals, roots, refusals, installs) and
     /// the releases it is gathering, with their approval counts.
@@ -202,10 +216,11 @@ pub fn run(cmd: ReleaseCommand) -> Result<()> {
         } => {
             let file = fs::File::open(&image)
                 .with_context(|| format!("opening image {}", image.display()))?;
-            let (sha256, size) = image_digest(std::io::BufReader::new(file))?;
+            let (list, sha256) = ChunkList::build(std::io::BufReader::new(file), |_, _| Ok(()))?;
+            let size = list.size;
             let fetch = match fetch_id {
                 Some(f) => FetchId::new(&f)?,
-                None => FetchId::content(&sha256),
+                None => list.fetch_id(),
             };
             let manifest = Manifest {
                 tag: Default::default(),
@@ -253,6 +268,11 @@ pub fn run(cmd: ReleaseCommand) -> Result<()> {
             json,
         } => crate::release_net::publish(&node, &manifest, json),
         ReleaseCommand::Log { node, limit, json } => crate::release_net::log(&node, limit, json),
+        ReleaseCommand::Upload {
+            image,
+            node,
+            release,
+        } => crate::release_net::upload(&node, &image, release.as_deref()),
     }
 }
 
@@ -339,7 +359,7 @@ fn parse_keys(items: &[String]) -> Result<Vec<PublicKey>> {
         .collect()
 }
 
-fn read_root(path: &Path) -> Result<SignedRoot> {
+pub(crate) fn read_root(path: &Path) -> Result<SignedRoot> {
     let bytes = fs::read(path).with_context(|| format!("reading root {}", path.display()))?;
     SignedRoot::decode(&bytes).with_context(|| format!("root {}", path.display()))
 }

@@ -6,13 +6,21 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use borg_ota::chunks::{ChunkList, IMAGE_CHUNK};
+use borg_ota::Sha256Hex;
 use borg_proto::dna::PEER_TREE_NET;
 use borg_proto::identity::SecretKey;
 use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
-use crate::files_net::{self, CallError};
+use crate::files_net::{self, CallError, Target, IN_FLIGHT};
 
 /// `IP` or `IP:PORT` of a node's peerTreeNet receptor (13305 by default).
 fn receptor(text: &str) -> Result<SocketAddr> {
@@ -87,6 +95,136 @@ pub fn publish(node: &str, path: &Path, json_out: bool) -> Result<()> {
     } else {
         println!("the node knew all of this already; nothing new was sent on");
     }
+    Ok(())
+}
+
+/// Store one shard at `target`, checking the address the node says it stored it under.
+async fn put_shard(
+    target: Target,
+    key: Arc<SecretKey>,
+    addr: Sha256Hex,
+    bytes: Vec<u8>,
+) -> Result<()> {
+    let body = json!({ "data": URL_SAFE_NO_PAD.encode(&bytes) });
+    let answer = files_net::with_retries("shard.put", || {
+        files_net::call(target.addr, &key, "shard.put", body.clone())
+    })
+    .await
+    .map_err(|e| {
+        files_net::explain(
+            e,
+            &target,
+            &format!("storing chunk {}", addr.short()),
+            "not_found",
+        )
+    })?;
+    if answer.get("addr").and_then(Value::as_str) != Some(addr.to_string().as_str()) {
+        bail!(
+            "the node stored chunk {} under another address",
+            addr.short()
+        );
+    }
+    Ok(())
+}
+
+fn check_image(
+    m: &borg_ota::Manifest,
+    list: &ChunkList,
+    digest: &Sha256Hex,
+    image: &Path,
+) -> Result<()> {
+    if m.image.sha256 != *digest || m.fetch.as_str() != list.fetch_id().as_str() {
+        bail!(
+            "{} is not the image of this release (its sha256 {}, fetch id {}; the release \
+             names {} and {})",
+            image.display(),
+            digest.short(),
+            list.fetch_id().as_str(),
+            m.image.sha256.short(),
+            m.fetch.as_str()
+        );
+    }
+    Ok(())
+}
+
+/// `borg release upload`: store the image's chunks and chunk list as shards at `node`.
+pub fn upload(node: &str, image: &Path, release: Option<&Path>) -> Result<()> {
+    let target = files_net::parse_node(node)?.shard;
+    let want = release
+        .map(|p| super::release::read_release(p).map(|r| r.manifest))
+        .transpose()?;
+    let open =
+        || std::fs::File::open(image).with_context(|| format!("opening {}", image.display()));
+    if let Some(m) = &want {
+        // Refuse the wrong image before storing any of it.
+        let (list, digest) = ChunkList::build(std::io::BufReader::new(open()?), |_, _| Ok(()))?;
+        check_image(m, &list, &digest, image)?;
+    }
+    let file = open()?;
+    let total = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let key = Arc::new(SecretKey::generate());
+    let start = Instant::now();
+    let (tx, mut rx) = mpsc::channel::<(Sha256Hex, Vec<u8>)>(IN_FLIGHT);
+    let reader = std::thread::Builder::new()
+        .name("borg-upload-read".into())
+        .spawn(move || {
+            ChunkList::build(std::io::BufReader::new(file), |addr, chunk| {
+                tx.blocking_send((*addr, chunk.to_vec()))
+                    .map_err(|_| borg_ota::OtaError::Io("the upload stopped".into()))
+            })
+        })
+        .context("starting the reading thread")?;
+    let rt = files_net::runtime()?;
+    let sent = rt.block_on(async {
+        let mut uploads = JoinSet::new();
+        let mut open = true;
+        let mut done = 0u64;
+        while open || !uploads.is_empty() {
+            tokio::select! {
+                next = rx.recv(), if open && uploads.len() < IN_FLIGHT => match next {
+                    Some((addr, bytes)) => {
+                        uploads.spawn(put_shard(target, key.clone(), addr, bytes));
+                    }
+                    None => open = false,
+                },
+                Some(joined) = uploads.join_next(), if !uploads.is_empty() => {
+                    joined.map_err(|e| anyhow!("an upload task failed: {e}"))??;
+                    done += 1;
+                    if done % 16 == 0 {
+                        eprint!("\ruploaded {} of {} MiB", done * IMAGE_CHUNK as u64 >> 20, total >> 20);
+                    }
+                }
+            }
+        }
+        Ok::<u64, anyhow::Error>(done)
+    });
+    drop(rx);
+    let built = reader
+        .join()
+        .map_err(|_| anyhow!("the reading thread panicked"))?;
+    let sent = sent?;
+    let (list, digest) = built.with_context(|| format!("reading {}", image.display()))?;
+    if let Some(m) = &want {
+        // The file changed while it was read.
+        check_image(m, &list, &digest, image)?;
+    }
+    rt.block_on(put_shard(
+        target,
+        key.clone(),
+        list.address(),
+        list.encode(),
+    ))?;
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!();
+    println!(
+        "stored {} ({} bytes, sha256 {}) as {sent} chunks and their list in {secs:.1} s \
+         ({:.1} MiB/s); fetch id {}",
+        image.display(),
+        list.size,
+        digest,
+        list.size as f64 / secs.max(1e-9) / (1 << 20) as f64,
+        list.fetch_id().as_str()
+    );
     Ok(())
 }
 

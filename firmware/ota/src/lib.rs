@@ -28,6 +28,7 @@
 #![forbid(unsafe_code)]
 
 pub mod autoboot;
+pub mod chunks;
 pub mod release;
 pub mod root;
 pub mod state;
