@@ -190,8 +190,8 @@ pub fn upload(node: &str, image: &Path, release: Option<&Path>) -> Result<()> {
                 Some(joined) = uploads.join_next(), if !uploads.is_empty() => {
                     joined.map_err(|e| anyhow!("an upload task failed: {e}"))??;
                     done += 1;
-                    if done % 16 == 0 {
-                        eprint!("\ruploaded {} of {} MiB", done * IMAGE_CHUNK as u64 >> 20, total >> 20);
+                    if done.is_multiple_of(16) {
+                        eprint!("\ruploaded {} of {} MiB", (done * IMAGE_CHUNK as u64) >> 20, total >> 20);
                     }
                 }
             }
