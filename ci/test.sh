@@ -27,6 +27,8 @@ cargo test --workspace --no-fail-fast -- --test-threads=2
 if [ -z "${BORG_SKIP_QEMU:-}" ]; then
   stage "aarch64 image (kernel + initramfs + data disk, and the Pi 4 SD image)"
   BORG_IMAGE_NO_SETUP=1 BORG_PI_IMAGE=1 image/build
+  stage "the same image as release 0.2.0 (what the QEMU update test installs)"
+  OUT=out/image-v2 BORG_RELEASE_VERSION=0.2.0 BORG_IMAGE_NO_SETUP=1 image/build
   stage "QEMU boots of the image"
   BORG_QEMU_TESTS=1 BORG_QEMU_EXPECT_NODE=1 cargo test -p borg-tests --test appliance_qemu --test appliance_ab -- --test-threads=2
 fi

@@ -1,4 +1,4 @@
-//! Records the build time as `BORG_BUILD_UNIX_S`: the floor of network time (a node whose
+//! Records the build time as `BORG_BUILD_UNIX_S` and the version as `BORG_VERSION`: the floor of network time (a node whose
 //! clock reads earlier, like a Raspberry Pi 4 without RTC at 1970, starts from here).
 //! `SOURCE_DATE_EPOCH` wins (reproducible builds); else the time of the build.
 fn main() {
@@ -14,4 +14,12 @@ fn main() {
                 .unwrap_or(0)
         });
     println!("cargo:rustc-env=BORG_BUILD_UNIX_S={secs}");
+    // The software version this binary reports and updates from: the crate version, or
+    // BORG_RELEASE_VERSION for an image built as a release (image/build; docs/OTA.md).
+    println!("cargo:rerun-if-env-changed=BORG_RELEASE_VERSION");
+    let version = std::env::var("BORG_RELEASE_VERSION")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| std::env::var("CARGO_PKG_VERSION").unwrap_or_default());
+    println!("cargo:rustc-env=BORG_VERSION={}", version.trim());
 }

@@ -221,3 +221,151 @@ fn qemu_ab_a_power_cut_during_the_trial_leaves_slot_a_committed() {
     slot_is(&mut c, "a (partition 2)\n");
     power_off(&mut c);
 }
+
+/// The whole update, end to end: a host node holds release 0.2.0's image (out/image-v2, the
+/// same image built as 0.2.0) as shards; two of the development root's three maintainers
+/// approve it and publish it at the host node. The guest (running 0.1.0, joined to the host
+/// node) gathers the approvals, its PID 1 judges the release again, fetches the image into
+/// slot B, verifies it, boots it on trial, commits it, and runs 0.2.0 from then on.
+#[test]
+fn qemu_ab_an_approved_release_installs_itself_and_commits() {
+    let test = "qemu_ab_an_approved_release_installs_itself_and_commits";
+    let Some(img) = enabled(test) else { return };
+    let v2 = img.with_file_name("image-v2");
+    let maintainers = img.with_file_name("maintainers");
+    if !v2.join("slot.vfat").is_file() || !maintainers.join("root.json").is_file() {
+        borg_tests::appliance::missing(
+            test,
+            "no release image: run `OUT=out/image-v2 BORG_RELEASE_VERSION=0.2.0 image/build` \
+             after image/build (ci/test.sh does)",
+        );
+        return;
+    }
+    let borg = borg_tests::appliance::borg_bin().expect("host borg binary");
+    let host_dir = tempfile::tempdir().expect("tempdir");
+    let mut host = Console::spawn({
+        let mut c = Command::new(&borg);
+        c.args(["node", "--listen", "127.0.0.1", "--data"])
+            .arg(host_dir.path())
+            .env("BORG_OTA_ROOT", maintainers.join("root.json"))
+            .env("BORG_SHARD_QUICK", "1");
+        c
+    })
+    .expect("start host node");
+    let up = borg_tests::appliance::wait_for(STEP, || {
+        std::net::TcpStream::connect("127.0.0.1:13310").ok()
+    });
+    assert!(up.is_some(), "host node never answered:\n{}", host.text());
+    let run = |args: &[&str]| {
+        let out = Command::new(&borg)
+            .current_dir(host_dir.path())
+            .env("BORG_LOG", "off")
+            .args(args)
+            .output()
+            .expect("run borg");
+        assert!(
+            out.status.success(),
+            "borg {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let slot = v2.join("slot.vfat");
+    let release = host_dir.path().join("r.json");
+    let (slot, release) = (slot.to_str().unwrap(), release.to_str().unwrap());
+    run(&[
+        "release",
+        "create",
+        "--image",
+        slot,
+        "--version",
+        "0.2.0",
+        "--board",
+        "qemu-virt",
+        "--min-version",
+        "0.1.0",
+        "--expires-days",
+        "7",
+        "--out",
+        release,
+    ]);
+    for k in ["m1", "m2"] {
+        let key = maintainers.join(k);
+        run(&[
+            "release",
+            "approve",
+            release,
+            "--key",
+            key.to_str().unwrap(),
+        ]);
+    }
+    run(&[
+        "release",
+        "upload",
+        "--image",
+        slot,
+        "--node",
+        "127.0.0.1",
+        "--release",
+        release,
+    ]);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = start(
+        &img,
+        dir.path(),
+        "borg.join=10.0.2.2:13300 borg.update_via=10.0.2.2",
+    );
+    step(&mut c, "qemu-firmware: boot 1: partition 2 (slot a)", STEP);
+    step(&mut c, "node state: joined", Duration::from_secs(180));
+    let t0 = std::time::Instant::now();
+    run(&["release", "publish", release, "--node", "127.0.0.1"]);
+    step(
+        &mut c,
+        "update: release 0.2.0 is approved; installing it into slot b",
+        Duration::from_secs(60),
+    );
+    let t_start = t0.elapsed();
+    step(
+        &mut c,
+        "update: release 0.2.0 written to slot b and verified",
+        Duration::from_secs(300),
+    );
+    let t_written = t0.elapsed();
+    step(
+        &mut c,
+        "qemu-firmware: boot 2: partition 3 (slot b) tryboot",
+        STEP,
+    );
+    step(&mut c, "borg init starting version=\"0.2.0\"", BOOT);
+    step(
+        &mut c,
+        "update: slot b passed the health check",
+        Duration::from_secs(240),
+    );
+    eprintln!(
+        "FIGURE ota_qemu publish_to_install_start_s={:.1} publish_to_slot_verified_s={:.1} \
+         publish_to_committed_s={:.1}",
+        t_start.as_secs_f64(),
+        t_written.as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(show(dir.path()), "committed=3 tryboot=2 flag=0");
+    c.send("status").expect("type status");
+    step(&mut c, "borg 0.2.0 pid 1", STEP);
+    power_off(&mut c);
+
+    // From now on the firmware boots slot B, and the node runs 0.2.0.
+    let mut c = start(&img, dir.path(), "");
+    step(
+        &mut c,
+        "qemu-firmware: boot 1: partition 3 (slot b)\n",
+        STEP,
+    );
+    step(&mut c, "borg init starting version=\"0.2.0\"", BOOT);
+    step(&mut c, "boot: slot b (partition 3); committed slot b", BOOT);
+    slot_is(&mut c, "b (partition 3)\n");
+    power_off(&mut c);
+    host.kill();
+}

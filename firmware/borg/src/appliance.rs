@@ -235,6 +235,7 @@ pub fn run_init(args: InitArgs) -> anyhow::Result<()> {
         if cfg.system && args.cells.leds.is_none() {
             cfg.leds = "auto".into();
         }
+        cfg.installer = Some(crate::update_install::install);
         init::run(cfg)?;
         Ok(())
     })

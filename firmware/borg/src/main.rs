@@ -19,6 +19,7 @@ mod files_stream;
 mod release;
 mod release_net;
 mod update_fetch;
+mod update_install;
 mod userkey;
 
 use anyhow::Result;

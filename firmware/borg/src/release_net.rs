@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use crate::files_net::{self, CallError, Target, IN_FLIGHT};
 
 /// `IP` or `IP:PORT` of a node's peerTreeNet receptor (13305 by default).
-fn receptor(text: &str) -> Result<SocketAddr> {
+pub(crate) fn receptor(text: &str) -> Result<SocketAddr> {
     if let Ok(sa) = text.parse::<SocketAddr>() {
         return Ok(sa);
     }

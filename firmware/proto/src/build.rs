@@ -4,6 +4,10 @@
 /// Network time never starts below it: a clock that reads earlier is wrong.
 pub const BUILD_UNIX_S: u64 = parse(env!("BORG_BUILD_UNIX_S"));
 
+/// The software version of this build (`MAJOR.MINOR.PATCH`): the crate version unless the
+/// image was built as a release with `BORG_RELEASE_VERSION`.
+pub const VERSION: &str = env!("BORG_VERSION");
+
 const fn parse(s: &str) -> u64 {
     let b = s.as_bytes();
     let mut i = 0;

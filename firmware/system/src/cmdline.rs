@@ -14,6 +14,7 @@
 //! | `borg.partition` | partition this boot came from (QEMU stand-in)       | device tree (Pi)   |
 //! | `borg.tryboot`   | `1`: this is a trial boot (QEMU stand-in)           | device tree (Pi)   |
 //! | `borg.trial_s`   | seconds a trial boot has to pass the health check   | `180`              |
+//! | `borg.update_via`| node receptor `IP[:PORT]` the installer fetches via  | the local node     |
 //! | `borg.fault`     | test only: `node` (node never starts), `trial_hang` | none               |
 
 /// Parsed `borg.*` settings.
@@ -45,6 +46,8 @@ pub struct Cmdline {
     pub trial_s: Option<u64>,
     /// Test-only fault injection.
     pub fault: Option<String>,
+    /// Node receptor for fetching release images.
+    pub update_via: Option<String>,
 }
 
 /// Parse a kernel command line. Unknown keys are ignored; quoting is not supported (the
@@ -71,6 +74,7 @@ pub fn parse(text: &str) -> Cmdline {
             "borg.tryboot" => c.tryboot = Some(v == "1"),
             "borg.trial_s" => c.trial_s = v.parse().ok(),
             "borg.fault" => c.fault = Some(v.to_string()),
+            "borg.update_via" => c.update_via = Some(v.to_string()),
             _ => {}
         }
     }

@@ -398,7 +398,7 @@ pub fn execute(cmd: &Command, shared: &Shared, monitor: SocketAddr) -> (String, 
             let dropped = crate::logring::dropped();
             let text = format!(
                 "borg {} pid {} rss {} KiB uptime {} host {}\nnet:   {} via {} (link {}, dhcp {})\ndata:  {} {}\nleds:  {} ({})\nlog:   dropped {} (console too slow) {} (cell over rate)\nnode:  {}{}",
-                env!("CARGO_PKG_VERSION"),
+                borg_proto::build::VERSION,
                 crate::sys::getpid(),
                 rss_kib().map_or("?".into(), |k| k.to_string()),
                 uptime(&s),

@@ -111,6 +111,11 @@ pub struct InitConfig {
     pub trial_within: Duration,
     /// Test only (`borg.fault=trial_hang`): the trial arms the watchdog and hangs.
     pub trial_hang: bool,
+    /// Installs approved releases (the binary's, which has the network client); None: this
+    /// PID 1 installs nothing.
+    pub installer: Option<crate::update::Installer>,
+    /// The node receptor the installer fetches through (`borg.update_via`).
+    pub update_via: Option<String>,
 }
 
 /// How long the main loop pauses after a caught panic before its next round, so a bug that
@@ -143,6 +148,8 @@ impl InitConfig {
             boot: None,
             trial_within: crate::trial::DEFAULT_TRIAL,
             trial_hang: false,
+            installer: None,
+            update_via: None,
         }
     }
 
@@ -180,6 +187,9 @@ impl InitConfig {
             self.cell_program = PathBuf::from("/nonexistent/borg.fault=node");
         }
         self.trial_hang = c.fault.as_deref() == Some("trial_hang");
+        if let Some(v) = &c.update_via {
+            self.update_via = Some(v.clone());
+        }
     }
 }
 
@@ -324,7 +334,7 @@ pub fn run(mut cfg: InitConfig) -> Result<(), InitError> {
     signals.block().map_err(InitError::Signals)?;
     sys::ignore_sigpipe();
     tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
+        version = borg_proto::build::VERSION,
         pid = sys::getpid(),
         system = cfg.system,
         "borg init starting"
@@ -435,10 +445,22 @@ pub fn run(mut cfg: InitConfig) -> Result<(), InitError> {
         let opts = crate::trial::TrialOptions {
             within: cfg.trial_within,
             hang: cfg.trial_hang,
+            data: cfg.data_dir.clone(),
         };
-        crate::trial::start(boot, &shared, cfg.monitor, opts, || {
+        crate::trial::start(boot.clone(), &shared, cfg.monitor, opts, || {
             request_shutdown(console::Request::Reboot)
         });
+        if let Some(installer) = cfg.installer {
+            let ucfg = crate::update::UpdaterConfig {
+                monitor: cfg.monitor,
+                installer,
+                via: cfg.update_via.clone(),
+                data: cfg.data_dir.clone(),
+            };
+            crate::update::start(boot, &shared, ucfg, || {
+                request_shutdown(console::Request::Reboot)
+            });
+        }
     }
 
     let specs: Vec<CellSpec> = cfg
@@ -556,6 +578,11 @@ pub fn run(mut cfg: InitConfig) -> Result<(), InitError> {
             Err(e) => tracing::warn!(error = %e, "data partition still mounted read-write"),
         }
         sys::sync();
+        let request = if request == RebootCmd::Restart && crate::update::tryboot_next() {
+            RebootCmd::TryBoot
+        } else {
+            request
+        };
         tracing::info!(action = ?request, "reboot(2)");
         let _ = sys::reboot(request);
         // reboot(2) failed: PID 1 must not exit. Stay alive and keep reaping.

@@ -14,7 +14,8 @@
 //! - [`console`]: the `borg> ` diagnostics prompt on the serial console.
 //! - [`monitor`]: a tiny HTTP client for the local cell monitor (`/status`).
 //! - [`hwclock`]: the clock floor at boot, setting the clock from network time, DATA/nettime.
-//! - [`slots`] + [`trial`]: A/B boot slots, the trial boot's health check, commit or fall back.
+//! - [`slots`], [`update`], [`trial`]: A/B boot slots; installing an approved release into
+//!   the inactive slot; the trial boot's health check, commit or fall back.
 //! - [`cmdline`], [`logring`], [`state`]: kernel command line, log ring, shared state.
 #![allow(unsafe_code)]
 
@@ -33,3 +34,4 @@ pub mod state;
 pub mod supervisor;
 pub mod sys;
 pub mod trial;
+pub mod update;

@@ -159,11 +159,30 @@ pub enum RebootCmd {
     PowerOff,
     /// Make Ctrl-Alt-Del send SIGINT to PID 1 instead of rebooting at once.
     DisableCad,
+    /// Restart with the argument `0 tryboot`: the Raspberry Pi firmware boots the
+    /// `[tryboot]` partition of autoboot.txt once (its one-shot trial boot).
+    TryBoot,
 }
 
 /// `reboot(2)`. Returns only on failure (or for `DisableCad`).
 pub fn reboot(cmd: RebootCmd) -> io::Result<()> {
+    if cmd == RebootCmd::TryBoot {
+        let arg = c"0 tryboot";
+        // SAFETY: the raw reboot syscall with RESTART2 reads a NUL-terminated string from the
+        // pointer; `arg` is a static C string that outlives the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_reboot,
+                libc::LINUX_REBOOT_MAGIC1,
+                libc::LINUX_REBOOT_MAGIC2,
+                libc::LINUX_REBOOT_CMD_RESTART2,
+                arg.as_ptr(),
+            )
+        };
+        return check(r as i32).map(|_| ());
+    }
     let c = match cmd {
+        RebootCmd::TryBoot => libc::RB_AUTOBOOT,
         RebootCmd::Restart => libc::RB_AUTOBOOT,
         RebootCmd::PowerOff => libc::RB_POWER_OFF,
         RebootCmd::DisableCad => libc::RB_DISABLE_CAD,

@@ -108,10 +108,12 @@ pub fn committed(disk: &Path) -> Result<AutoBoot, String> {
 
 /// How a trial runs: its bound, and (tests only, `borg.fault=trial_hang`) a PID 1 that arms
 /// the watchdog and then hangs, to show that the watchdog ends such a trial.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct TrialOptions {
     pub within: Duration,
     pub hang: bool,
+    /// The data partition: the updater's trial marker is removed on commit.
+    pub data: std::path::PathBuf,
 }
 
 /// Log the boot slot, and run the trial if this is one (on its own thread). `reboot` asks
@@ -197,6 +199,12 @@ fn run(info: BootInfo, shared: Shared, monitor: SocketAddr, opts: TrialOptions, 
                     );
                     if let Some(w) = wd.take() {
                         w.disarm();
+                    }
+                    let marker = crate::update::trial_marker(&opts.data);
+                    if let Err(e) = std::fs::remove_file(&marker) {
+                        if e.kind() != std::io::ErrorKind::NotFound {
+                            tracing::warn!("update: cannot remove {}: {e}", marker.display());
+                        }
                     }
                     let mut s = shared.lock();
                     s.updating = false;

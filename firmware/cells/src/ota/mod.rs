@@ -63,6 +63,9 @@ pub const OFFER_KIND: &str = "release.offer";
 /// Receptor kinds.
 pub const PUBLISH_KIND: &str = "release.publish";
 pub const LOG_KIND: &str = "release.log";
+/// Receptor kind: one gathered release file (manifest and the approvals that verified here),
+/// by manifest digest: what PID 1's installer judges again and installs.
+pub const GET_KIND: &str = "release.get";
 
 /// Where an offer came from (decides whether a change is passed on).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,7 +123,7 @@ impl std::fmt::Debug for OtaCell {
 pub fn image_version() -> Version {
     // The workspace version is MAJOR.MINOR.PATCH (Cargo requires semver; we add no suffix),
     // so it parses; 0.0.0 would only make every release look newer, never older.
-    env!("CARGO_PKG_VERSION")
+    borg_proto::build::VERSION
         .parse()
         .unwrap_or(Version::new(0, 0, 0))
 }
@@ -392,7 +395,7 @@ impl Cell for OtaCell {
     }
 
     fn receptor_kinds(&self) -> &'static [&'static str] {
-        &[PUBLISH_KIND, LOG_KIND]
+        &[PUBLISH_KIND, LOG_KIND, GET_KIND]
     }
 
     fn handle_tree(&mut self, _now: CellTime, view: &TreeView) {
@@ -464,6 +467,18 @@ impl Cell for OtaCell {
                 Ok(answer)
             }
             LOG_KIND => self.log(now, body),
+            GET_KIND => {
+                self.trust()?;
+                let digest: borg_ota::Sha256Hex = body
+                    .get("manifest")
+                    .and_then(Value::as_str)
+                    .and_then(|t| t.parse().ok())
+                    .ok_or_else(|| CellError::malformed("the body needs \"manifest\": 64 hex"))?;
+                let p = self.book.get(&digest).ok_or_else(|| {
+                    CellError::not_found("no such release is being gathered here")
+                })?;
+                Ok(json!({ "release": p.file }))
+            }
             other => Err(CellError::unknown_kind(format!("no request {other:?}"))),
         }
     }

@@ -1,0 +1,302 @@
+//! PID 1's updater: install a release the network approved into the inactive slot, then boot
+//! it on trial (docs/OTA.md "Installing"). The trial itself is [`crate::trial`].
+//!
+//! Every [`CHECK_EVERY`], if this boot came from an A/B disk and is not itself a trial, the
+//! updater reads the base cell's `update` status. When a release there is approved, it
+//! marks the appliance `updating` (LED pattern) and calls the [`Installer`] the binary gave it
+//! (`borg init` passes `borg`'s installer, which has the network client): it fetches the
+//! release file from the node, judges it again against the image's trust root (PID 1 does
+//! not take the unprivileged node's word for it), fetches the image into the inactive slot's
+//! partition and verifies it by reading it back. Only then does the updater ask for a trial
+//! boot (Pi: `reboot(2)` with `0 tryboot`; QEMU: the `tryboot.txt` sector) and reboot. A
+//! failed install changes nothing the firmware reads; it is retried after a backoff, at most
+//! [`MAX_TRIES`] times per release and boot.
+//!
+//! **A failed trial is remembered**: before asking for the trial the updater writes
+//! `<data>/update-trial` (the release's manifest digest and version); the trial removes it
+//! when it commits. A boot of the committed slot that finds it knows the trial of that
+//! release failed (health check, watchdog, power cut): it adds the digest to
+//! `<data>/update-failed` (at most [`MAX_FAILED`], oldest dropped) and never installs that
+//! release again, so a bad release costs one trial, not a loop of them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use borg_ota::autoboot::{other_slot, slot_name};
+use serde_json::Value;
+
+use crate::slots::{self, BootInfo};
+use crate::state::Shared;
+
+/// How often the updater looks at the node's status.
+pub const CHECK_EVERY: Duration = Duration::from_secs(5);
+/// Installs of one release tried per boot before the updater leaves it alone.
+pub const MAX_TRIES: u32 = 3;
+/// Wait after a failed install, doubled each time.
+const RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// Releases whose trial failed, remembered.
+pub const MAX_FAILED: usize = 64;
+const TRIAL_MARKER: &str = "update-trial";
+const FAILED_FILE: &str = "update-failed";
+
+/// The trial marker's path in `data`.
+pub fn trial_marker(data: &Path) -> PathBuf {
+    data.join(TRIAL_MARKER)
+}
+
+/// Manifest digests whose trial failed.
+pub fn failed(data: &Path) -> Vec<String> {
+    std::fs::read_to_string(data.join(FAILED_FILE))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.len() == 64 && l.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Write `data/name` so that a crash leaves the old or the new bytes.
+fn write_durably(data: &Path, name: &str, text: &str) -> std::io::Result<()> {
+    let tmp = data.join(format!("{name}.tmp"));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, text.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, data.join(name))?;
+    std::fs::File::open(data)?.sync_all()
+}
+
+/// On a boot that is not a trial: did the last trial fail? If so remember its release.
+fn note_failed_trial(data: &Path) {
+    let Ok(marker) = std::fs::read_to_string(trial_marker(data)) else {
+        return;
+    };
+    let mut words = marker.split_whitespace();
+    let (Some(manifest), version) = (words.next(), words.next().unwrap_or("?")) else {
+        return;
+    };
+    tracing::error!(
+        "update: the trial of release {version} failed (this boot is the committed slot); \
+         it will not be installed again"
+    );
+    let mut list = failed(data);
+    if !list.iter().any(|m| m == manifest) {
+        list.push(manifest.to_string());
+    }
+    let keep = list.len().saturating_sub(MAX_FAILED);
+    let text: String = list[keep..].iter().map(|m| format!("{m}\n")).collect();
+    if let Err(e) = write_durably(data, FAILED_FILE, &text) {
+        tracing::error!("update: cannot record the failed trial: {e}");
+        return;
+    }
+    let _ = std::fs::remove_file(trial_marker(data));
+    let _ = std::fs::File::open(data).and_then(|d| d.sync_all());
+}
+
+/// Set when the next reboot must be the Pi firmware's trial boot.
+static TRYBOOT_NEXT: AtomicBool = AtomicBool::new(false);
+
+/// Whether PID 1's coming restart must be `reboot(2)` with `0 tryboot`.
+pub fn tryboot_next() -> bool {
+    TRYBOOT_NEXT.load(Ordering::SeqCst)
+}
+
+/// What the installer is asked to do.
+#[derive(Debug, Clone)]
+pub struct InstallJob {
+    /// The release's manifest digest (hex), as the node's status names it.
+    pub manifest: String,
+    pub version: String,
+    /// The boot disk, and the inactive slot's partition on it (byte offset and length).
+    pub disk: PathBuf,
+    pub offset: u64,
+    pub len: u64,
+    /// The node receptor to fetch through (`borg.update_via`; default the local node).
+    pub via: Option<String>,
+}
+
+/// Fetch, judge, write and verify; Err is a sentence for the log.
+pub type Installer = fn(&InstallJob) -> Result<(), String>;
+
+/// The approved release with the highest version in a base status, if any.
+pub fn approved(status: &Value) -> Option<(String, String)> {
+    let pending = status["update"]["pending"].as_array()?;
+    pending
+        .iter()
+        .filter(|p| p["approved"] == true)
+        .filter_map(|p| {
+            let v: borg_ota::Version = p["version"].as_str()?.parse().ok()?;
+            Some((v, p["manifest"].as_str()?.to_string()))
+        })
+        .max()
+        .map(|(v, m)| (m, v.to_string()))
+}
+
+/// What the updater needs besides the boot slot.
+#[derive(Debug, Clone)]
+pub struct UpdaterConfig {
+    pub monitor: SocketAddr,
+    pub installer: Installer,
+    pub via: Option<String>,
+    /// The data partition (trial marker, failed releases).
+    pub data: PathBuf,
+}
+
+/// Start the updater thread (only on an A/B boot that is not a trial).
+pub fn start(info: BootInfo, shared: &Shared, cfg: UpdaterConfig, reboot: fn()) {
+    if info.tryboot {
+        return;
+    }
+    note_failed_trial(&cfg.data);
+    let sh = shared.clone();
+    let spawned = std::thread::Builder::new()
+        .name("updater".into())
+        .spawn(move || run(info, sh, cfg, reboot));
+    if let Err(e) = spawned {
+        tracing::error!("update: cannot start the updater: {e}");
+    }
+}
+
+fn run(info: BootInfo, shared: Shared, cfg: UpdaterConfig, reboot: fn()) {
+    let UpdaterConfig {
+        monitor,
+        installer,
+        via,
+        data,
+    } = cfg;
+    let target = other_slot(info.partition);
+    let mut tries: Vec<(String, u32)> = Vec::new();
+    let mut wait = CHECK_EVERY;
+    loop {
+        std::thread::sleep(wait);
+        wait = CHECK_EVERY;
+        let Ok(status) = crate::monitor::status(monitor, Duration::from_millis(1500)) else {
+            continue;
+        };
+        let Some((manifest, version)) = approved(&status) else {
+            continue;
+        };
+        if failed(&data).contains(&manifest) {
+            continue;
+        }
+        let n = match tries.iter_mut().find(|(m, _)| *m == manifest) {
+            Some((_, n)) => {
+                *n += 1;
+                *n
+            }
+            None => {
+                tries.push((manifest.clone(), 1));
+                1
+            }
+        };
+        if n > MAX_TRIES {
+            continue;
+        }
+        let (offset, len) = match slots::partition(&info.disk, target) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!("update: no slot {} to install into: {e}", slot_name(target));
+                return;
+            }
+        };
+        tracing::info!(
+            "update: release {version} is approved; installing it into slot {} (try {n} of {MAX_TRIES})",
+            slot_name(target)
+        );
+        {
+            let mut s = shared.lock();
+            s.updating = true;
+            s.slot = Some(format!(
+                "{} (partition {}), installing {version} into slot {}",
+                info.slot(),
+                info.partition,
+                slot_name(target)
+            ));
+        }
+        let job = InstallJob {
+            manifest: manifest.clone(),
+            version: version.clone(),
+            disk: info.disk.clone(),
+            offset,
+            len,
+            via: via.clone(),
+        };
+        let marker = format!("{manifest} {version}\n");
+        let result = installer(&job)
+            .and_then(|()| {
+                write_durably(&data, TRIAL_MARKER, &marker)
+                    .map_err(|e| format!("writing the trial marker: {e}"))
+            })
+            .and_then(|()| request_trial(&info));
+        match result {
+            Ok(()) => {
+                tracing::info!(
+                    "update: release {version} written to slot {} and verified; rebooting to try it",
+                    slot_name(target)
+                );
+                reboot();
+                return;
+            }
+            Err(e) => {
+                tracing::error!("update: installing release {version} failed: {e}");
+                let mut s = shared.lock();
+                s.updating = false;
+                s.slot = Some(format!(
+                    "{} (partition {}); last install failed: {e}",
+                    info.slot(),
+                    info.partition
+                ));
+                wait = RETRY_AFTER * 2u32.pow(n - 1);
+            }
+        }
+    }
+}
+
+/// Ask the firmware for one trial boot of the other slot: on the Pi the reboot itself
+/// carries it; under the QEMU stand-in it is the `tryboot.txt` sector.
+fn request_trial(info: &BootInfo) -> Result<(), String> {
+    if std::path::Path::new("/proc/device-tree/chosen/bootloader/partition").exists() {
+        TRYBOOT_NEXT.store(true, Ordering::SeqCst);
+        return Ok(());
+    }
+    let at = slots::sector_file(&info.disk, slots::TRYBOOT).map_err(|e| e.to_string())?;
+    slots::write_sector(&info.disk, at, &borg_ota::autoboot::tryboot_flag(true))
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_highest_approved_release_is_chosen() {
+        let s = json!({"update": {"pending": [
+            {"version": "0.3.0", "manifest": "c", "approved": false},
+            {"version": "0.2.0", "manifest": "b", "approved": true},
+            {"version": "0.10.0", "manifest": "d", "approved": true},
+        ]}});
+        assert_eq!(approved(&s), Some(("d".into(), "0.10.0".into())));
+        assert_eq!(approved(&json!({"update": {"enabled": false}})), None);
+        assert_eq!(approved(&json!({})), None);
+    }
+
+    #[test]
+    fn a_failed_trial_is_remembered_once_and_the_marker_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let m = "ab".repeat(32);
+        note_failed_trial(d);
+        assert!(failed(d).is_empty(), "no marker, no failure");
+        write_durably(d, TRIAL_MARKER, &format!("{m} 0.2.0\n")).unwrap();
+        note_failed_trial(d);
+        assert_eq!(failed(d), vec![m.clone()]);
+        assert!(!trial_marker(d).exists());
+        write_durably(d, TRIAL_MARKER, &format!("{m} 0.2.0\n")).unwrap();
+        note_failed_trial(d);
+        assert_eq!(failed(d), vec![m], "remembered once");
+    }
+}
