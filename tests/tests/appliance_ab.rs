@@ -272,34 +272,38 @@ fn qemu_ab_an_approved_release_installs_itself_and_commits() {
         String::from_utf8_lossy(&out.stdout).to_string()
     };
     let slot = v2.join("slot.vfat");
-    let release = host_dir.path().join("r.json");
-    let (slot, release) = (slot.to_str().unwrap(), release.to_str().unwrap());
-    run(&[
-        "release",
-        "create",
-        "--image",
-        slot,
-        "--version",
-        "0.2.0",
-        "--board",
-        "qemu-virt",
-        "--min-version",
-        "0.1.0",
-        "--expires-days",
-        "7",
-        "--out",
-        release,
-    ]);
-    for k in ["m1", "m2"] {
-        let key = maintainers.join(k);
-        run(&[
+    let slot = slot.to_str().unwrap();
+    let rel = |name: &str| host_dir.path().join(name).display().to_string();
+    // A release file of `slot` as `version`, approved by `keys`, optionally naming other chunks.
+    let make = |name: &str, version: &str, keys: &[&str], fetch: Option<&str>| {
+        let out = rel(name);
+        let mut args = vec![
             "release",
-            "approve",
-            release,
-            "--key",
-            key.to_str().unwrap(),
-        ]);
-    }
+            "create",
+            "--image",
+            slot,
+            "--version",
+            version,
+            "--board",
+            "qemu-virt",
+            "--min-version",
+            "0.1.0",
+            "--expires-days",
+            "7",
+            "--out",
+            &out,
+        ];
+        if let Some(f) = fetch {
+            args.extend(["--fetch-id", f]);
+        }
+        run(&args);
+        for k in keys {
+            let key = maintainers.join(k);
+            run(&["release", "approve", &out, "--key", key.to_str().unwrap()]);
+        }
+        out
+    };
+    let good = make("good.json", "0.2.0", &["m1", "m2"], None);
     run(&[
         "release",
         "upload",
@@ -308,23 +312,71 @@ fn qemu_ab_an_approved_release_installs_itself_and_commits() {
         "--node",
         "127.0.0.1",
         "--release",
-        release,
+        &good,
     ]);
+    // k-1 approvals: never approved, never installed.
+    let half = make("half.json", "0.3.0", &["m1"], None);
+    // Approved by k, but naming the chunks of another image (the running 0.1.0 slot): it
+    // reads back wrong and is not installed; being higher, it is tried first.
+    let v1_slot = img.join("slot.vfat");
+    let up = run(&[
+        "release",
+        "upload",
+        "--image",
+        v1_slot.to_str().unwrap(),
+        "--node",
+        "127.0.0.1",
+    ]);
+    let v1_fetch = up.rsplit("fetch id ").next().unwrap().trim().to_string();
+    let bad = make("bad.json", "0.2.5", &["m1", "m2"], Some(&v1_fetch));
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut c = start(
-        &img,
-        dir.path(),
-        "borg.join=10.0.2.2:13300 borg.update_via=10.0.2.2",
-    );
+    let append = "borg.join=10.0.2.2:13300 borg.update_via=10.0.2.2";
+    let mut c = start(&img, dir.path(), append);
     step(&mut c, "qemu-firmware: boot 1: partition 2 (slot a)", STEP);
     step(&mut c, "node state: joined", Duration::from_secs(180));
+    for r in [&half, &bad] {
+        run(&["release", "publish", r, "--node", "127.0.0.1"]);
+    }
+    step(
+        &mut c,
+        "update: release 0.2.5 is approved; installing it into slot b",
+        Duration::from_secs(60),
+    );
+    step(
+        &mut c,
+        "update: installing release 0.2.5 failed",
+        Duration::from_secs(300),
+    );
+    step(&mut c, "not installed", STEP);
+    assert_eq!(
+        show(dir.path()),
+        "committed=2 tryboot=3 flag=0",
+        "nothing asked of the firmware"
+    );
+
     let t0 = std::time::Instant::now();
-    run(&["release", "publish", release, "--node", "127.0.0.1"]);
+    run(&["release", "publish", &good, "--node", "127.0.0.1"]);
     step(
         &mut c,
         "update: release 0.2.0 is approved; installing it into slot b",
         Duration::from_secs(60),
+    );
+    // Pull the plug during the fetch: the next boot is slot A, and the install starts again,
+    // keeping what slot B already holds.
+    let text = c.text();
+    assert!(
+        !text.contains("release 0.3.0 is approved"),
+        "k-1 approvals:\n{text}"
+    );
+    c.kill();
+    assert_eq!(show(dir.path()), "committed=2 tryboot=3 flag=0");
+    let mut c = start(&img, dir.path(), append);
+    step(&mut c, "qemu-firmware: boot 1: partition 2 (slot a)", STEP);
+    step(
+        &mut c,
+        "update: release 0.2.0 is approved; installing it into slot b",
+        Duration::from_secs(300),
     );
     let t_start = t0.elapsed();
     step(
@@ -345,8 +397,8 @@ fn qemu_ab_an_approved_release_installs_itself_and_commits() {
         Duration::from_secs(240),
     );
     eprintln!(
-        "FIGURE ota_qemu publish_to_install_start_s={:.1} publish_to_slot_verified_s={:.1} \
-         publish_to_committed_s={:.1}",
+        "FIGURE ota_qemu publish_to_install_start_after_power_cut_s={:.1} \
+         publish_to_slot_verified_s={:.1} publish_to_committed_s={:.1}",
         t_start.as_secs_f64(),
         t_written.as_secs_f64(),
         t0.elapsed().as_secs_f64()
@@ -354,6 +406,11 @@ fn qemu_ab_an_approved_release_installs_itself_and_commits() {
     assert_eq!(show(dir.path()), "committed=3 tryboot=2 flag=0");
     c.send("status").expect("type status");
     step(&mut c, "borg 0.2.0 pid 1", STEP);
+    let text = c.text();
+    assert!(
+        !text.contains("release 0.3.0 is approved"),
+        "k-1 approvals installed:\n{text}"
+    );
     power_off(&mut c);
 
     // From now on the firmware boots slot B, and the node runs 0.2.0.

@@ -22,7 +22,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use borg_ota::autoboot::{other_slot, slot_name};
 use serde_json::Value;
@@ -121,18 +121,49 @@ pub struct InstallJob {
 /// Fetch, judge, write and verify; Err is a sentence for the log.
 pub type Installer = fn(&InstallJob) -> Result<(), String>;
 
-/// The approved release with the highest version in a base status, if any.
-pub fn approved(status: &Value) -> Option<(String, String)> {
-    let pending = status["update"]["pending"].as_array()?;
-    pending
+/// The approved releases in a base status, highest version first: (manifest, version).
+pub fn approved(status: &Value) -> Vec<(String, String)> {
+    let Some(pending) = status["update"]["pending"].as_array() else {
+        return Vec::new();
+    };
+    let mut out: Vec<(borg_ota::Version, String)> = pending
         .iter()
         .filter(|p| p["approved"] == true)
         .filter_map(|p| {
             let v: borg_ota::Version = p["version"].as_str()?.parse().ok()?;
             Some((v, p["manifest"].as_str()?.to_string()))
         })
-        .max()
-        .map(|(v, m)| (m, v.to_string()))
+        .collect();
+    out.sort_by(|a, b| b.cmp(a));
+    out.into_iter().map(|(v, m)| (m, v.to_string())).collect()
+}
+
+/// Installs tried this boot: per release, how many and when the next may start.
+#[derive(Debug, Default)]
+struct Attempts(Vec<(String, u32, Instant)>);
+
+impl Attempts {
+    /// The first of `candidates` that may be tried now, with its try number.
+    fn pick(&self, candidates: &[(String, String)], now: Instant) -> Option<(String, String, u32)> {
+        candidates
+            .iter()
+            .find_map(|(m, v)| match self.0.iter().find(|(am, _, _)| am == m) {
+                None => Some((m.clone(), v.clone(), 1)),
+                Some((_, n, next)) if *n < MAX_TRIES && *next <= now => {
+                    Some((m.clone(), v.clone(), n + 1))
+                }
+                Some(_) => None,
+            })
+    }
+
+    /// Try `n` of `manifest` failed at `now`: the next waits [`RETRY_AFTER`] doubled.
+    fn failed(&mut self, manifest: &str, n: u32, now: Instant) {
+        let next = now + RETRY_AFTER * 2u32.pow(n.saturating_sub(1).min(8));
+        match self.0.iter_mut().find(|(m, _, _)| m == manifest) {
+            Some(e) => *e = (manifest.to_string(), n, next),
+            None => self.0.push((manifest.to_string(), n, next)),
+        }
+    }
 }
 
 /// What the updater needs besides the boot slot.
@@ -168,33 +199,22 @@ fn run(info: BootInfo, shared: Shared, cfg: UpdaterConfig, reboot: fn()) {
         data,
     } = cfg;
     let target = other_slot(info.partition);
-    let mut tries: Vec<(String, u32)> = Vec::new();
-    let mut wait = CHECK_EVERY;
+    let mut attempts = Attempts::default();
     loop {
-        std::thread::sleep(wait);
-        wait = CHECK_EVERY;
+        std::thread::sleep(CHECK_EVERY);
         let Ok(status) = crate::monitor::status(monitor, Duration::from_millis(1500)) else {
             continue;
         };
-        let Some((manifest, version)) = approved(&status) else {
+        // A release that failed (its install this boot, or its trial ever) does not block a
+        // lower one: the highest release that may be tried now goes.
+        let gone = failed(&data);
+        let candidates: Vec<_> = approved(&status)
+            .into_iter()
+            .filter(|(m, _)| !gone.contains(m))
+            .collect();
+        let Some((manifest, version, n)) = attempts.pick(&candidates, Instant::now()) else {
             continue;
         };
-        if failed(&data).contains(&manifest) {
-            continue;
-        }
-        let n = match tries.iter_mut().find(|(m, _)| *m == manifest) {
-            Some((_, n)) => {
-                *n += 1;
-                *n
-            }
-            None => {
-                tries.push((manifest.clone(), 1));
-                1
-            }
-        };
-        if n > MAX_TRIES {
-            continue;
-        }
         let (offset, len) = match slots::partition(&info.disk, target) {
             Ok(p) => p,
             Err(e) => {
@@ -242,6 +262,7 @@ fn run(info: BootInfo, shared: Shared, cfg: UpdaterConfig, reboot: fn()) {
             }
             Err(e) => {
                 tracing::error!("update: installing release {version} failed: {e}");
+                attempts.failed(&manifest, n, Instant::now());
                 let mut s = shared.lock();
                 s.updating = false;
                 s.slot = Some(format!(
@@ -249,7 +270,6 @@ fn run(info: BootInfo, shared: Shared, cfg: UpdaterConfig, reboot: fn()) {
                     info.slot(),
                     info.partition
                 ));
-                wait = RETRY_AFTER * 2u32.pow(n - 1);
             }
         }
     }
@@ -273,15 +293,36 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn the_highest_approved_release_is_chosen() {
+    fn the_highest_approved_release_that_may_be_tried_is_chosen() {
         let s = json!({"update": {"pending": [
             {"version": "0.3.0", "manifest": "c", "approved": false},
             {"version": "0.2.0", "manifest": "b", "approved": true},
             {"version": "0.10.0", "manifest": "d", "approved": true},
         ]}});
-        assert_eq!(approved(&s), Some(("d".into(), "0.10.0".into())));
-        assert_eq!(approved(&json!({"update": {"enabled": false}})), None);
-        assert_eq!(approved(&json!({})), None);
+        let all = approved(&s);
+        assert_eq!(
+            all,
+            vec![("d".into(), "0.10.0".into()), ("b".into(), "0.2.0".into())]
+        );
+        assert!(approved(&json!({"update": {"enabled": false}})).is_empty());
+        assert!(approved(&json!({})).is_empty());
+        // A release that failed waits its backoff; the next one goes meanwhile.
+        let mut a = Attempts::default();
+        let t = Instant::now();
+        assert_eq!(a.pick(&all, t), Some(("d".into(), "0.10.0".into(), 1)));
+        a.failed("d", 1, t);
+        assert_eq!(a.pick(&all, t), Some(("b".into(), "0.2.0".into(), 1)));
+        assert_eq!(
+            a.pick(&all, t + RETRY_AFTER),
+            Some(("d".into(), "0.10.0".into(), 2))
+        );
+        a.failed("d", MAX_TRIES, t);
+        a.failed("b", MAX_TRIES, t);
+        assert_eq!(
+            a.pick(&all, t + RETRY_AFTER * 1000),
+            None,
+            "at most MAX_TRIES each"
+        );
     }
 
     #[test]
