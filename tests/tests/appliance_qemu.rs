@@ -316,6 +316,32 @@ fn qemu_pi_image_kernel_and_initramfs_boot() {
         );
         return;
     }
+    // The SD card image has the A/B layout: autoboot.txt on partition 1 naming slot A (2),
+    // slot B (3) for the trial, and a data partition (4).
+    let sd = img.join("borgios-rpi4.img");
+    let out = Command::new("python3")
+        .arg(workspace_root().join("image/abdisk.py"))
+        .arg("show")
+        .arg(&sd)
+        .output()
+        .expect("abdisk.py");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "committed=2 tryboot=3 flag=0",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let parts = Command::new("sfdisk")
+        .arg("-d")
+        .arg(&sd)
+        .output()
+        .expect("sfdisk");
+    let table = String::from_utf8_lossy(&parts.stdout);
+    assert_eq!(
+        table.lines().filter(|l| l.contains(" : start=")).count(),
+        4,
+        "{table}"
+    );
     let data = tempfile::tempdir().expect("tempdir");
     let disk = data.path().join("data.img");
     std::fs::File::create(&disk)

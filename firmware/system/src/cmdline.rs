@@ -10,7 +10,7 @@
 //! | `borg.loglevel`  | tracing filter for the console                      | `info`             |
 //! | `borg.grace_ms`  | per-cell shutdown grace                             | `5000`             |
 //! | `borg.net`       | `dhcp` or `off`                                     | `dhcp`             |
-//! | `borg.boot`      | A/B boot disk (MBR: autoboot FAT, slot A, slot B)   | `/dev/mmcblk0`(Pi) |
+//! | `borg.boot`      | A/B boot disk(s), first that exists (MBR: autoboot) | mmcblk1,0 (Pi)     |
 //! | `borg.partition` | partition this boot came from (QEMU stand-in)       | device tree (Pi)   |
 //! | `borg.tryboot`   | `1`: this is a trial boot (QEMU stand-in)           | device tree (Pi)   |
 //! | `borg.trial_s`   | seconds a trial boot has to pass the health check   | `180`              |

@@ -212,19 +212,29 @@ impl BootInfo {
     /// `None` when this boot did not come from an A/B disk (a development machine, or an
     /// image booted without the firmware stand-in): then no update can be installed.
     pub fn read(cmdline: &crate::cmdline::Cmdline) -> Option<Self> {
-        let disk = cmdline
-            .boot
-            .clone()
-            .unwrap_or_else(|| "/dev/mmcblk0".into());
+        // `borg.boot` may list candidates (the Pi 4's SD card is mmcblk1 with the upstream
+        // device tree, mmcblk0 otherwise): the first that exists.
+        let disk = |list: &str| -> PathBuf {
+            let all: Vec<&str> = list.split(',').filter(|d| !d.is_empty()).collect();
+            all.iter()
+                .find(|d| Path::new(d).exists())
+                .or(all.first())
+                .map(PathBuf::from)
+                .unwrap_or_default()
+        };
         if let Some(partition) = dt_u32("partition") {
+            let list = cmdline
+                .boot
+                .as_deref()
+                .unwrap_or("/dev/mmcblk1,/dev/mmcblk0");
             return Some(Self {
-                disk: disk.into(),
+                disk: disk(list),
                 partition: u8::try_from(partition).ok()?,
                 tryboot: dt_u32("tryboot") == Some(1),
             });
         }
         Some(Self {
-            disk: cmdline.boot.clone()?.into(),
+            disk: disk(cmdline.boot.as_deref()?),
             partition: cmdline.partition?,
             tryboot: cmdline.tryboot.unwrap_or(false),
         })
