@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod appliance;
+pub mod cli;
 pub mod natnet;
 pub mod netns;
 pub mod outsider;

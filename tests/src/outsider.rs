@@ -59,6 +59,34 @@ impl Outsider {
     }
 }
 
+/// POST a request of `kind` signed by `key` to the receptor at `addr`: the HTTP status and
+/// the verified answer's body, or the error object.
+pub fn receptor_call(
+    rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    key: &SecretKey,
+    kind: &str,
+    body: Value,
+) -> (u16, Value) {
+    let env = envelope::seal(key, kind, None, now_ms(), body);
+    let (status, bytes) = rt
+        .block_on(borg_net::client::receptor_post_within(
+            addr,
+            env.to_bytes(),
+            Duration::from_secs(30),
+        ))
+        .expect("the receptor answers");
+    let v = if status == 200 {
+        envelope::verify_signature_only(&bytes)
+            .expect("a signed answer")
+            .into_inner()
+            .body
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+    };
+    (status, v)
+}
+
 /// A node as an attacker sees it: its tree address, its key and, to aim at, its position.
 #[derive(Debug, Clone)]
 pub struct Target {

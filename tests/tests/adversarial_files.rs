@@ -13,44 +13,16 @@ use base64::Engine as _;
 use borg_files::{
     encrypt_reader, seal_delete, seal_manifest, wrap_key, FileKey, Manifest, UserKeys,
 };
-use borg_net::client;
 use borg_net::conn;
 use borg_net::node::now_ms;
 use borg_proto::envelope;
 use borg_proto::identity::SecretKey;
-use borg_tests::outsider::{node_key, Outsider};
+use borg_tests::outsider::{node_key, receptor_call as call, Outsider};
 use borg_tests::{wait_for, Net};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const SHARD_MON: u16 = 13340;
 const FTREE_MON: u16 = 13341;
-
-/// POST a request signed by `key` to `addr`: (HTTP status, answer body or error object).
-fn call(
-    rt: &tokio::runtime::Runtime,
-    addr: SocketAddr,
-    key: &SecretKey,
-    kind: &str,
-    body: Value,
-) -> (u16, Value) {
-    let env = envelope::seal(key, kind, None, now_ms(), body);
-    let (status, bytes) = rt
-        .block_on(client::receptor_post_within(
-            addr,
-            env.to_bytes(),
-            Duration::from_secs(30),
-        ))
-        .unwrap();
-    let v = if status == 200 {
-        envelope::verify_signature_only(&bytes)
-            .unwrap()
-            .into_inner()
-            .body
-    } else {
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null)
-    };
-    (status, v)
-}
 
 /// Peer messages the storage cells of all 3 nodes refused as from a non-member.
 fn not_member_refused(net: &Net) -> u64 {

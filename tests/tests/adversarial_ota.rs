@@ -9,11 +9,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use borg_net::client;
 use borg_net::node::now_ms;
 use borg_ota::release::ImageRef;
 use borg_ota::{Approval, FetchId, Manifest, ReleaseFile, Root, Sha256Hex, SignedRoot};
-use borg_proto::envelope;
 use borg_proto::identity::SecretKey;
 use borg_tests::outsider::{node_key, Outsider};
 use borg_tests::{metric, wait_for, Net};
@@ -52,19 +50,7 @@ fn publish(
     body: Value,
 ) -> (u16, Value) {
     let addr: SocketAddr = format!("{}:13305", net.ip(i)).parse().unwrap();
-    let env = envelope::seal(key, "release.publish", None, now_ms(), body);
-    let (status, bytes) = rt
-        .block_on(client::receptor_post(addr, env.to_bytes()))
-        .unwrap();
-    let v = if status == 200 {
-        envelope::verify_signature_only(&bytes)
-            .unwrap()
-            .into_inner()
-            .body
-    } else {
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null)
-    };
-    (status, v)
+    borg_tests::outsider::receptor_call(rt, addr, key, "release.publish", body)
 }
 
 fn pending(net: &Net, i: usize) -> usize {

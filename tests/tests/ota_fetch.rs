@@ -8,46 +8,11 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
-use std::process::{Command, Output};
 use std::time::Duration;
 
-use borg_tests::{borg_bin, Net};
+use borg_tests::cli::{borg, fails, ok, text};
+use borg_tests::Net;
 use serde_json::Value;
-
-fn borg(dir: &Path, args: &[&str]) -> Output {
-    Command::new(borg_bin())
-        .current_dir(dir)
-        .env("BORG_LOG", "off")
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-#[track_caller]
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let o = borg(dir, args);
-    assert!(o.status.success(), "borg {args:?} failed:\n{}", text(&o));
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
-#[track_caller]
-fn fails(dir: &Path, args: &[&str]) -> String {
-    let o = borg(dir, args);
-    assert!(
-        !o.status.success(),
-        "borg {args:?} should fail:\n{}",
-        text(&o)
-    );
-    text(&o)
-}
 
 fn release(d: &Path, image: &str, version: &str, out: &str, keys: &[&str], fetch: Option<&str>) {
     let mut args = vec![

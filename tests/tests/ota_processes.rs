@@ -6,38 +6,13 @@
 //! it had gathered before its crash still on disk.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use borg_tests::{borg_bin, wait_for, Net};
+use borg_tests::cli::{borg, ok, text};
+use borg_tests::{wait_for, Net};
 use serde_json::Value;
 
 const N: usize = 10;
-
-fn borg(dir: &Path, args: &[&str]) -> Output {
-    Command::new(borg_bin())
-        .current_dir(dir)
-        .env("BORG_LOG", "off")
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-#[track_caller]
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let o = borg(dir, args);
-    assert!(o.status.success(), "borg {args:?} failed:\n{}", text(&o));
-    text(&o)
-}
 
 /// Node `i`'s view of the release with manifest digest `digest`: (counted, approved).
 fn gathered(net: &Net, i: usize, digest: &str) -> Option<(u64, bool)> {

@@ -435,6 +435,19 @@ fn approve(path: &Path, key: &Path, expires_days: Option<u64>) -> Result<()> {
     Ok(())
 }
 
+/// The trusted root from `--root` files: the first is the anchor (k of its own signatures),
+/// the rest are walked in order.
+pub(crate) fn walk_roots(roots: &[PathBuf]) -> Result<TrustedRoot> {
+    let (anchor, chain) = roots.split_first().ok_or_else(|| anyhow!("give --root"))?;
+    let anchor = TrustedRoot::anchor(&read_root(anchor)?)
+        .with_context(|| format!("trust root {}", anchor.display()))?;
+    let chain = chain
+        .iter()
+        .map(|p| read_root(p))
+        .collect::<Result<Vec<_>>>()?;
+    anchor.walk(&chain).context("walking the root chain")
+}
+
 fn verify_cmd(
     path: &Path,
     roots: &[PathBuf],
@@ -443,14 +456,7 @@ fn verify_cmd(
     json: bool,
     at: Option<u64>,
 ) -> Result<()> {
-    let (anchor, chain) = roots.split_first().ok_or_else(|| anyhow!("give --root"))?;
-    let anchor = TrustedRoot::anchor(&read_root(anchor)?)
-        .with_context(|| format!("trust root {}", anchor.display()))?;
-    let chain = chain
-        .iter()
-        .map(|p| read_root(p))
-        .collect::<Result<Vec<_>>>()?;
-    let root = anchor.walk(&chain).context("walking the root chain")?;
+    let root = walk_roots(roots)?;
     let release = read_release(path)?;
     let now = match at {
         Some(t) => t,

@@ -87,17 +87,7 @@ impl Summary {
 }
 
 pub fn run(args: FetchArgs) -> Result<()> {
-    let (anchor, chain) = args
-        .roots
-        .split_first()
-        .ok_or_else(|| anyhow!("give --root"))?;
-    let anchor = TrustedRoot::anchor(&crate::release::read_root(anchor)?)
-        .with_context(|| format!("trust root {}", anchor.display()))?;
-    let chain = chain
-        .iter()
-        .map(|p| crate::release::read_root(p))
-        .collect::<Result<Vec<_>>>()?;
-    let root = anchor.walk(&chain).context("walking the root chain")?;
+    let root = crate::release::walk_roots(&args.roots)?;
     let release = crate::release::read_release(&args.release)?;
     let running: Version = match &args.running {
         Some(v) => v.parse()?,
