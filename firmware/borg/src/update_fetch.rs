@@ -208,6 +208,8 @@ pub fn install(
         Ok::<(), anyhow::Error>(())
     })?;
     slot_file.sync_all().context("syncing the slot")?;
+    // The read-back checks the device, not the page cache.
+    borg_system::sys::drop_cached(&slot_file);
     summary.fetch_s = started.elapsed().as_secs_f64();
     let t = Instant::now();
     let got = digest_range(&slot_file, offset, m.image.size)?;

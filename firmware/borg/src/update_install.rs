@@ -50,7 +50,8 @@ fn run(job: &InstallJob) -> Result<()> {
     let root = TrustedRoot::anchor(&signed).context("the image's trust root")?;
     let view = NodeView {
         now_ms: borg_net::node::now_ms(),
-        floor_ms: 0,
+        // Never judge expiry before the build time (a Pi boots at 1970 until network time).
+        floor_ms: borg_proto::build::BUILD_UNIX_S * 1000,
         running: Some(image_version()),
         board: disk::detect_board(),
         refused: Default::default(),

@@ -53,9 +53,21 @@ where
     tokio::spawn(conn);
     let res = sender.send_request(req).await.map_err(http)?;
     let status = res.status().as_u16();
-    let body = res.into_body().collect().await.map_err(http)?.to_bytes();
+    // An answer is one envelope (at most 1 MiB) or a status page: a peer that sends more is
+    // cut off here, whatever it says its length is.
+    let body = http_body_util::Limited::new(res.into_body(), MAX_ANSWER_BYTES)
+        .collect()
+        .await
+        .map_err(|e| ClientError::Http {
+            addr,
+            reason: format!("answer: {e}"),
+        })?
+        .to_bytes();
     Ok((status, body))
 }
+
+/// The largest answer body a client reads: an envelope's bound plus room for HTTP framing.
+pub const MAX_ANSWER_BYTES: usize = borg_proto::envelope::MAX_ENVELOPE_BYTES + 64 * 1024;
 
 fn request(
     method: &str,

@@ -15,7 +15,8 @@
 //! is always exactly [`SECTOR`] bytes (the text, then a comment line of padding), so the
 //! commit is one in-place sector write of a file whose size and clusters never change: no
 //! FAT table, directory entry or rename is touched, and a power cut leaves the old sector or
-//! the new one (an SD card writes a sector atomically; eMMC and SD guarantee at least that).
+//! the new one on media that write a sector whole (SD cards usually do; the SD specification
+//! does not promise it: docs/OTA.md lists this as a known risk).
 //!
 //! **`tryboot.txt`** is the QEMU stand-in for the Pi's one-shot tryboot flag (which the Pi
 //! keeps in a power-management register set by `reboot(2)` with the argument `0 tryboot`):

@@ -145,8 +145,18 @@ pub fn locate(path: &Path, part: u64, name: &[u8; 11]) -> Result<(u64, u64), Slo
 
 /// The offset of a one-sector file `name` in partition 1 of the boot disk `path`.
 pub fn sector_file(path: &Path, name: &[u8; 11]) -> Result<u64, SlotError> {
-    let (part, _) = partition(path, 1)?;
+    let (part, part_len) = partition(path, 1)?;
     let (offset, size) = locate(path, part, name)?;
+    // A damaged FAT must not send the write anywhere else on the disk.
+    if offset < part || offset.saturating_add(SECTOR as u64) > part.saturating_add(part_len) {
+        return Err(layout(
+            path,
+            format!(
+                "{} would be outside partition 1",
+                String::from_utf8_lossy(name)
+            ),
+        ));
+    }
     if size != SECTOR as u64 {
         return Err(layout(
             path,
@@ -175,6 +185,8 @@ pub fn write_sector(path: &Path, offset: u64, bytes: &[u8; SECTOR]) -> Result<()
         .map_err(io(path))?;
     f.write_all_at(bytes, offset).map_err(io(path))?;
     f.sync_all().map_err(io(path))?;
+    // Read back from the device, not from the page cache.
+    crate::sys::drop_cached(&f);
     drop(f);
     if read_sector(path, offset)? != *bytes {
         return Err(SlotError::ReadBack {

@@ -164,6 +164,15 @@ pub enum RebootCmd {
     TryBoot,
 }
 
+/// Ask the kernel to drop `f`'s clean cached pages (after an fsync), so that the next read
+/// comes from the device: a read-back then checks the medium, not the cache. Best effort.
+pub fn drop_cached(f: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fadvise only takes an open descriptor (borrowed from `f`, alive for the
+    // call) and integer arguments; it never touches our memory.
+    let _ = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+}
+
 /// `reboot(2)`. Returns only on failure (or for `DisableCad`).
 pub fn reboot(cmd: RebootCmd) -> io::Result<()> {
     if cmd == RebootCmd::TryBoot {

@@ -38,7 +38,7 @@ const WATCHDOG: &str = "/dev/watchdog";
 
 /// Is the node healthy? `node_running`: the supervisor runs the node process; `status`: the
 /// base cell's `/status`, if its monitor answered. Err says what is missing.
-pub fn judge(node_running: bool, status: Option<&Value>) -> Result<(), String> {
+pub fn judge(node_running: bool, status: Option<&Value>, must_join: bool) -> Result<(), String> {
     if !node_running {
         return Err("the node process is not running".into());
     }
@@ -46,6 +46,11 @@ pub fn judge(node_running: bool, status: Option<&Value>) -> Result<(), String> {
     let state = s["state"].as_str().unwrap_or("");
     if !matches!(state, "joined" | "root" | "alone") {
         return Err(format!("the base cell is {state:?}, not in a tree yet"));
+    }
+    // A node that had company before the update must find it again: a release that breaks
+    // networking must not be committed just because a node alone looks healthy.
+    if must_join && state == "alone" {
+        return Err("the node is alone; before the update it was in a tree with others".into());
     }
     let cells = s["cells"]
         .as_array()
@@ -92,6 +97,12 @@ impl Watchdog {
 /// Commit the slot this boot came from: one sector of `autoboot.txt`.
 pub fn commit(info: &BootInfo) -> Result<(), slots::SlotError> {
     let at = slots::sector_file(&info.disk, slots::AUTOBOOT)?;
+    // Only ever replace a valid autoboot.txt: a sector that is not one is not ours to write.
+    let old = slots::read_sector(&info.disk, at)?;
+    AutoBoot::parse(&old).map_err(|e| slots::SlotError::Layout {
+        path: info.disk.clone(),
+        reason: format!("autoboot.txt does not parse ({e}); not writing over it"),
+    })?;
     slots::write_sector(
         &info.disk,
         at,
@@ -162,6 +173,18 @@ fn run(info: BootInfo, shared: Shared, monitor: SocketAddr, opts: TrialOptions, 
         within.as_secs()
     );
     shared.lock().updating = true;
+    // The updater's marker: note that the trial began (so a fall back is remembered as a
+    // failed trial), and whether the node must be joined to others to count as healthy.
+    let mut must_join = false;
+    if let Some(mut m) = crate::update::TrialMarker::read(&opts.data) {
+        if m.target == info.partition {
+            must_join = m.was_joined;
+            m.started = true;
+            if let Err(e) = m.write(&opts.data) {
+                tracing::warn!("update: cannot note the trial's start: {e}");
+            }
+        }
+    }
     let mut wd = Watchdog::arm();
     if opts.hang {
         tracing::warn!("borg.fault=trial_hang: the trial stops here, the watchdog is not petted");
@@ -183,7 +206,7 @@ fn run(info: BootInfo, shared: Shared, monitor: SocketAddr, opts: TrialOptions, 
             .iter()
             .any(|c| c.phase == crate::supervisor::Phase::Running);
         let status = crate::monitor::status(monitor, Duration::from_millis(1500)).ok();
-        match judge(running, status.as_ref()) {
+        match judge(running, status.as_ref(), must_join) {
             Ok(()) => good += 1,
             Err(e) => {
                 good = 0;
@@ -200,12 +223,7 @@ fn run(info: BootInfo, shared: Shared, monitor: SocketAddr, opts: TrialOptions, 
                     if let Some(w) = wd.take() {
                         w.disarm();
                     }
-                    let marker = crate::update::trial_marker(&opts.data);
-                    if let Err(e) = std::fs::remove_file(&marker) {
-                        if e.kind() != std::io::ErrorKind::NotFound {
-                            tracing::warn!("update: cannot remove {}: {e}", marker.display());
-                        }
-                    }
+                    crate::update::clear_marker(&opts.data);
                     let mut s = shared.lock();
                     s.updating = false;
                     s.slot = Some(format!("{slot} (partition {}), committed", info.partition));
@@ -232,18 +250,25 @@ mod tests {
     fn healthy_only_with_the_process_the_tree_and_every_cell() {
         let good = json!({"state": "joined", "cells": [
             {"name": "peerTreeNet", "state": "joined"}, {"name": "cronoTree", "state": "root"}]});
-        assert_eq!(judge(true, Some(&good)), Ok(()));
-        assert!(judge(false, Some(&good))
+        assert_eq!(judge(true, Some(&good), true), Ok(()));
+        assert!(judge(false, Some(&good), false)
             .unwrap_err()
             .contains("not running"));
-        assert!(judge(true, None).unwrap_err().contains("does not answer"));
+        assert!(judge(true, None, false)
+            .unwrap_err()
+            .contains("does not answer"));
         let joining = json!({"state": "joining", "cells": []});
-        assert!(judge(true, Some(&joining)).is_err());
+        assert!(judge(true, Some(&joining), false).is_err());
         let dead_cell = json!({"state": "root", "cells": [
             {"name": "shardTree", "state": null}]});
-        assert!(judge(true, Some(&dead_cell))
+        assert!(judge(true, Some(&dead_cell), false)
             .unwrap_err()
             .contains("shardTree"));
-        assert!(judge(true, Some(&json!({"state": "alone"}))).is_err());
+        assert!(judge(true, Some(&json!({"state": "alone"})), false).is_err());
+        let alone = json!({"state": "alone", "cells": [{"name": "cronoTree", "state": "alone"}]});
+        assert_eq!(judge(true, Some(&alone), false), Ok(()));
+        assert!(judge(true, Some(&alone), true)
+            .unwrap_err()
+            .contains("alone"));
     }
 }

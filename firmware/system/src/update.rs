@@ -69,22 +69,90 @@ fn write_durably(data: &Path, name: &str, text: &str) -> std::io::Result<()> {
     std::fs::File::open(data)?.sync_all()
 }
 
-/// On a boot that is not a trial: did the last trial fail? If so remember its release.
-fn note_failed_trial(data: &Path) {
-    let Ok(marker) = std::fs::read_to_string(trial_marker(data)) else {
+/// `<data>/update-trial`: the release the updater asked a trial of, the slot it went to,
+/// whether the node was in a tree with others then, and whether the trial began.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrialMarker {
+    pub manifest: String,
+    pub version: String,
+    /// The partition the release was written to.
+    pub target: u8,
+    /// The node was joined to others before the update: the trial must be too, not alone.
+    pub was_joined: bool,
+    /// The trial boot of `target` began (written by the trial itself).
+    pub started: bool,
+}
+
+impl TrialMarker {
+    fn text(&self) -> String {
+        format!(
+            "{} {} {} {} {}\n",
+            self.manifest,
+            self.version,
+            self.target,
+            if self.was_joined { "joined" } else { "alone" },
+            if self.started { "started" } else { "requested" }
+        )
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        let w: Vec<&str> = text.split_whitespace().collect();
+        let [manifest, version, target, joined, state] = w[..] else {
+            return None;
+        };
+        Some(Self {
+            manifest: manifest.to_string(),
+            version: version.to_string(),
+            target: target.parse().ok()?,
+            was_joined: joined == "joined",
+            started: state == "started",
+        })
+    }
+
+    /// The marker in `data`, if there is a readable one.
+    pub fn read(data: &Path) -> Option<Self> {
+        Self::parse(&std::fs::read_to_string(trial_marker(data)).ok()?)
+    }
+
+    /// Write it durably.
+    pub fn write(&self, data: &Path) -> std::io::Result<()> {
+        write_durably(data, TRIAL_MARKER, &self.text())
+    }
+}
+
+/// Remove the trial marker (durably).
+pub fn clear_marker(data: &Path) {
+    match std::fs::remove_file(trial_marker(data)) {
+        Ok(()) => {
+            let _ = std::fs::File::open(data).and_then(|d| d.sync_all());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!("update: cannot remove the trial marker: {e}"),
+    }
+}
+
+/// On a boot that is not a trial (booted from `partition`): did the last trial fail? Only a
+/// trial that began and did not commit counts (we booted another slot than it went to); a
+/// trial that was asked for but never began (a power cut before the reboot) is forgotten,
+/// and the install simply runs again; one that committed but could not remove its marker
+/// is forgotten too.
+fn note_failed_trial(data: &Path, partition: u8) {
+    let Some(m) = TrialMarker::read(data) else {
+        clear_marker(data);
         return;
     };
-    let mut words = marker.split_whitespace();
-    let (Some(manifest), version) = (words.next(), words.next().unwrap_or("?")) else {
+    if !m.started || m.target == partition {
+        clear_marker(data);
         return;
-    };
+    }
     tracing::error!(
-        "update: the trial of release {version} failed (this boot is the committed slot); \
-         it will not be installed again"
+        "update: the trial of release {} failed (this boot is the committed slot); \
+         it will not be installed again",
+        m.version
     );
     let mut list = failed(data);
-    if !list.iter().any(|m| m == manifest) {
-        list.push(manifest.to_string());
+    if !list.contains(&m.manifest) {
+        list.push(m.manifest.clone());
     }
     let keep = list.len().saturating_sub(MAX_FAILED);
     let text: String = list[keep..].iter().map(|m| format!("{m}\n")).collect();
@@ -92,8 +160,7 @@ fn note_failed_trial(data: &Path) {
         tracing::error!("update: cannot record the failed trial: {e}");
         return;
     }
-    let _ = std::fs::remove_file(trial_marker(data));
-    let _ = std::fs::File::open(data).and_then(|d| d.sync_all());
+    clear_marker(data);
 }
 
 /// Set when the next reboot must be the Pi firmware's trial boot.
@@ -161,7 +228,13 @@ impl Attempts {
         let next = now + RETRY_AFTER * 2u32.pow(n.saturating_sub(1).min(8));
         match self.0.iter_mut().find(|(m, _, _)| m == manifest) {
             Some(e) => *e = (manifest.to_string(), n, next),
-            None => self.0.push((manifest.to_string(), n, next)),
+            None => {
+                // Bounded: the node reports at most 16 releases; keep the newest 64 entries.
+                if self.0.len() >= 64 {
+                    self.0.remove(0);
+                }
+                self.0.push((manifest.to_string(), n, next))
+            }
         }
     }
 }
@@ -181,7 +254,7 @@ pub fn start(info: BootInfo, shared: &Shared, cfg: UpdaterConfig, reboot: fn()) 
     if info.tryboot {
         return;
     }
-    note_failed_trial(&cfg.data);
+    note_failed_trial(&cfg.data, info.partition);
     let sh = shared.clone();
     let spawned = std::thread::Builder::new()
         .name("updater".into())
@@ -244,10 +317,17 @@ fn run(info: BootInfo, shared: Shared, cfg: UpdaterConfig, reboot: fn()) {
             len,
             via: via.clone(),
         };
-        let marker = format!("{manifest} {version}\n");
+        let marker = TrialMarker {
+            manifest: manifest.clone(),
+            version: version.clone(),
+            target,
+            was_joined: status["state"] == "joined" || status["state"] == "root",
+            started: false,
+        };
         let result = installer(&job)
             .and_then(|()| {
-                write_durably(&data, TRIAL_MARKER, &marker)
+                marker
+                    .write(&data)
                     .map_err(|e| format!("writing the trial marker: {e}"))
             })
             .and_then(|()| request_trial(&info));
@@ -283,6 +363,10 @@ fn request_trial(info: &BootInfo) -> Result<(), String> {
         return Ok(());
     }
     let at = slots::sector_file(&info.disk, slots::TRYBOOT).map_err(|e| e.to_string())?;
+    let old = slots::read_sector(&info.disk, at).map_err(|e| e.to_string())?;
+    if !old.starts_with(b"tryboot=") {
+        return Err("tryboot.txt does not hold a tryboot flag; not writing over it".into());
+    }
     slots::write_sector(&info.disk, at, &borg_ota::autoboot::tryboot_flag(true))
         .map_err(|e| e.to_string())
 }
@@ -326,18 +410,38 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_trial_is_remembered_once_and_the_marker_goes() {
+    fn only_a_trial_that_began_and_did_not_commit_counts_as_failed() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let m = "ab".repeat(32);
-        note_failed_trial(d);
+        let m = TrialMarker {
+            manifest: "ab".repeat(32),
+            version: "0.2.0".into(),
+            target: 3,
+            was_joined: true,
+            started: false,
+        };
+        assert_eq!(TrialMarker::parse(&m.text()), Some(m.clone()));
+        note_failed_trial(d, 2);
         assert!(failed(d).is_empty(), "no marker, no failure");
-        write_durably(d, TRIAL_MARKER, &format!("{m} 0.2.0\n")).unwrap();
-        note_failed_trial(d);
-        assert_eq!(failed(d), vec![m.clone()]);
+        // Asked for, never began (power cut before the reboot): forgotten.
+        m.write(d).unwrap();
+        note_failed_trial(d, 2);
+        assert!(failed(d).is_empty());
         assert!(!trial_marker(d).exists());
-        write_durably(d, TRIAL_MARKER, &format!("{m} 0.2.0\n")).unwrap();
-        note_failed_trial(d);
-        assert_eq!(failed(d), vec![m], "remembered once");
+        // Began and committed, marker left behind: forgotten.
+        let started = TrialMarker {
+            started: true,
+            ..m.clone()
+        };
+        started.write(d).unwrap();
+        note_failed_trial(d, 3);
+        assert!(failed(d).is_empty());
+        // Began, and we are back on the other slot: failed, remembered once.
+        for _ in 0..2 {
+            started.write(d).unwrap();
+            note_failed_trial(d, 2);
+        }
+        assert_eq!(failed(d), vec!["ab".repeat(32)]);
+        assert!(!trial_marker(d).exists());
     }
 }

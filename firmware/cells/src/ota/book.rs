@@ -6,27 +6,54 @@
 //! the running version, not refused before, for this board when the board is known). So a
 //! stranger can neither store a manifest here nor make the network carry one: only what a
 //! maintainer signed gets in, and it is kept with only the approvals that verify (one per
-//! key). Approvals of one release arriving from anywhere (published at another node,
-//! gossiped, offered by a neighbour) are merged by manifest digest.
+//! key: a later approval by the same key replaces an earlier one that expires sooner).
+//! Approvals of one release arriving from anywhere (published at another node, gossiped,
+//! offered by a neighbour) are merged by manifest digest.
 //!
-//! Bounds: at most [`MAX_PENDING`] releases (when full, a newer version evicts the lowest);
-//! at most one approval per root key (at most 32); signature checks at most
-//! [`VERIFY_PER_S`] a second (burst [`VERIFY_BURST`]) for everything that arrives, so a
-//! flood of forged approvals under maintainer key ids costs this node a bounded share of a
-//! core; beyond it an offer is refused as `busy` and nothing is changed.
+//! Every approval in the book had its signature checked once, when it came in; reports are
+//! made without checking it again ([`borg_ota::verify::verify_with`]), so showing the status
+//! costs no ECDSA.
+//!
+//! Bounds:
+//! - at most [`MAX_PENDING`] releases. **Fewer than k keys cannot fill it:** a key may stand
+//!   behind at most [`MAX_WAITING_PER_KEY`] releases still below the threshold, and when the
+//!   book is full the release with the fewest approvals (then the lowest version) goes, and
+//!   only for one with more approvals (or as many and a higher version);
+//! - at most one approval per root key per release;
+//! - signature checks per second, in separate budgets for what comes from the receptor
+//!   (`release.publish`, any key), from broadcasts and from tree neighbours' offers
+//!   ([`Meter`]), [`VERIFY_PER_S`] each (burst [`VERIFY_BURST`]): a stranger flooding one door
+//!   costs this node a bounded share of a core and cannot starve the other two; beyond it an
+//!   offer is refused as `busy` and nothing is changed.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use borg_ota::verify::{NodeView, Refusal, Report};
-use borg_ota::{verify, Approval, ReleaseFile, Sha256Hex, TrustedRoot};
+use borg_ota::verify::{verify_with, NodeView, Refusal, Report};
+use borg_ota::{Approval, ReleaseFile, Sha256Hex, TrustedRoot};
+use borg_proto::identity::PublicKey;
 
 /// Releases gathered at once.
-pub const MAX_PENDING: usize = 8;
-/// Approval signatures checked per second, all sources together.
+pub const MAX_PENDING: usize = 16;
+/// Releases below the threshold one maintainer key may stand behind at once.
+pub const MAX_WAITING_PER_KEY: usize = 2;
+/// Approval signatures checked per second, per [`Meter`].
 pub const VERIFY_PER_S: u32 = 200;
-/// Signature checks that may be saved up (a burst: one release file from a maintainer, plus
-/// the offers of a few neighbours after a restart).
+/// Signature checks that may be saved up, per [`Meter`] (one release file from a maintainer,
+/// plus the offers of a few neighbours after a restart).
 pub const VERIFY_BURST: u32 = 400;
+
+/// Which signature budget an offer spends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Meter {
+    /// `release.publish` on the receptor (any key).
+    Publish,
+    /// A broadcast down the base tree.
+    Gossip,
+    /// A tree neighbour's `release.offer`.
+    Neighbour,
+    /// The node's own saved releases at start: no budget.
+    Saved,
+}
 
 /// One release and the approvals gathered for it.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,9 +72,9 @@ pub struct Merged {
     pub digest: Sha256Hex,
     /// The release was not known here before.
     pub new_release: bool,
-    /// Approvals that verified and were not held before.
+    /// Approvals that verified and were not held before (or replace one expiring sooner).
     pub added: Vec<Approval>,
-    /// A release of a lower version left to make room.
+    /// A release with fewer approvals left to make room.
     pub evicted: Option<Sha256Hex>,
 }
 
@@ -68,10 +95,15 @@ pub enum BookError {
     #[error("this node will not install it: {}", .0.explain())]
     NotForThisNode(Refusal),
     #[error(
-        "{MAX_PENDING} releases of higher versions are already being gathered here; the \
-         lowest is {lowest}"
+        "{MAX_PENDING} releases are already being gathered here, none with fewer approvals \
+         (or as many and a lower version)"
     )]
-    Full { lowest: String },
+    Full,
+    #[error(
+        "its approving keys already stand behind {MAX_WAITING_PER_KEY} releases each that are \
+         still below the threshold here"
+    )]
+    KeyBusy,
     #[error("too many signature checks right now ({VERIFY_PER_S}/s); try again in a second")]
     Busy,
 }
@@ -82,7 +114,7 @@ impl BookError {
         match self {
             BookError::NoApproval { .. } => ("forbidden", 403),
             BookError::NotForThisNode(_) => ("refused", 409),
-            BookError::Full { .. } => ("full", 409),
+            BookError::Full | BookError::KeyBusy => ("full", 409),
             BookError::Busy => ("unavailable", 503),
         }
     }
@@ -93,6 +125,15 @@ impl BookError {
 struct Budget {
     tokens: u32,
     refilled_ms: u64,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self {
+            tokens: VERIFY_BURST,
+            refilled_ms: 0,
+        }
+    }
 }
 
 impl Budget {
@@ -112,22 +153,10 @@ impl Budget {
 }
 
 /// The releases being gathered, by manifest digest.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Book {
     releases: BTreeMap<Sha256Hex, Pending>,
-    budget: Budget,
-}
-
-impl Default for Book {
-    fn default() -> Self {
-        Self {
-            releases: BTreeMap::new(),
-            budget: Budget {
-                tokens: VERIFY_BURST,
-                refilled_ms: 0,
-            },
-        }
-    }
+    budgets: [Budget; 3],
 }
 
 /// Refusals that mean the release is of no use to this node whatever approvals come.
@@ -137,6 +166,11 @@ fn not_for_this_node(report: &Report) -> Option<Refusal> {
         .iter()
         .find(|r| !matches!(r, Refusal::NotEnoughApprovals { .. }))
         .cloned()
+}
+
+/// A report on approvals whose signatures were checked when they came in.
+fn checked_report(root: &TrustedRoot, file: &ReleaseFile, node: &NodeView) -> Report {
+    verify_with(root, &file.manifest, &file.approvals, node, |_| true)
 }
 
 impl Book {
@@ -156,7 +190,7 @@ impl Book {
         self.releases.get(digest)
     }
 
-    /// Judge one gathered release now.
+    /// Judge one gathered release now (no signature is checked again).
     pub fn report(
         &self,
         root: &TrustedRoot,
@@ -164,12 +198,23 @@ impl Book {
         node: &NodeView,
     ) -> Option<Report> {
         let p = self.releases.get(digest)?;
-        Some(verify(root, &p.file.manifest, &p.file.approvals, node))
+        Some(checked_report(root, &p.file, node))
     }
 
-    /// Merge `file` in: keep its approvals that verify and are new, if the release is (or
-    /// becomes) worth keeping. `mono_ms` paces the signature budget; `net_ms` stamps it.
-    /// `unmetered` skips the budget (the node's own saved releases at start).
+    /// Releases below the threshold that `key` approves here.
+    fn waiting_behind(&self, root: &TrustedRoot, key: &PublicKey) -> usize {
+        self.releases
+            .values()
+            .filter(|p| {
+                p.file.approvals.len() < root.threshold() as usize
+                    && p.file.approvals.iter().any(|a| a.key == *key)
+            })
+            .count()
+    }
+
+    /// Merge `file` in: keep its approvals that verify and are new (or outlast the held one
+    /// by the same key), if the release is (or becomes) worth keeping. `mono_ms` paces the
+    /// signature budget of `meter`; `net_ms` stamps it.
     pub fn offer(
         &mut self,
         root: &TrustedRoot,
@@ -177,14 +222,20 @@ impl Book {
         file: &ReleaseFile,
         mono_ms: u64,
         net_ms: u64,
-        unmetered: bool,
+        meter: Meter,
     ) -> Result<Merged, BookError> {
         let digest = file.manifest.digest();
         let now = node.effective_now_ms();
-        let held: BTreeSet<_> = self
+        let held: BTreeMap<PublicKey, u64> = self
             .releases
             .get(&digest)
-            .map(|p| p.file.approvals.iter().map(|a| a.key).collect())
+            .map(|p| {
+                p.file
+                    .approvals
+                    .iter()
+                    .map(|a| (a.key, a.expires_ms))
+                    .collect()
+            })
             .unwrap_or_default();
         // Cheap filters first, one candidate per key: only these cost a signature check.
         let mut seen = BTreeSet::new();
@@ -195,7 +246,7 @@ impl Book {
                 a.manifest == digest
                     && root.keys().contains(&a.key)
                     && now <= a.expires_ms
-                    && !held.contains(&a.key)
+                    && held.get(&a.key).is_none_or(|old| *old < a.expires_ms)
                     && seen.insert(a.key)
             })
             .collect();
@@ -212,8 +263,16 @@ impl Book {
                 root_version: root.version(),
             });
         }
-        if !unmetered && !self.budget.take(mono_ms, candidates.len() as u32) {
-            return Err(BookError::Busy);
+        let budget = match meter {
+            Meter::Publish => Some(0),
+            Meter::Gossip => Some(1),
+            Meter::Neighbour => Some(2),
+            Meter::Saved => None,
+        };
+        if let Some(b) = budget {
+            if !self.budgets[b].take(mono_ms, candidates.len() as u32) {
+                return Err(BookError::Busy);
+            }
         }
         let added: Vec<Approval> = candidates
             .into_iter()
@@ -228,27 +287,34 @@ impl Book {
                     root_version: root.version(),
                 });
             }
-            let report = verify(root, &file.manifest, &added, node);
+            let fresh = ReleaseFile {
+                manifest: file.manifest.clone(),
+                approvals: added.clone(),
+            };
+            let report = checked_report(root, &fresh, node);
             if let Some(refusal) = not_for_this_node(&report) {
                 return Err(BookError::NotForThisNode(refusal));
             }
+            if !report.approved
+                && added
+                    .iter()
+                    .all(|a| self.waiting_behind(root, &a.key) >= MAX_WAITING_PER_KEY)
+            {
+                return Err(BookError::KeyBusy);
+            }
             if self.releases.len() >= MAX_PENDING {
-                let lowest = self
+                let weight = |n: usize, p: &ReleaseFile| (n, p.manifest.version);
+                let victim = self
                     .releases
                     .iter()
-                    .min_by_key(|(_, p)| p.file.manifest.version)
-                    .map(|(d, p)| (*d, p.file.manifest.version));
-                match lowest {
-                    Some((d, v)) if v < file.manifest.version => {
+                    .min_by_key(|(_, p)| weight(p.file.approvals.len(), &p.file))
+                    .map(|(d, p)| (*d, weight(p.file.approvals.len(), &p.file)));
+                match victim {
+                    Some((d, w)) if w < weight(added.len(), &fresh) => {
                         self.releases.remove(&d);
                         evicted = Some(d);
                     }
-                    Some((_, v)) => {
-                        return Err(BookError::Full {
-                            lowest: v.to_string(),
-                        })
-                    }
-                    None => {}
+                    _ => return Err(BookError::Full),
                 }
             }
             self.releases.insert(
@@ -264,7 +330,10 @@ impl Book {
             );
         }
         if let Some(p) = self.releases.get_mut(&digest) {
-            p.file.approvals.extend(added.iter().cloned());
+            for a in &added {
+                p.file.approvals.retain(|old| old.key != a.key);
+                p.file.approvals.push(a.clone());
+            }
         }
         Ok(Merged {
             digest,
@@ -290,8 +359,7 @@ impl Book {
     pub fn prune(&mut self, root: &TrustedRoot, node: &NodeView) -> Vec<(Sha256Hex, Refusal)> {
         let mut gone = Vec::new();
         for (d, p) in &self.releases {
-            let report = verify(root, &p.file.manifest, &p.file.approvals, node);
-            if let Some(r) = not_for_this_node(&report) {
+            if let Some(r) = not_for_this_node(&checked_report(root, &p.file, node)) {
                 gone.push((*d, r));
             }
         }
@@ -368,7 +436,7 @@ mod tests {
         let mut book = Book::default();
         for (i, k) in ks.iter().take(3).enumerate() {
             let merged = book
-                .offer(&r, &view(), &file(&m, &[k]), 0, NOW, false)
+                .offer(&r, &view(), &file(&m, &[k]), 0, NOW, Meter::Publish)
                 .unwrap();
             assert_eq!(merged.new_release, i == 0);
             assert_eq!(merged.added.len(), 1);
@@ -378,7 +446,14 @@ mod tests {
         }
         // The same approvals again change nothing and cost no signature check.
         let again = book
-            .offer(&r, &view(), &file(&m, &[&ks[0], &ks[1]]), 0, NOW, false)
+            .offer(
+                &r,
+                &view(),
+                &file(&m, &[&ks[0], &ks[1]]),
+                0,
+                NOW,
+                Meter::Publish,
+            )
             .unwrap();
         assert!(!again.changed());
     }
@@ -391,7 +466,7 @@ mod tests {
         let stranger = SecretKey::generate();
         let mut book = Book::default();
         let e = book
-            .offer(&r, &view(), &file(&m, &[&stranger]), 0, NOW, false)
+            .offer(&r, &view(), &file(&m, &[&stranger]), 0, NOW, Meter::Publish)
             .unwrap_err();
         assert!(matches!(e, BookError::NoApproval { .. }));
         assert!(book.is_empty());
@@ -403,7 +478,7 @@ mod tests {
             approvals: vec![forged],
         };
         assert!(matches!(
-            book.offer(&r, &view(), &f, 0, NOW, false),
+            book.offer(&r, &view(), &f, 0, NOW, Meter::Publish),
             Err(BookError::NoApproval { .. })
         ));
         // An approval of another manifest does not count for this one.
@@ -412,7 +487,7 @@ mod tests {
             manifest: m.clone(),
             approvals: vec![Approval::sign(&ks[0], &other, other.expires_ms)],
         };
-        assert!(book.offer(&r, &view(), &f, 0, NOW, false).is_err());
+        assert!(book.offer(&r, &view(), &f, 0, NOW, Meter::Publish).is_err());
         assert!(book.is_empty());
     }
 
@@ -423,7 +498,7 @@ mod tests {
         let m = manifest("0.2.0");
         let mut book = Book::default();
         let f = file(&m, &[&ks[0], &ks[0]]);
-        let merged = book.offer(&r, &view(), &f, 0, NOW, false).unwrap();
+        let merged = book.offer(&r, &view(), &f, 0, NOW, Meter::Publish).unwrap();
         assert_eq!(merged.added.len(), 1);
         let report = book.report(&r, &merged.digest, &view()).unwrap();
         assert_eq!(report.counted, 1);
@@ -437,7 +512,7 @@ mod tests {
         let mut book = Book::default();
         let old = manifest("0.1.0");
         assert!(matches!(
-            book.offer(&r, &view(), &file(&old, &[&ks[0]]), 0, NOW, false),
+            book.offer(&r, &view(), &file(&old, &[&ks[0]]), 0, NOW, Meter::Publish),
             Err(BookError::NotForThisNode(Refusal::Downgrade { .. }))
         ));
         let mut expired = manifest("0.2.0");
@@ -447,19 +522,19 @@ mod tests {
             approvals: vec![Approval::sign(&ks[0], &expired, NOW + DAY)],
         };
         assert!(matches!(
-            book.offer(&r, &view(), &f, 0, NOW, false),
+            book.offer(&r, &view(), &f, 0, NOW, Meter::Publish),
             Err(BookError::NotForThisNode(Refusal::Expired { .. }))
         ));
         // A clock set back does not help: the floor holds.
         let mut behind = view();
         behind.now_ms = NOW - 10 * DAY;
         behind.floor_ms = NOW;
-        assert!(book.offer(&r, &behind, &f, 0, NOW, false).is_err());
+        assert!(book.offer(&r, &behind, &f, 0, NOW, Meter::Publish).is_err());
         let m = manifest("0.3.0");
         let mut refused = view();
         refused.refused.insert(m.version);
         assert!(matches!(
-            book.offer(&r, &refused, &file(&m, &[&ks[0]]), 0, NOW, false),
+            book.offer(&r, &refused, &file(&m, &[&ks[0]]), 0, NOW, Meter::Publish),
             Err(BookError::NotForThisNode(Refusal::RefusedBefore { .. }))
         ));
         assert!(book.is_empty());
@@ -472,20 +547,117 @@ mod tests {
         let mut book = Book::default();
         for i in 0..MAX_PENDING {
             let m = manifest(&format!("0.{}.0", i + 2));
-            book.offer(&r, &view(), &file(&m, &[&ks[0]]), 0, NOW, true)
+            book.offer(&r, &view(), &file(&m, &[&ks[0]]), 0, NOW, Meter::Saved)
                 .unwrap();
         }
         let low = manifest("0.1.5");
         assert!(matches!(
-            book.offer(&r, &view(), &file(&low, &[&ks[0]]), 0, NOW, true),
-            Err(BookError::Full { .. })
+            book.offer(&r, &view(), &file(&low, &[&ks[0]]), 0, NOW, Meter::Saved),
+            Err(BookError::Full)
         ));
         let high = manifest("1.0.0");
         let merged = book
-            .offer(&r, &view(), &file(&high, &[&ks[0]]), 0, NOW, true)
+            .offer(&r, &view(), &file(&high, &[&ks[0]]), 0, NOW, Meter::Saved)
             .unwrap();
         assert_eq!(merged.evicted, Some(manifest("0.2.0").digest()));
         assert_eq!(book.len(), MAX_PENDING);
+    }
+
+    #[test]
+    fn fewer_than_k_keys_cannot_fill_the_book() {
+        let ks = keys(3);
+        let r = root(&ks, 3);
+        let mut book = Book::default();
+        // One stolen key: two releases waiting behind it, then no more.
+        for v in ["9.0.0", "9.0.1"] {
+            book.offer(
+                &r,
+                &view(),
+                &file(&manifest(v), &[&ks[0]]),
+                0,
+                NOW,
+                Meter::Publish,
+            )
+            .unwrap();
+        }
+        let e = book
+            .offer(
+                &r,
+                &view(),
+                &file(&manifest("9.0.2"), &[&ks[0]]),
+                0,
+                NOW,
+                Meter::Publish,
+            )
+            .unwrap_err();
+        assert_eq!(e, BookError::KeyBusy);
+        // A genuine release still gets in and gathers its approvals.
+        let m = manifest("0.2.0");
+        book.offer(&r, &view(), &file(&m, &[&ks[1]]), 0, NOW, Meter::Publish)
+            .unwrap();
+        let merged = book
+            .offer(
+                &r,
+                &view(),
+                &file(&m, &[&ks[0], &ks[2]]),
+                0,
+                NOW,
+                Meter::Publish,
+            )
+            .unwrap();
+        assert!(book.report(&r, &merged.digest, &view()).unwrap().approved);
+    }
+
+    #[test]
+    fn when_full_the_release_with_fewest_approvals_goes() {
+        let ks = keys(MAX_PENDING);
+        let r = root(&ks, 2);
+        let mut book = Book::default();
+        for (i, k) in ks.iter().enumerate() {
+            let m = manifest(&format!("5.{i}.0"));
+            book.offer(&r, &view(), &file(&m, &[k]), 0, NOW, Meter::Saved)
+                .unwrap();
+        }
+        // An approved release (2 approvals) evicts a one-approval one, whatever its version.
+        let m = manifest("0.2.0");
+        let merged = book
+            .offer(
+                &r,
+                &view(),
+                &file(&m, &[&ks[0], &ks[1]]),
+                0,
+                NOW,
+                Meter::Saved,
+            )
+            .unwrap();
+        assert!(merged.evicted.is_some());
+        assert_eq!(book.len(), MAX_PENDING);
+    }
+
+    #[test]
+    fn a_renewed_approval_replaces_one_that_expires_sooner() {
+        let ks = keys(2);
+        let r = root(&ks, 2);
+        let m = manifest("0.2.0");
+        let mut book = Book::default();
+        let short = ReleaseFile {
+            manifest: m.clone(),
+            approvals: vec![Approval::sign(&ks[0], &m, NOW + 1000)],
+        };
+        book.offer(&r, &view(), &short, 0, NOW, Meter::Publish)
+            .unwrap();
+        let renewed = book
+            .offer(&r, &view(), &file(&m, &[&ks[0]]), 0, NOW, Meter::Publish)
+            .unwrap();
+        assert_eq!(renewed.added.len(), 1);
+        let p = book.get(&renewed.digest).unwrap();
+        assert_eq!(p.file.approvals.len(), 1);
+        assert_eq!(p.file.approvals[0].expires_ms, m.expires_ms);
+        // The older one again changes nothing.
+        assert!(!book
+            .offer(&r, &view(), &short, 0, NOW, Meter::Publish)
+            .unwrap()
+            .changed());
     }
 
     #[test]
@@ -510,15 +682,20 @@ mod tests {
         let mut book = Book::default();
         let mut busy_at = None;
         for i in 0..100 {
-            if let Err(BookError::Busy) = book.offer(&r, &view(), &f, 0, NOW, false) {
+            if let Err(BookError::Busy) = book.offer(&r, &view(), &f, 0, NOW, Meter::Publish) {
                 busy_at = Some(i);
                 break;
             }
         }
         assert_eq!(busy_at, Some((VERIFY_BURST / 32) as usize));
+        // Broadcasts and neighbours have budgets of their own.
+        assert!(matches!(
+            book.offer(&r, &view(), &f, 0, NOW, Meter::Neighbour),
+            Err(BookError::NoApproval { .. })
+        ));
         // A second later the budget has refilled by VERIFY_PER_S.
         assert!(matches!(
-            book.offer(&r, &view(), &f, 1000, NOW, false),
+            book.offer(&r, &view(), &f, 1000, NOW, Meter::Publish),
             Err(BookError::NoApproval { .. })
         ));
     }
@@ -529,7 +706,7 @@ mod tests {
         let r = root(&ks, 1);
         let m = manifest("0.2.0");
         let mut book = Book::default();
-        book.offer(&r, &view(), &file(&m, &[&ks[0]]), 0, NOW, false)
+        book.offer(&r, &view(), &file(&m, &[&ks[0]]), 0, NOW, Meter::Publish)
             .unwrap();
         assert!(book.prune(&r, &view()).is_empty());
         let mut after = view();

@@ -48,13 +48,16 @@ use borg_proto::identity::PublicKey;
 use borg_proto::tree::{Target, TreeView};
 use serde_json::{json, Value};
 
-use book::{Book, BookError};
+use book::{Book, BookError, Meter};
 
 /// Timer period: floor, prune, save (ms).
 const TICK_MS: u64 = 10_000;
 /// The floor is saved when it rose this much since it was last saved (ms); a power cut
 /// loses at most this much of it (the state is saved on every other change anyway).
 const FLOOR_SAVE_STEP_MS: u64 = 3_600_000;
+/// Every this often (ms) each gathered release is offered to the tree neighbours again, so a
+/// broadcast a node dropped (its signature budget spent by a flood) reaches it anyway.
+const RE_OFFER_MS: u64 = 600_000;
 /// Audit entries `release.log` returns by default, and at most.
 const LOG_DEFAULT: usize = 100;
 
@@ -66,15 +69,6 @@ pub const LOG_KIND: &str = "release.log";
 /// Receptor kind: one gathered release file (manifest and the approvals that verified here),
 /// by manifest digest: what PID 1's installer judges again and installs.
 pub const GET_KIND: &str = "release.get";
-
-/// Where an offer came from (decides whether a change is passed on).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Source {
-    Publish,
-    Offer,
-    Broadcast,
-    Saved,
-}
 
 /// The trust root and the persisted state, when updates are enabled.
 struct Trust {
@@ -101,8 +95,10 @@ pub struct OtaCell {
     trust: Result<Trust, String>,
     book: Book,
     out: VecDeque<CellAction>,
-    /// Tree neighbours already offered our releases.
+    /// Tree neighbours already offered our releases, and their addresses.
     neighbours: BTreeSet<PublicKey>,
+    neighbour_peers: Vec<borg_proto::tree::Peer>,
+    next_re_offer: u64,
     dirty: bool,
     saving: bool,
     floor_saved: u64,
@@ -181,6 +177,8 @@ impl OtaCell {
             book: Book::default(),
             out: VecDeque::new(),
             neighbours: BTreeSet::new(),
+            neighbour_peers: Vec::new(),
+            next_re_offer: RE_OFFER_MS,
             dirty: false,
             saving: false,
             floor_saved: 0,
@@ -193,7 +191,7 @@ impl OtaCell {
                 Ok(files) => {
                     let t = CellTime::of(&cell.clock);
                     for f in files {
-                        let _ = cell.accept(t, &f, Source::Saved);
+                        let _ = cell.accept(t, &f, Meter::Saved);
                     }
                 }
                 Err(e) => cell.last_error = Some(e),
@@ -234,7 +232,7 @@ impl OtaCell {
         &mut self,
         now: CellTime,
         file: &ReleaseFile,
-        source: Source,
+        source: Meter,
     ) -> Result<Value, CellError> {
         self.observe_time(now);
         let board = self.board.clone();
@@ -245,32 +243,29 @@ impl OtaCell {
                 .unwrap_or_else(|| CellError::unavailable("")));
         };
         let view = trust.state.node_view(now.net_ms, board);
-        let merged = match self.book.offer(
-            &trust.root,
-            &view,
-            file,
-            now.mono_ms,
-            now.net_ms,
-            source == Source::Saved,
-        ) {
-            Ok(m) => m,
-            Err(e) => {
-                if e == BookError::Busy {
-                    self.stats.busy += 1;
-                } else {
-                    self.stats.refused += 1;
+        let merged =
+            match self
+                .book
+                .offer(&trust.root, &view, file, now.mono_ms, now.net_ms, source)
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    if e == BookError::Busy {
+                        self.stats.busy += 1;
+                    } else {
+                        self.stats.refused += 1;
+                    }
+                    let (code, status) = e.code();
+                    return Err(CellError {
+                        status,
+                        code,
+                        message: e.to_string(),
+                    });
                 }
-                let (code, status) = e.code();
-                return Err(CellError {
-                    status,
-                    code,
-                    message: e.to_string(),
-                });
-            }
-        };
+            };
         let version = file.manifest.version;
         // What was saved was audited when it first arrived.
-        let fresh = source != Source::Saved;
+        let fresh = source != Meter::Saved;
         for a in merged.added.iter().filter(|_| fresh) {
             trust.state.audit(
                 now.net_ms,
@@ -297,7 +292,7 @@ impl OtaCell {
                 report.threshold
             );
         }
-        let pass_on = merged.changed() && matches!(source, Source::Publish | Source::Offer);
+        let pass_on = merged.changed() && matches!(source, Meter::Publish | Meter::Neighbour);
         if pass_on {
             if let Some(p) = self.book.get(&merged.digest) {
                 self.out.push_back(CellAction::Broadcast {
@@ -413,6 +408,12 @@ impl Cell for OtaCell {
             .map(|p| p.peer.clone())
             .collect();
         self.neighbours = now;
+        self.neighbour_peers = view
+            .parent
+            .iter()
+            .chain(view.children.iter())
+            .map(|p| p.peer.clone())
+            .collect();
         for peer in fresh {
             self.offer_to(peer);
         }
@@ -424,7 +425,7 @@ impl Cell for OtaCell {
         }
         self.stats.gossiped += 1;
         let result =
-            Self::decode_release(payload).and_then(|f| self.accept(now, &f, Source::Broadcast));
+            Self::decode_release(payload).and_then(|f| self.accept(now, &f, Meter::Gossip));
         if let Err(e) = result {
             tracing::debug!("release broadcast from {}: {e}", origin.short());
         }
@@ -448,7 +449,7 @@ impl Cell for OtaCell {
         }
         self.stats.offered_in += 1;
         let file = Self::decode_release(body)?;
-        self.accept(now, &file, Source::Offer).map(|_| ())
+        self.accept(now, &file, Meter::Neighbour).map(|_| ())
     }
 
     fn handle_request(
@@ -462,7 +463,7 @@ impl Cell for OtaCell {
             PUBLISH_KIND => {
                 self.trust()?;
                 let file = Self::decode_release(body)?;
-                let answer = self.accept(now, &file, Source::Publish)?;
+                let answer = self.accept(now, &file, Meter::Publish)?;
                 self.stats.published += 1;
                 Ok(answer)
             }
@@ -521,6 +522,12 @@ impl Cell for OtaCell {
         }
         self.next_tick = now.mono_ms + TICK_MS;
         self.observe_time(now);
+        if now.mono_ms >= self.next_re_offer {
+            self.next_re_offer = now.mono_ms + RE_OFFER_MS;
+            for peer in self.neighbour_peers.clone() {
+                self.offer_to(peer);
+            }
+        }
         let board = self.board.clone();
         if let Ok(trust) = &mut self.trust {
             let view = trust.state.node_view(now.net_ms, board);
@@ -559,8 +566,7 @@ impl Cell for OtaCell {
                     "maintainers": t.root.keys().len(),
                     "floor_ms": t.state.floor.get(),
                     "phase": if approved { "approved" } else if pending.is_empty() { "idle" } else { "gathering" },
-                    // Fetching and installing an approved release is not built yet.
-                    "install": "not built yet: an approved release is reported, not installed",
+                    // PID 1 installs an approved release on an A/B appliance (docs/OTA.md).
                     "pending": pending,
                     "last_error": self.last_error,
                 })
