@@ -141,7 +141,7 @@ impl GetState {
     }
 
     pub(crate) fn to_json(&self) -> String {
-        let done: String = self.done.iter().map(|b| format!("{b:02x}")).collect();
+        let done = borg_proto::bitmap::to_hex(&self.done);
         json!({
             "v": STATE_VERSION,
             "id": self.id.to_string(),
@@ -172,33 +172,12 @@ impl GetState {
         // Invariant: shards <= MAX_SHARDS here, since size <= MAX_FILE_SIZE.
         let shards = wire.shards as usize;
         debug_assert!(shards <= MAX_SHARDS);
-        let want_hex = shards.div_ceil(8) * 2;
-        if wire.done.len() != want_hex
-            || !wire
-                .done
-                .bytes()
-                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
-        {
-            return Err(StateError::Corrupt(format!(
-                "\"done\" must be {want_hex} lowercase hex digits"
-            )));
-        }
-        let done: Vec<u8> = wire
-            .done
-            .as_bytes()
-            .chunks(2)
-            .map(|pair| {
-                // Invariant: two checked lowercase hex digits.
-                let s = std::str::from_utf8(pair).unwrap_or("00");
-                u8::from_str_radix(s, 16).unwrap_or(0)
-            })
-            .collect();
-        if !shards.is_multiple_of(8) {
-            let last = done.last().copied().unwrap_or(0);
-            if last >> (shards % 8) != 0 {
-                return Err(StateError::Corrupt("bits set past the last chunk".into()));
-            }
-        }
+        let done = borg_proto::bitmap::from_hex(&wire.done, shards).ok_or_else(|| {
+            StateError::Corrupt(format!(
+                "\"done\" must be {} lowercase hex digits, no bit past the last chunk",
+                shards.div_ceil(8) * 2
+            ))
+        })?;
         Ok(GetState {
             id: wire.id,
             size: wire.size,

@@ -80,7 +80,7 @@ pub fn publish(node: &str, path: &Path, json_out: bool) -> Result<()> {
         "release {} (manifest {}) published at {addr}: {} new approval(s) taken; {} of {} \
          counted on that node; {}",
         s("version"),
-        s("manifest").get(..12).unwrap_or(""),
+        s("manifest").chars().take(12).collect::<String>(),
         n("added"),
         n("counted"),
         n("threshold"),
@@ -266,7 +266,7 @@ fn render_log(a: &Value) -> String {
         out.push_str(&format!(
             "release {} (manifest {}): {} of {} approvals, {}\n",
             s(&p["version"]),
-            s(&p["manifest"]).get(..12).unwrap_or(""),
+            s(&p["manifest"]).chars().take(12).collect::<String>(),
             p["counted"],
             p["threshold"],
             if p["approved"] == true {
@@ -282,7 +282,7 @@ fn render_log(a: &Value) -> String {
             "approval_seen" => format!(
                 "approval of {} by {}",
                 s(&ev["version"]),
-                s(&ev["key"]).get(..12).unwrap_or("")
+                s(&ev["key"]).chars().take(12).collect::<String>()
             ),
             "release_seen" => format!(
                 "release {}: {} of {}, {}",

@@ -18,6 +18,7 @@
 //! - [`shard`]: shard placement (rendezvous hashing), the member directory, repair planning.
 #![forbid(unsafe_code)]
 
+pub mod bitmap;
 pub mod build;
 pub mod crono;
 pub mod dna;

@@ -18,6 +18,7 @@
 //!
 //! Broadcast payload on the shard tree: `{"member": {"addr": "ip:port", "epoch": u64}}`.
 
+use borg_proto::bitmap;
 use serde_json::{json, Value};
 
 use borg_proto::shard::placement::ShardAddr;
@@ -196,34 +197,23 @@ pub fn open_body(stream: u32, addrs: &[ShardAddr]) -> Value {
 }
 
 pub fn opened_body(stream: u32, held: &[bool]) -> Value {
-    let mut bits = vec![0u8; held.len().div_ceil(8)];
-    for (i, _) in held.iter().enumerate().filter(|(_, h)| **h) {
-        bits[i / 8] |= 1 << (i % 8);
-    }
-    let hex: String = bits.iter().map(|b| format!("{b:02x}")).collect();
-    json!({"stream": stream, "held": hex})
+    json!({"stream": stream, "held": bitmap::to_hex(&bitmap::pack(held))})
 }
 
 /// `shard.opened` for a stream of `n` shards: (stream, held flags).
 pub fn parse_opened(body: &Value, n: usize) -> Result<(u32, Vec<bool>), WireError> {
     let stream = stream_of(body)?;
-    let hex = body
+    let bytes = body
         .get("held")
         .and_then(Value::as_str)
-        .ok_or_else(|| bad("`held` must be a hex string"))?;
-    if hex.len() != n.div_ceil(8) * 2 {
-        return Err(bad(format!(
-            "`held` must be {} hex digits",
-            n.div_ceil(8) * 2
-        )));
-    }
-    let bytes = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
-        .collect::<Result<Vec<u8>, _>>()
-        .map_err(|_| bad("`held` is not hex"))?;
-    let held = (0..n).map(|i| bytes[i / 8] & (1 << (i % 8)) != 0).collect();
-    Ok((stream, held))
+        .and_then(|t| bitmap::from_hex(t, n))
+        .ok_or_else(|| {
+            bad(format!(
+                "`held` must be {} lowercase hex digits, no bit past shard {n}",
+                n.div_ceil(8) * 2
+            ))
+        })?;
+    Ok((stream, bitmap::unpack(&bytes, n)))
 }
 
 /// `shard.locate` (receptor): addresses, at most [`MAX_LOCATE_ADDRS`], at least one.
