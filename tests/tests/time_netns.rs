@@ -154,6 +154,7 @@ fn network_time_over_three_delayed_hops() {
         stratum.clear();
         lines.clear();
         let mut ok = true;
+        let mut positions = std::collections::BTreeSet::new();
         for i in 0..NODES {
             let st = nodes.status(&name(i), CRONO_MON)?;
             let s = st["time"]["stratum"].as_u64();
@@ -162,8 +163,14 @@ fn network_time_over_three_delayed_hops() {
                 st["position"], st["depth"], st["time"]["stratum"], st["time"]["source"]
             ));
             ok &= s.is_some() && st["depth"].as_u64() == s;
+            if let Some(p) = st["position"].as_u64() {
+                positions.insert(p);
+            }
             stratum.insert(name(i), s.unwrap_or(u64::MAX));
         }
+        // A settled tree: positions 1..=N each held once (during a repair two nodes can
+        // briefly claim one position, and the deepest may not be placed yet).
+        ok &= positions.len() == NODES && positions.iter().copied().eq(1..=NODES as u64);
         ok.then_some(())
     });
     println!("{}", lines.join("\n"));
