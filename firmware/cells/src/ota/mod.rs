@@ -27,9 +27,11 @@
 //! - **Persist**: state and gathered releases in the data dir, atomically ([`disk`]).
 //!
 //! Bounds, per source and in total: a release file at most 64 KiB with at most 64 approvals
-//! (decode time); at most [`book::MAX_PENDING`] releases kept, with at most one approval per
-//! root key; signature checks at most [`book::VERIFY_PER_S`] a second for everything that
-//! arrives; an offer from a key that is not a tree neighbour is refused before it is parsed;
+//! (decode time); at most [`book::MAX_PENDING`] releases kept, at most
+//! [`book::MAX_WAITING_PER_KEY`] below the threshold behind any one key, with at most one
+//! approval per root key; signature checks at most [`book::VERIFY_PER_S`] a second in each of
+//! three budgets (publishes, broadcasts, neighbours' offers), and none for status or reports;
+//! an offer from a key that is not a tree neighbour is refused before it is parsed;
 //! a node broadcasts a release only when it learned something new, so replaying a release
 //! makes no traffic; the receptor's own per-IP rate and size bounds come first.
 
