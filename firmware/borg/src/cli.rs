@@ -15,7 +15,7 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 /// `IP` or `IP:PORT`; the port defaults per command.
-fn parse_endpoint(text: &str, default_port: u16) -> Result<SocketAddr> {
+pub(crate) fn parse_endpoint(text: &str, default_port: u16) -> Result<SocketAddr> {
     if let Ok(sa) = text.parse::<SocketAddr>() {
         return Ok(sa);
     }

@@ -4,7 +4,7 @@
 //! A request is signed by a throwaway key: what gives a release its weight is the
 //! maintainers' approvals inside the file, not who hands it to the node.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,17 +24,7 @@ use crate::files_net::{self, CallError, Target, IN_FLIGHT};
 
 /// `IP` or `IP:PORT` of a node's peerTreeNet receptor (13305 by default).
 pub(crate) fn receptor(text: &str) -> Result<SocketAddr> {
-    if let Ok(sa) = text.parse::<SocketAddr>() {
-        return Ok(sa);
-    }
-    if let Ok(ip) = text.parse::<IpAddr>() {
-        return Ok(SocketAddr::new(ip, PEER_TREE_NET.recp_port));
-    }
-    bail!(
-        "--node {text:?} is not an address: give IP or IP:PORT, e.g. 127.0.0.2 or \
-         127.0.0.2:{}",
-        PEER_TREE_NET.recp_port
-    )
+    crate::cli::parse_endpoint(text, PEER_TREE_NET.recp_port).map_err(|e| anyhow!("--node {e}"))
 }
 
 fn call(addr: SocketAddr, kind: &'static str, body: Value) -> Result<Value> {
